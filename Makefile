@@ -1,0 +1,52 @@
+# The commands the README shows. `make install` then `make test` on a fresh machine.
+PY      ?= .venv/bin/python
+OMNIGLOT ?= ../shared/data/omniglot
+export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
+NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-debug bench bench-data bench-dist plot clean
+
+install:               ## .venv with the pinned requirements and metadist (editable)
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+
+test:                  ## fast suite (a few minutes, CPU)
+	$(PY) -m pytest -q
+
+test-slow:             ## multi-process, resume, multi-node, tracking, real-data training
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
+
+lint:
+	$(PY) -m compileall -q metadist tests bench
+
+data:                  ## episode shards for the default (alphabets, 5-way 1-shot) run
+	$(PY) -m metadist prepare
+
+train-maml:            ## strong.yaml: one process, local data, W&B offline
+	$(PY) -m metadist train --config configs/strong.yaml
+
+train-maml-multi:      ## strong.yaml on every GPU of this node
+	$(PY) -m accelerate.commands.launch --config_file launch/accelerate/multi-gpu.yaml --num_processes $(NPROC) \
+		-m metadist train --config configs/strong.yaml
+
+train-debug:
+	$(PY) -m metadist train --config configs/strong.yaml --debug
+
+bench:                 ## tasks/s of every strategy vs the reference loop, memory, reader speed
+	$(PY) bench/bench.py
+
+bench-data:
+	$(PY) bench/bench.py --only data
+
+bench-dist:            ## tasks/s with 1 and 2 processes on this machine, all-reduce time
+	$(PY) bench/bench_dist.py
+
+plot:
+	$(PY) -m metadist plot runs/* --out curves.png
+
+clean:
+	rm -rf runs data/shards

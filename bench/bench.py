@@ -1,0 +1,227 @@
+"""`make bench`: meta-training speed of every strategy against the exercise's per-task loop,
+measured interleaved in one process on the same data; memory; and the data reader's speed.
+
+Prints tables (each with a machine line) and writes them as JSON to bench/results/latest.json.
+Figures are ratios against the baseline measured in the same run. CPU memory is the bytes the
+autograd graph holds at the end of a meta-step's forward (saved tensors), the part that grows
+with inner steps and tasks; on CUDA it is the allocator's peak.
+
+  python bench/bench.py [--only meta|memory|data] [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.reference import meta_step as reference_step  # noqa: E402
+from metadist.algorithms import maml  # noqa: E402
+from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
+from metadist.model import ConvNet  # noqa: E402
+
+STRATEGIES = ("batched", "loop")          # metadist's selectable strategies; "batched" is the default
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def make_batch(ways, tasks, device, shots=1, queries=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = {"x_support": torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
+         "y_support": torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous(),
+         "x_query": torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+         "y_query": torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def runner(name, model, batch, inner: Inner, chunk=0):
+    params = dict(model.named_parameters())
+    tasks = batch["x_support"].shape[0]
+    if name == "reference":
+        return lambda: reference_step(model, batch, inner.steps, inner.lr, inner.first_order)
+    fn = lambda f, p, c: maml.task_losses(f, p, c, inner)   # noqa: E731
+    return lambda: meta_backward(fn, model, params, batch, name, chunk, 1.0 / tasks, not inner.first_order)
+
+
+def grads_of(model, run):
+    model.zero_grad(set_to_none=True)
+    run()
+    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+def time_interleaved(model, runs: dict, tasks: int, device, rounds: int) -> dict:
+    """tasks/s per runner: every round runs each once, in turn; the median round counts."""
+    samples = {k: [] for k in runs}
+    for run in runs.values():            # warm-up
+        run()
+        model.zero_grad(set_to_none=True)
+    for _ in range(rounds):
+        for k, run in runs.items():
+            sync(device)
+            t = time.perf_counter()
+            run()
+            sync(device)
+            samples[k].append(tasks / (time.perf_counter() - t))
+            model.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def graph_bytes(run, device) -> int:
+    """Peak memory of one meta-step: CUDA allocator peak, or on CPU the largest total of tensors
+    saved for backward (what a second-order graph holds), tracked through pack/unpack hooks."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        return torch.cuda.max_memory_allocated(device)
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.n = t, t.untyped_storage().nbytes()
+            live[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        run()
+    return peak[0]
+
+
+def bench_meta(device, quick: bool) -> list[dict]:
+    rows = []
+    settings = [(5, 32), (20, 16)]
+    steps_list = [1] if quick else [1, 5]
+    for ways, tasks in settings:
+        torch.manual_seed(0)
+        model = ConvNet(ways).to(device)
+        batch = make_batch(ways, tasks, device)
+        for first_order in (False, True):
+            for steps in steps_list:
+                inner = Inner(steps, 0.4 if ways == 5 else 0.1, first_order)
+                runs = {"reference": runner("reference", model, batch, inner)}
+                runs.update({s: runner(s, model, batch, inner) for s in STRATEGIES})
+                ref_g = grads_of(model, runs["reference"])
+                err = {s: ((grads_of(model, runs[s]) - ref_g).abs().max() / ref_g.abs().max()).item() for s in STRATEGIES}
+                rounds = 2 if (quick or (ways == 20 and steps == 5)) else 3
+                tps = time_interleaved(model, runs, tasks, device, rounds)
+                mem = {k: graph_bytes(run, device) for k, run in runs.items()}
+                model.zero_grad(set_to_none=True)
+                for k in runs:
+                    rows.append({"ways": ways, "meta_batch": tasks, "order": 1 if first_order else 2, "inner_steps": steps,
+                                 "strategy": k, "tasks_per_s": tps[k], "ratio": tps[k] / tps["reference"],
+                                 "mem_mb": mem[k] / 2**20, "max_rel_grad_err": err.get(k, 0.0)})
+                    r = rows[-1]
+                    print(f"{ways:>4} {tasks:>5} {r['order']:>5} {steps:>5}  {k:<10} {r['tasks_per_s']:>8.1f} "
+                          f"{r['ratio']:>6.2f}x {r['mem_mb']:>9.1f} {r['max_rel_grad_err']:>9.1e}", flush=True)
+    return rows
+
+
+def bench_memory(device, quick: bool) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    model = ConvNet(5).to(device)
+    batch = make_batch(5, 32, device)
+    for steps in ([1, 5] if quick else [1, 5, 10]):
+        for label, chunk, ckpt in (("whole batch", 0, False), ("tasks_per_chunk=8", 8, False),
+                                   ("checkpoint_inner", 0, True), ("chunk 8 + checkpoint", 8, True)):
+            run = runner("batched", model, batch, Inner(steps, 0.4, False, checkpoint=ckpt), chunk)
+            mb = graph_bytes(run, device) / 2**20
+            model.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            run()
+            sync(device)
+            tps = 32 / (time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+            rows.append({"inner_steps": steps, "variant": label, "mem_mb": mb, "tasks_per_s": tps})
+            print(f"{steps:>5}  {label:<22} {mb:>9.1f} {tps:>8.1f}", flush=True)
+    return rows
+
+
+def bench_data(quick: bool) -> list[dict]:
+    """Reader episodes/s on a synthetic split written by the real writer, 0/1/2 workers."""
+    import tempfile
+    import numpy as np
+    from metadist.data.omniglot import Split
+    from metadist.data.shards import meta_batches, split_spec, write_split
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(100, 20, 28, 28), dtype=np.uint8)
+        names = [("images_background", "A", f"character{i:02d}") for i in range(100)]
+        split = Split("train", list(range(100)), (0,))
+        spec = split_spec(split, names, "alphabets", 5, 1, 1, 4000, 1000, 0, "bench")
+        write_split(Path(tmp), split, images, names, spec, log=lambda *a: None)
+        steps = 40 if quick else 120
+        for workers in (0, 1, 2):
+            it = meta_batches(Path(tmp) / "train", 0, 32, 0, 1, 0, steps, task_aug=0.4, num_workers=workers)
+            t = time.perf_counter()
+            n = sum(b["x_support"].shape[0] for b in it)
+            eps = n / (time.perf_counter() - t)
+            rows.append({"workers": workers, "episodes_per_s": eps})
+            print(f"{workers:>8} {eps:>12.0f}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=("meta", "memory", "data"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    out = {"machine": machine(device), "device": device.type, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"machine: {out['machine']}")
+    if args.only in (None, "meta"):
+        print("\nmeta-training tasks/s (interleaved, same data; ratio = against the exercise's per-task loop)")
+        print(f"{'ways':>4} {'batch':>5} {'order':>5} {'steps':>5}  {'strategy':<10} {'tasks/s':>8} {'ratio':>7} "
+              f"{'mem MB':>9} {'grad err':>9}")
+        out["meta"] = bench_meta(device, args.quick)
+    if args.only in (None, "memory"):
+        print(f"\nsecond-order memory against inner steps (5-way 1-shot, 32 tasks, batched) [{out['machine']}]")
+        print(f"{'steps':>5}  {'variant':<22} {'mem MB':>9} {'tasks/s':>8}")
+        out["memory"] = bench_memory(device, args.quick)
+    if args.only in (None, "data"):
+        print(f"\ndata reader (5-way 1-shot episodes, meta-batch 32, task augmentation on) [{out['machine']}]")
+        print(f"{'workers':>8} {'episodes/s':>12}")
+        out["data"] = bench_data(args.quick)
+        if "meta" in out:
+            need = max(r["tasks_per_s"] for r in out["meta"] if r["strategy"] == "batched")
+            have = min(r["episodes_per_s"] for r in out["data"])
+            print(f"fastest meta-step consumes {need:.0f} episodes/s; the slowest reader setting delivers {have:.0f} "
+                  f"({have / need:.0f}x headroom)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The configuration tree: defaults are the canonical run (5-way 1-shot Omniglot MAML).
+
+Precedence: dataclass defaults < YAML file (only what differs) < `section.key=value` overrides,
+each parsed by the field's type. `load(path, overrides)` returns a validated Config; every error
+names the key and what is allowed. This module imports nothing of metadist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or impossible value."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""            # run folder name; "" -> the config file's stem (or "default")
+    root: str = "runs"        # run folder = <root>/<name>
+    fresh: bool = False       # True: ignore checkpoints in an existing run folder and start over
+
+
+@dataclass
+class DataConfig:
+    raw: str = ""             # Omniglot zips or folders; "" -> $OMNIGLOT_DIR, else data/raw/omniglot
+    shards: str = ""          # "" -> data/shards/<protocol>-<ways>w<shots>s<queries>q
+    protocol: str = "alphabets"   # alphabets (the exercise's) | characters (the MAML paper's)
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1          # query images per class in every split
+    train_episodes: int = 20000
+    val_episodes: int = 320
+    test_episodes: int = 640
+    episodes_per_shard: int = 1000
+    val_fraction: float = 0.2     # alphabets protocol: share of background characters held out
+    task_aug: float = 0.0     # probability of rotating a whole training task by 90 or 270 degrees
+    num_workers: int = 0      # DataLoader workers per process for the train stream
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 64          # channels of every conv block
+    depth: int = 4            # conv blocks; 28 -> 14 -> 7 -> 3 -> 1 with the default 4
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "maml"        # maml | fomaml | anil | transfer
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    first_order: bool = False     # maml with first-order inner gradients (fomaml sets it)
+    first_order_steps: int = 0    # derivative-order annealing (MAML++): the first N steps first order
+    strategy: str = "auto"        # auto | batched | loop: how a rank's tasks are processed
+    tasks_per_chunk: int = 0      # 0 = all of a rank's tasks in one graph; else chunk and accumulate
+    checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    meta_batch_size: int = 32     # global tasks per meta-step, over all processes
+    meta_lr: float = 1e-3
+    schedule: str = "constant"    # constant | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 0.0        # 0 = off; else clip the meta-gradient's global norm
+    val_every: int = 250
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"   # no | bf16 (autocast on GPU; meta-gradient stays float32)
+    max_minutes: float = 0.0      # 0 = no limit; else stop (and checkpoint) after this wall time
+    debug: bool = False           # single device, anomaly detection, strategy cross-check
+
+
+@dataclass
+class EvalConfig:
+    inner_steps: int = 10         # test-time adaptation steps (the exercise's 10)
+    val_inner_steps: int = 3
+    tasks_per_batch: int = 64     # episodes adapted together at evaluation
+    test_episodes: int = 0        # 0 = the whole test split; else its first N episodes
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"         # offline | online | disabled
+    project: str = "metadist"
+    entity: str = ""
+    log_model: bool = False       # upload final weights as a W&B artifact
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.protocol": ("alphabets", "characters"),
+    "algo.name": ("maml", "fomaml", "anil", "transfer"),
+    "algo.strategy": ("auto", "batched", "loop"),
+    "train.schedule": ("constant", "cosine"),
+    "train.mixed_precision": ("no", "bf16"),
+    "tracking.mode": ("offline", "online", "disabled"),
+}
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _parse(key: str, value, typ):
+    """Convert `value` (from YAML or a command-line string) to the field type `typ`."""
+    if isinstance(value, str) and typ is not str:
+        if typ is bool:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        if typ in (int, float):
+            try:
+                return typ(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+        value = yaml.safe_load(value) if value.strip() else value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        fields = _fields(obj)
+        if part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown key {key!r}: valid keys at {where} are {', '.join(fields)}")
+        if i == len(parts) - 1:
+            typ = typing.get_type_hints(type(obj))[part]
+            if dataclasses.is_dataclass(typ):
+                raise ConfigError(f"{key} is a section; set one of its keys ({', '.join(_fields(getattr(obj, part)))})")
+            setattr(obj, part, _parse(key, value, typ))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML at `path` < `key=value` overrides; validated."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        for key, value in _flatten(data).items():
+            _set(cfg, key, value)
+        if not cfg.run.name:
+            cfg.run.name = path.stem
+    if not overrides and not cfg.run.name:
+        cfg.run.name = "default"
+    return override(cfg, overrides)
+
+
+def override(cfg: Config, overrides) -> Config:
+    """A copy of `cfg` with `section.key=value` strings applied, validated."""
+    cfg = from_dict(cfg.to_dict(), check=False)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value)
+    if not cfg.run.name:
+        cfg.run.name = "default"
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict, check: bool = True) -> Config:
+    """Rebuild a Config from `to_dict()` output (a saved config.yaml)."""
+    cfg = Config()
+    for key, value in _flatten(d).items():
+        _set(cfg, key, value)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r}: allowed values are {', '.join(allowed)}")
+
+    def need(cond: bool, key: str, what: str):
+        if not cond:
+            raise ConfigError(f"{key}={flat[key]!r}: {what}")
+
+    d, t, a = cfg.data, cfg.train, cfg.algo
+    need(d.ways >= 2, "data.ways", "must be at least 2")
+    need(d.shots >= 1, "data.shots", "must be at least 1")
+    need(d.queries >= 1, "data.queries", "must be at least 1")
+    need(d.shots + d.queries <= 20, "data.queries", "shots + queries must be at most 20 (drawings per character)")
+    for k in ("train_episodes", "val_episodes", "test_episodes", "episodes_per_shard"):
+        need(getattr(d, k) >= 1, f"data.{k}", "must be positive")
+    need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    need(0.0 <= d.task_aug <= 1.0, "data.task_aug", "is a probability in [0, 1]")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.model.hidden >= 1, "model.hidden", "must be positive")
+    need(1 <= cfg.model.depth <= 4, "model.depth", "must be 1..4 (28x28 input halves per block)")
+    need(a.inner_steps >= 0, "algo.inner_steps", "must be >= 0")
+    need(a.inner_lr >= 0, "algo.inner_lr", "must be >= 0")
+    need(a.first_order_steps >= 0, "algo.first_order_steps", "must be >= 0")
+    need(a.tasks_per_chunk >= 0, "algo.tasks_per_chunk", "must be >= 0 (0 = no chunking)")
+    need(t.steps >= 1, "train.steps", "must be positive")
+    need(t.meta_batch_size >= 1, "train.meta_batch_size", "must be positive")
+    need(t.meta_lr > 0, "train.meta_lr", "must be positive")
+    for k in ("val_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+        need(getattr(t, k) >= 1, f"train.{k}", "must be positive")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+    e = cfg.eval
+    need(e.inner_steps >= 0, "eval.inner_steps", "must be >= 0")
+    need(e.val_inner_steps >= 0, "eval.val_inner_steps", "must be >= 0")
+    need(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be positive")
+    need(e.test_episodes >= 0, "eval.test_episodes", "must be >= 0 (0 = all)")
+
+
+def shares(meta_batch_size: int, world_size: int) -> int:
+    """Each rank's number of tasks per step; the global meta-batch must split evenly."""
+    if meta_batch_size % world_size:
+        raise ConfigError(
+            f"train.meta_batch_size={meta_batch_size} does not split evenly over {world_size} processes: "
+            f"choose a multiple of {world_size}")
+    return meta_batch_size // world_size
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

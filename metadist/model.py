@@ -1,0 +1,93 @@
+"""The reference conv net: depth x [conv 3x3 -> BatchNorm on batch statistics -> ReLU -> max-pool 2],
+then a linear head of `ways` outputs. A plain nn.Module, run with explicit weights through
+`torch.func.functional_call`; `tasks_forward` runs many tasks at once, each with its own weights.
+
+BatchNorm is written from mean and variance and never keeps running statistics: the same
+behaviour in training and at test time (as the reference), and a second-order gradient that is
+exact (torch 2.14's vmap over F.batch_norm gets it wrong).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dims=(0, 2, 3)) -> torch.Tensor:
+    """Normalise with the batch's own statistics over `dims` (biased variance), then scale and shift.
+
+    Folded into one per-channel scale and shift, so the full-size tensor meets a single addcmul:
+    its double backward (most of second-order MAML's time on CPU) touches fewer large tensors.
+    """
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    scale = weight * torch.rsqrt(var + EPS)
+    return torch.addcmul(bias - mean * scale, x, scale)
+
+
+class BatchStatNorm(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return batch_norm(x, self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = BatchStatNorm(cout)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.norm(self.conv(x))), 2)
+
+
+def feature_side(depth: int, side: int = 28) -> int:
+    for _ in range(depth):
+        side //= 2
+    return side
+
+
+class ConvNet(nn.Module):
+    def __init__(self, ways: int, hidden: int = 64, depth: int = 4, in_channels: int = 1, side: int = 28):
+        super().__init__()
+        self.ways, self.hidden, self.depth = ways, hidden, depth
+        self.blocks = nn.Sequential(*[Block(in_channels if i == 0 else hidden, hidden) for i in range(depth)])
+        self.head = nn.Linear(hidden * feature_side(depth, side) ** 2, ways)
+
+    def forward(self, x):          # x: (n, C, H, W) -> logits (n, ways)
+        return self.head(self.blocks(x).flatten(1))
+
+    def head_names(self) -> tuple[str, ...]:
+        return ("head.weight", "head.bias")
+
+    def describe(self) -> dict:
+        return {"ways": self.ways, "hidden": self.hidden, "depth": self.depth}
+
+
+def tasks_forward(params: dict[str, torch.Tensor], x: torch.Tensor, depth: int, native_norm: bool = False) -> torch.Tensor:
+    """Run T tasks at once, task t with its own weights params[k][t] (the ConvNet's names).
+
+    Tasks are folded into channels: (n, T*C, H, W) with grouped convolutions, so each task keeps
+    its own BatchNorm statistics. x: (T, n, C, H, W) -> logits (T, n, ways).
+    native_norm: use torch's fused batch-norm kernel; right and faster where no second-order
+    graph goes through it (first order, evaluation), so only the strategies choose it there.
+    """
+    T, n = x.shape[:2]
+    h = x.transpose(0, 1).reshape(n, T * x.shape[2], *x.shape[3:])
+    for i in range(depth):
+        w, b = params[f"blocks.{i}.conv.weight"], params[f"blocks.{i}.conv.bias"]
+        cout = w.shape[1]
+        h = F.conv2d(h, w.reshape(T * cout, *w.shape[2:]), b.reshape(T * cout), padding=1, groups=T)
+        g, beta = params[f"blocks.{i}.norm.weight"], params[f"blocks.{i}.norm.bias"]
+        if native_norm:
+            h = F.batch_norm(h, None, None, g.reshape(-1), beta.reshape(-1), training=True, eps=EPS)
+        else:
+            h = batch_norm(h, g.reshape(1, T * cout, 1, 1), beta.reshape(1, T * cout, 1, 1))
+        h = F.max_pool2d(F.relu(h), 2)
+    h = h.reshape(n, T, -1).transpose(0, 1)                                # (T, n, features)
+    return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))

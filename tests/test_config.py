@@ -1,0 +1,74 @@
+"""Configuration: precedence defaults < YAML < key=value, typed parsing, errors that name the key."""
+import pytest
+
+from metadist import config
+from metadist.config import ConfigError
+
+
+def test_defaults_are_the_canonical_run():
+    c = config.load()
+    assert (c.data.ways, c.data.shots, c.data.queries) == (5, 1, 1)
+    assert (c.algo.name, c.algo.inner_lr, c.algo.inner_steps) == ("maml", 0.4, 1)
+    assert (c.train.meta_batch_size, c.train.meta_lr) == (32, 1e-3)
+    assert (c.eval.inner_steps, c.eval.val_inner_steps) == (10, 3)
+    assert c.data.protocol == "alphabets" and c.tracking.mode == "offline"
+
+
+def test_precedence_yaml_then_overrides(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("algo:\n  inner_lr: 0.1\n  name: fomaml\ntrain:\n  steps: 7\n")
+    c = config.load(f, ["train.steps=9", "data.task_aug=0.4", "algo.first_order=yes"])
+    assert c.algo.inner_lr == 0.1 and c.algo.name == "fomaml"      # from YAML
+    assert c.train.steps == 9                                          # override beats YAML
+    assert c.data.task_aug == 0.4 and c.algo.first_order is True      # parsed by field type
+    assert c.run.name == "exp"                                         # run name from the file stem
+    assert c.train.meta_lr == 1e-3                                     # untouched default
+
+
+@pytest.mark.parametrize("override, words", [
+    (["train.stepz=3"], ["train.stepz", "steps", "meta_batch_size"]),
+    (["nope.x=1"], ["nope.x", "data", "algo"]),
+    (["train.steps=many"], ["train.steps", "int"]),
+    (["algo.first_order=maybe"], ["algo.first_order", "true/false"]),
+    (["data.ways=1"], ["data.ways", "at least 2"]),
+    (["data.shots=0"], ["data.shots", "at least 1"]),
+    (["train.meta_batch_size=0"], ["train.meta_batch_size", "positive"]),
+    (["algo.name=reptile"], ["algo.name", "maml", "fomaml", "anil", "transfer"]),
+    (["data.shots=10", "data.queries=15"], ["shots + queries", "20"]),
+    (["data.task_aug=1.5"], ["data.task_aug", "probability"]),
+    (["train"], ["section.key=value"]),
+    (["train=3"], ["train", "section"]),
+])
+def test_errors_name_the_key_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, override)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_yaml_unknown_key_and_missing_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("data:\n  wayz: 5\n")
+    with pytest.raises(ConfigError, match="data.wayz"):
+        config.load(f)
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_shares_must_split_evenly():
+    assert config.shares(32, 4) == 8
+    with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
+        config.shares(32, 3)
+
+
+def test_round_trip_through_dict():
+    c = config.load(None, ["algo.name=anil", "seed=3"])
+    assert config.from_dict(c.to_dict()) == c
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"simple", "medium", "strong", "boss", "maml_paper_5w1s", "maml_paper_20w1s", "debug"}
+    for f in files:
+        config.load(f)
