@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 def functional_forward(x, p, depth):
     for i in range(depth):
-        x = F.conv2d(x, p[f"blocks.{i}.conv.weight"], p[f"blocks.{i}.conv.bias"], padding=1)
+        x = F.conv2d(x, p[f"blocks.{i}.conv.weight"], p.get(f"blocks.{i}.conv.bias"), padding=1)
         x = F.batch_norm(x, None, None, weight=p[f"blocks.{i}.norm.weight"], bias=p[f"blocks.{i}.norm.bias"], training=True)
         x = F.max_pool2d(F.relu(x), kernel_size=2, stride=2)
     x = x.view(x.shape[0], -1)

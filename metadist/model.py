@@ -1,4 +1,4 @@
-"""The reference conv net: depth x [conv 3x3 -> BatchNorm on batch statistics -> ReLU -> max-pool 2],
+"""The reference conv net: depth x [conv 3x3 (no bias) -> BatchNorm on batch statistics -> ReLU -> max-pool 2],
 then a linear head of `ways` outputs. A plain nn.Module, run with explicit weights through
 `torch.func.functional_call`; `tasks_forward` runs many tasks at once, each with its own weights.
 
@@ -39,7 +39,10 @@ class BatchStatNorm(nn.Module):
 class Block(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        # no conv bias: BatchNorm subtracts the per-channel mean, so its true gradient is exactly 0.
+        # What it would receive is rounding noise, which Adam scales into full steps whose sign
+        # depends on summation order (world size); without it, runs of any size agree.
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.norm = BatchStatNorm(cout)
 
     def forward(self, x):
@@ -80,9 +83,9 @@ def tasks_forward(params: dict[str, torch.Tensor], x: torch.Tensor, depth: int, 
     T, n = x.shape[:2]
     h = x.transpose(0, 1).reshape(n, T * x.shape[2], *x.shape[3:])
     for i in range(depth):
-        w, b = params[f"blocks.{i}.conv.weight"], params[f"blocks.{i}.conv.bias"]
+        w = params[f"blocks.{i}.conv.weight"]
         cout = w.shape[1]
-        h = F.conv2d(h, w.reshape(T * cout, *w.shape[2:]), b.reshape(T * cout), padding=1, groups=T)
+        h = F.conv2d(h, w.reshape(T * cout, *w.shape[2:]), None, padding=1, groups=T)
         g, beta = params[f"blocks.{i}.norm.weight"], params[f"blocks.{i}.norm.bias"]
         if native_norm:
             h = F.batch_norm(h, None, None, g.reshape(-1), beta.reshape(-1), training=True, eps=EPS)

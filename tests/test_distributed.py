@@ -148,7 +148,7 @@ def test_offline_tracking_records_config_metrics_and_summary(base):
     assert len(files) == 1, files          # the main process only
     got = read_run(files[0])
     assert got["run"] == "tracked"
-    assert got["config"]["train"]["value"]["steps"] == 4 and got["config"]["algo"]["value"]["name"] == "maml"
+    assert got["config"]["train"]["steps"] == 4 and got["config"]["algo"]["name"] == "maml"
     steps = [h for h in got["history"] if "loss" in h]
     assert [h["_step"] for h in steps] == [1, 2, 3, 4]
     assert all({"loss", "accuracy", "tasks_per_s", "lr", "grad_norm"} <= set(h) for h in steps)

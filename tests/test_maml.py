@@ -41,7 +41,7 @@ def batch(seed=1, tasks=T):
 def reference_forward(p, x, depth):
     """The reference's functional_forward, written out independently (BN as (x-mean)/sqrt(var+eps))."""
     for i in range(depth):
-        x = F.conv2d(x, p[f"blocks.{i}.conv.weight"], p[f"blocks.{i}.conv.bias"], padding=1)
+        x = F.conv2d(x, p[f"blocks.{i}.conv.weight"], p.get(f"blocks.{i}.conv.bias"), padding=1)
         mean = x.mean((0, 2, 3), keepdim=True)
         var = ((x - mean) ** 2).mean((0, 2, 3), keepdim=True)
         x = (x - mean) / torch.sqrt(var + 1e-5) * p[f"blocks.{i}.norm.weight"].view(1, -1, 1, 1) \
