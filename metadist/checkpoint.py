@@ -42,16 +42,17 @@ class Checkpointer:
         return last or step % self.every == 0
 
     def maybe_save(self, step: int, last: bool, state_fn) -> Path | None:
-        """`state_fn()` -> (model, optimizer state dict, meta dict); main process writes."""
+        """`state_fn()` -> (model, optimizer state dict, meta dict, weights metadata); main process
+        writes. The weights file carries its config, so `metadist evaluate --run <checkpoint>` works."""
         if not self.should_save(step, last):
             return None
         final = self.dir / f"step_{step:06d}"
         if self.is_main:
-            model, opt_state, meta = state_fn()
+            model, opt_state, meta, weights_meta = state_fn()
             tmp = self.dir / f".tmp-step_{step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_weights(model, tmp / "model.safetensors", {"step": step})
+            save_weights(model, tmp / "model.safetensors", weights_meta)
             torch.save(opt_state, tmp / "optimizer.pt")
             (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1) + "\n")
             if final.exists():

@@ -151,7 +151,8 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
     def checkpoint_state():
         meta = dict(state, world_size=dist.world, meta_batch_size=t.meta_batch_size, seed=cfg.seed,
                     data_position=state["step"] * t.meta_batch_size, metadist_config=cfg.to_dict())
-        return model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, meta
+        return model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, meta, \
+            weights_meta(cfg, state["step"])
 
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if t.mixed_precision == "bf16" and device.type == "cuda"
            else contextlib.nullcontext())
