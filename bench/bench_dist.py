@@ -35,8 +35,8 @@ def run(nproc: int, args: list[str]) -> dict:
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
-    run_dir = Path([a.split("=", 1)[1] for a in args if a.startswith("run.root=")][0]) / \
-        [a.split("=", 1)[1] for a in args if a.startswith("run.name=")][0]
+    last = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args}      # the last override wins, as in train
+    run_dir = Path(last["run.root"]) / last["run.name"]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tps = [r["tasks_per_s"] for r in recs if "tasks_per_s" in r][1:]
     s = json.loads((run_dir / "summary.json").read_text())

@@ -34,10 +34,15 @@ class TrainError(RuntimeError):
     pass
 
 
-def resolve_strategy(strategy: str, device: torch.device) -> str:
-    # batched is faster on both targets: on this 2-core CPU 1.65x the per-task loop for
-    # second-order 5-way 1-shot (README, `make bench`); on GPU the loop is launch-bound.
-    return "batched" if strategy == "auto" else strategy
+def resolve_strategy(strategy: str, device: torch.device, images_per_task: int, second_order: bool) -> str:
+    """auto: batched on GPU (the per-task loop is launch-bound there). On CPU (`make bench`):
+    batched wins for 5-way 1-shot in both orders and for 20-way first order; for 20-way second
+    order the folded first layer outgrows the caches and the per-task loop is faster."""
+    if strategy != "auto":
+        return strategy
+    if device.type == "cuda":
+        return "batched"
+    return "loop" if second_order and images_per_task > 10 else "batched"
 
 
 def lr_lambda(cfg: Config):
@@ -119,7 +124,8 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
     model = build_model(cfg).to(device)
     params = dict(model.named_parameters())
     algorithms = {fo: build_algorithm(cfg, model, 0 if fo else None) for fo in (True, False)}
-    strategy = resolve_strategy(cfg.algo.strategy, device)
+    strategy = resolve_strategy(cfg.algo.strategy, device, d.ways * (d.shots + d.queries),
+                                algorithms[False].second_order)
     opt = torch.optim.Adam(model.parameters(), lr=t.meta_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt = Checkpointer(run_dir, t.checkpoint_every, t.keep_checkpoints, dist.is_main)

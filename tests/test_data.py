@@ -259,6 +259,9 @@ def test_real_omniglot_counts_and_splits(tmp_path):
                              "data.val_episodes=20", "data.test_episodes=640", "data.protocol=characters"])
     prepare(cfg, **quiet)
     m = read_manifest(tmp_path / "test")
+    src = m["source"]
+    assert (src["images_background"]["alphabets"], src["images_background"]["characters"], src["images_background"]["images"]) == (30, 964, 19280)
+    assert (src["images_evaluation"]["alphabets"], src["images_evaluation"]["characters"], src["images_evaluation"]["images"]) == (20, 659, 13180)
     assert m["episodes"] == 640 and len(m["characters"]) == 423 and m["rotations_deg"] == [0, 90, 180, 270]
     train_chars = set(read_manifest(tmp_path / "train")["characters"])
     assert not train_chars & set(m["characters"])
