@@ -1,0 +1,1 @@
+"""Data: raw Omniglot -> documented splits -> episode shards (WebDataset) -> streamed meta-batches."""

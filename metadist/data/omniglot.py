@@ -1,0 +1,173 @@
+"""Raw Omniglot (official zips or their extracted folders) -> 28x28 uint8 arrays per character.
+
+`locate()` finds the data (data.raw, $OMNIGLOT_DIR, data/raw/omniglot, else downloads the official
+archives); `load()` reads one set; `make_splits()` is the documented train/val/test split.
+Preprocessing: 105x105 1-bit -> invert (strokes bright, 255, on a dark 0 background) -> bilinear
+resize with antialiasing to 28x28 (torchvision) -> round to uint8. Deterministic.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+SETS = ("images_background", "images_evaluation")
+OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
+OFFICIAL_COUNTS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
+DRAWINGS = 20
+SIZE = 28
+_ENTRY = re.compile(r"^(?P<set>images_\w+)/(?P<alphabet>[^/]+)/(?P<character>character\d+)/(?P<file>\d{4}_(?P<drawer>\d{2})\.png)$")
+
+
+class DataError(RuntimeError):
+    """The Omniglot data is missing or not in the official layout."""
+
+
+def _has_set(d: Path, name: str) -> bool:
+    return (d / f"{name}.zip").is_file() or (d / name).is_dir()
+
+
+def locate(raw: str = "", download: bool = True, log=print) -> Path:
+    """The folder holding both sets, as zips or folders; downloads the official zips if none does."""
+    if raw:
+        d = Path(raw).expanduser()
+        if not all(_has_set(d, s) for s in SETS):
+            raise DataError(f"data.raw={raw}: expected {SETS[0]}(.zip) and {SETS[1]}(.zip) there")
+        return d
+    env = os.environ.get("OMNIGLOT_DIR")
+    candidates = ([Path(env).expanduser()] if env else []) + [Path("data/raw/omniglot")]
+    for d in candidates:
+        if all(_has_set(d, s) for s in SETS):
+            return d
+    if not download:
+        raise DataError(f"Omniglot not found in {', '.join(map(str, candidates))}; set data.raw or $OMNIGLOT_DIR")
+    d = candidates[-1]
+    d.mkdir(parents=True, exist_ok=True)
+    for s in SETS:
+        if not _has_set(d, s):
+            url = OFFICIAL_URL.format(s)
+            log(f"Omniglot not found locally: downloading {url} -> {d}")
+            tmp = d / f".{s}.zip.part"
+            urllib.request.urlretrieve(url, tmp)
+            tmp.rename(d / f"{s}.zip")
+    return d
+
+
+def preprocess(png: torch.Tensor) -> torch.Tensor:
+    """(n, 1, H, W) uint8 with strokes dark -> (n, 28, 28) uint8 with strokes bright."""
+    x = 1.0 - png.float() / 255.0
+    x = TF.resize(x, [SIZE, SIZE], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
+
+
+def decode_png(data: bytes, where: str = "") -> torch.Tensor:
+    """PNG bytes -> (1, H, W) uint8 grey; a clear error for unreadable bytes.
+    (Pillow, torchvision's own dependency: torchvision 0.29 deprecates its PNG decoder.)"""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return torch.from_numpy(np.array(img.convert("L"), dtype=np.uint8)).unsqueeze(0)
+    except Exception as e:
+        raise DataError(f"cannot decode image {where}: {e}") from None
+
+
+@dataclass
+class CharacterSet:
+    """One Omniglot set: `images[i]` holds the 20 drawings of character `names[i]`."""
+    name: str
+    names: list[tuple[str, str]]      # (alphabet, characterNN), sorted
+    images: np.ndarray                # (characters, 20, 28, 28) uint8
+    sha256: str                       # of the preprocessed arrays (content, not container)
+
+
+def _entries(root: Path, name: str) -> dict[str, callable]:
+    """Relative path -> reader of its bytes, from `<name>.zip` or folder `<name>/`."""
+    folder, archive = root / name, root / f"{name}.zip"
+    if folder.is_dir():
+        return {p.relative_to(root).as_posix(): p.read_bytes for p in sorted(folder.rglob("*.png"))}
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{archive}: not a readable zip ({e})") from None
+    return {n: (lambda n=n: zf.read(n)) for n in sorted(zf.namelist()) if n.endswith(".png")}
+
+
+def load(root: Path, name: str) -> CharacterSet:
+    """Read and preprocess one set, checking the official layout (20 drawings per character)."""
+    entries = _entries(Path(root), name)
+    chars: dict[tuple[str, str], dict[int, str]] = {}
+    for path in entries:
+        m = _ENTRY.match(path)
+        if not m or m["set"] != name:
+            raise DataError(f"{root}/{name}: unexpected entry {path!r}; expected {name}/<Alphabet>/characterNN/NNNN_DD.png")
+        chars.setdefault((m["alphabet"], m["character"]), {})[int(m["drawer"])] = path
+    if not chars:
+        raise DataError(f"{root}/{name}: no images found")
+    names = sorted(chars)
+    images = np.empty((len(names), DRAWINGS, SIZE, SIZE), np.uint8)
+    for i, key in enumerate(names):
+        drawers = chars[key]
+        if sorted(drawers) != list(range(1, DRAWINGS + 1)):
+            raise DataError(f"{root}/{name}/{key[0]}/{key[1]}: expected drawers 01..20, found {sorted(drawers)}")
+        pngs = [decode_png(entries[drawers[d]](), drawers[d]) for d in range(1, DRAWINGS + 1)]
+        images[i] = preprocess(torch.stack(pngs)).numpy()
+    alphabets = {a for a, _ in names}
+    official = OFFICIAL_COUNTS.get(name)
+    if official and len(alphabets) >= official[0] and (len(alphabets), len(names)) != official:
+        raise DataError(f"{root}/{name}: {len(alphabets)} alphabets / {len(names)} characters, "
+                        f"official is {official[0]} / {official[1]}")
+    return CharacterSet(name, names, images, hashlib.sha256(images.tobytes()).hexdigest())
+
+
+@dataclass
+class Split:
+    """The classes of one split: character indices into `pool` and the rotations (k*90 degrees)."""
+    name: str
+    chars: list[int]                  # indices into the pooled character list
+    rotations: tuple[int, ...]        # k in np.rot90(image, k) that make distinct classes
+
+
+def pool(background: CharacterSet, evaluation: CharacterSet) -> tuple[list[tuple[str, str, str]], np.ndarray]:
+    """Both sets as one list of (set, alphabet, character) and one image array."""
+    names = [(background.name, a, c) for a, c in background.names] + [(evaluation.name, a, c) for a, c in evaluation.names]
+    return names, np.concatenate([background.images, evaluation.images])
+
+
+def make_splits(names: list[tuple[str, str, str]], protocol: str, seed: int, val_fraction: float = 0.2) -> dict[str, Split]:
+    """The documented splits over the pooled character list `names` (sorted within each set).
+
+    alphabets: background characters permuted by numpy's default_rng(seed); the first
+      round(val_fraction * n) are val, the rest train; all evaluation characters are test.
+    characters: all characters permuted by default_rng(seed); 1100 train, 100 val, the rest test
+      (423 on full Omniglot), each class also rotated by 90/180/270 degrees (the MAML paper).
+      On a smaller set the counts scale as 1100:100:423.
+    """
+    idx_bg = [i for i, n in enumerate(names) if n[0] == SETS[0]]
+    idx_ev = [i for i, n in enumerate(names) if n[0] == SETS[1]]
+    rng = np.random.default_rng(seed)
+    if protocol == "alphabets":
+        perm = [idx_bg[i] for i in rng.permutation(len(idx_bg))]
+        n_val = max(1, round(val_fraction * len(perm)))
+        parts = {"train": sorted(perm[n_val:]), "val": sorted(perm[:n_val]), "test": sorted(idx_ev)}
+        rotations = (0,)
+    elif protocol == "characters":
+        every = idx_bg + idx_ev
+        perm = [every[i] for i in rng.permutation(len(every))]
+        n = len(perm)
+        n_train = 1100 if n == 1623 else round(n * 1100 / 1623)
+        n_val = 100 if n == 1623 else max(1, round(n * 100 / 1623))
+        parts = {"train": sorted(perm[:n_train]), "val": sorted(perm[n_train:n_train + n_val]),
+                 "test": sorted(perm[n_train + n_val:])}
+        rotations = (0, 1, 2, 3)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    return {k: Split(k, v, rotations) for k, v in parts.items()}
