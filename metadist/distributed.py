@@ -50,15 +50,11 @@ class Dist:
         if self.world == 1:
             return
         t = time.perf_counter()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
         flat /= self.world
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+        for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+            p.grad = g.view_as(p)     # views of the reduced buffer: no copy back
         self.reduce_seconds += time.perf_counter() - t
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from metadist import config as config_mod
 from metadist.algorithms import build as build_algorithm
 from metadist.algorithms.core import meta_backward
-from metadist.checkpoint import Checkpointer, save_weights
+from metadist.checkpoint import Checkpointer, load_weights, save_weights
 from metadist.config import Config, ConfigError
 from metadist.data.prepare import prepare, shards_dir
 from metadist.data.shards import EpisodeSource, meta_batches
@@ -256,7 +256,6 @@ def finish(cfg, dist, model, run_dir, state, tracker, shards, strategy, say) -> 
     dist.barrier()
     best = run_dir / "best.safetensors"
     if best.is_file():
-        from metadist.checkpoint import load_weights
         model.load_state_dict(load_weights(best)[0])
     test = EpisodeSource(shards / "test").all(cfg.eval.test_episodes)
     accs = episode_accuracies(model, cfg, test, cfg.eval.inner_steps, dist.device, strategy, dist.rank, dist.world,

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from metadist.checkpoint import load_weights
 from tests.conftest import ROOT, accelerate_bin, free_port, run_cli, small_overrides
