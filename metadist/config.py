@@ -58,6 +58,7 @@ class AlgoConfig:
     strategy: str = "auto"        # auto | batched | loop: how a rank's tasks are processed
     tasks_per_chunk: int = 0      # 0 = all of a rank's tasks in one graph; else chunk and accumulate
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
+    learn_inner_lr: str = "none"  # none | layer (a learned lr per tensor, LSLR) | element (Meta-SGD)
 
 
 @dataclass
@@ -112,6 +113,7 @@ CHOICES = {
     "data.protocol": ("alphabets", "characters"),
     "algo.name": ("maml", "fomaml", "anil", "transfer"),
     "algo.strategy": ("auto", "batched", "loop"),
+    "algo.learn_inner_lr": ("none", "layer", "element"),
     "train.schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "bf16"),
     "tracking.mode": ("offline", "online", "disabled"),

@@ -51,7 +51,8 @@ def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps:
 
 
 def build_model(cfg: Config) -> ConvNet:
-    return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth)
+    return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth, learn_lr=cfg.algo.learn_inner_lr,
+                   lr_init=cfg.algo.inner_lr)
 
 
 def load_model(path: str | Path) -> tuple[ConvNet, Config]:

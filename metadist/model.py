@@ -55,12 +55,34 @@ def feature_side(depth: int, side: int = 28) -> int:
     return side
 
 
+LR_PREFIX = "inner_lr."
+
+
+def lr_key(name: str) -> str:
+    """The name of the learned inner learning rate of parameter `name`."""
+    return LR_PREFIX + name.replace(".", "_")
+
+
+def is_lr(name: str) -> bool:
+    return name.startswith(LR_PREFIX)
+
+
 class ConvNet(nn.Module):
-    def __init__(self, ways: int, hidden: int = 64, depth: int = 4, in_channels: int = 1, side: int = 28):
+    """learn_lr: "none" (one fixed inner lr), "layer" (a learned inner lr per parameter tensor,
+    MAML++'s LSLR with the steps sharing it) or "element" (one per weight, Meta-SGD). The learned
+    rates are meta-parameters like the weights (`inner_lr.*`), started at `lr_init`; the inner
+    loop uses them in training and at test time."""
+
+    def __init__(self, ways: int, hidden: int = 64, depth: int = 4, in_channels: int = 1, side: int = 28,
+                 learn_lr: str = "none", lr_init: float = 0.4):
         super().__init__()
-        self.ways, self.hidden, self.depth = ways, hidden, depth
+        self.ways, self.hidden, self.depth, self.learn_lr = ways, hidden, depth, learn_lr
         self.blocks = nn.Sequential(*[Block(in_channels if i == 0 else hidden, hidden) for i in range(depth)])
         self.head = nn.Linear(hidden * feature_side(depth, side) ** 2, ways)
+        if learn_lr != "none":
+            shapes = {k: (v.shape if learn_lr == "element" else (1,) * v.dim()) for k, v in self.named_parameters()}
+            self.inner_lr = nn.ParameterDict({lr_key(k)[len(LR_PREFIX):]: nn.Parameter(torch.full(s, float(lr_init)))
+                                              for k, s in shapes.items()})
 
     def forward(self, x):          # x: (n, C, H, W) -> logits (n, ways)
         return self.head(self.blocks(x).flatten(1))
@@ -69,7 +91,7 @@ class ConvNet(nn.Module):
         return ("head.weight", "head.bias")
 
     def describe(self) -> dict:
-        return {"ways": self.ways, "hidden": self.hidden, "depth": self.depth}
+        return {"ways": self.ways, "hidden": self.hidden, "depth": self.depth, "learn_lr": self.learn_lr}
 
 
 def tasks_forward(params: dict[str, torch.Tensor], x: torch.Tensor, depth: int, native_norm: bool = False) -> torch.Tensor:

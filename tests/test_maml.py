@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from metadist.algorithms import maml, transfer
 from metadist.algorithms.core import Inner, adapt, adapt_and_predict, make_forward, meta_backward, per_task, per_task_loss
-from metadist.model import ConvNet
+from metadist.model import ConvNet, is_lr, lr_key
 
 T, WAYS, SHOTS, QUERIES, SIDE = 4, 3, 2, 2, 8
 
@@ -22,13 +22,13 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def tiny(depth=2, hidden=4, seed=0):
+def tiny(depth=2, hidden=4, seed=0, learn_lr="none"):
     torch.manual_seed(seed)
-    model = ConvNet(WAYS, hidden=hidden, depth=depth, side=SIDE).double()
+    model = ConvNet(WAYS, hidden=hidden, depth=depth, side=SIDE, learn_lr=learn_lr).double()
     with torch.no_grad():          # non-trivial BatchNorm affine parameters
         for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn_like(p))
+            if "norm" in n or is_lr(n):   # learned rates: different per tensor (and element)
+                p.add_(0.3 * torch.randn_like(p) * (0.3 if is_lr(n) else 1.0))
     return model
 
 
@@ -53,14 +53,16 @@ def reference_forward(p, x, depth):
 
 
 def reference_meta_loss(model, params, b, steps, lr, first_order):
-    """The exercise's loop: one task at a time, inner SGD, mean of the query losses."""
+    """The exercise's loop: one task at a time, inner SGD, mean of the query losses.
+    Learned rates (Meta-SGD / LSLR): params' `inner_lr.*` entries replace lr for their tensor."""
     losses = []
+    lrs = {k: params.get(lr_key(k), lr) for k in params if not is_lr(k)}
     for t in range(b["x_support"].shape[0]):
-        fast = dict(params)
+        fast = {k: v for k, v in params.items() if not is_lr(k)}
         for _ in range(steps):
             loss = F.cross_entropy(reference_forward(fast, b["x_support"][t], model.depth), b["y_support"][t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {k: w - lr * (g.detach() if first_order else g) for (k, w), g in zip(fast.items(), grads)}
+            fast = {k: w - lrs[k] * (g.detach() if first_order else g) for (k, w), g in zip(fast.items(), grads)}
         losses.append(F.cross_entropy(reference_forward(fast, b["x_query"][t], model.depth), b["y_query"][t]))
     return torch.stack(losses).mean()
 
@@ -126,6 +128,44 @@ def test_batched_equals_loop(first_order, steps, chunk):
     loss_b, g_b = ours(model, b, inner, "batched", chunk)
     assert torch.allclose(loss_b, loss_l, rtol=1e-10)
     assert torch.allclose(g_b, g_l, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("learn_lr", ["layer", "element"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learned_inner_lrs_meta_gradient_equals_reference(learn_lr, first_order):
+    """Meta-SGD / LSLR: the rates get their meta-gradient through the update, both strategies."""
+    model, b = tiny(learn_lr=learn_lr), batch()
+    params = dict(model.named_parameters())
+    assert sum(is_lr(k) for k in params) == sum(not is_lr(k) for k in params)
+    ref = flat_grad(reference_meta_loss(model, params, b, 2, 0.4, first_order), params)
+    for strategy in ("batched", "loop"):
+        _, g = ours(model, b, Inner(2, 0.4, first_order), strategy)
+        assert torch.allclose(g, ref, rtol=1e-7, atol=1e-10)
+    lr_grads = torch.cat([p.grad.flatten() for k, p in params.items() if is_lr(k)])
+    assert lr_grads.abs().max() > 1e-4      # the rates do learn
+
+
+def test_learned_rates_at_their_start_value_change_nothing():
+    plain, learned = tiny(), tiny(learn_lr="layer")
+    with torch.no_grad():
+        for k, p in learned.named_parameters():
+            p.copy_(torch.full_like(p, 0.4) if is_lr(k) else plain.get_parameter(k))
+    b = batch()
+    loss_p, g_p = ours(plain, b, Inner(2, 0.4, False))
+    loss_l, g_l = ours(learned, b, Inner(2, 0.4, False))
+    assert torch.allclose(loss_p, loss_l, rtol=1e-12)
+    n = g_p.numel()
+    assert torch.allclose(g_l[:n], g_p, rtol=1e-10, atol=1e-13)
+    # evaluation uses the learned rates too
+    p_l = dict(learned.named_parameters())
+    with torch.no_grad():
+        p_l["inner_lr.head_weight"].fill_(0.0)
+        p_l["inner_lr.head_bias"].fill_(0.0)
+    inner = Inner(3, 0.4, True)
+    frozen_head = adapt_and_predict(learned, p_l, b["x_support"], b["y_support"], b["x_query"], inner)
+    p_p = dict(plain.named_parameters())
+    moved_head = adapt_and_predict(plain, p_p, b["x_support"], b["y_support"], b["x_query"], inner)
+    assert not torch.allclose(frozen_head, moved_head)
 
 
 def test_strategies_in_float32_at_full_size_match_float64():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from metadist.model import ConvNet, tasks_forward
+from metadist.model import ConvNet, is_lr, lr_key, tasks_forward
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
@@ -61,8 +61,11 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
 
     Second order (first_order=False): the inner gradients stay in the graph (create_graph), so a
     meta-gradient flows through them. First order: the inner gradients are constants.
+    Where params hold learned inner learning rates (`inner_lr.*`, model.lr_key) they replace
+    `inner.lr`; the meta-gradient reaches them through the update.
     """
-    names = inner.adapt_names or tuple(params)
+    names = inner.adapt_names or tuple(k for k in params if not is_lr(k))
+    lrs = {k: params.get(lr_key(k), inner.lr) for k in names}
     fast = dict(params)
     for _ in range(inner.steps):
         def support_loss(*ws):
@@ -74,7 +77,7 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
             loss = support_loss(*ws)
         # sum over tasks: each task's slice of the gradient is its own mean-loss gradient
         grads = torch.autograd.grad(loss, ws, create_graph=not inner.first_order)
-        fast.update({k: w - inner.lr * g for k, w, g in zip(names, ws, grads)})
+        fast.update({k: w - lrs[k] * g for k, w, g in zip(names, ws, grads)})
     return fast
 
 
@@ -116,7 +119,7 @@ def adapt_and_predict(model: ConvNet, params: Params, x_support, y_support, x_qu
     predict the query. Returns query logits (T, n, ways)."""
     forward = make_forward(model, strategy, second_order=False)
     T = x_support.shape[0]
-    names = set(inner.adapt_names or params)
+    names = set(inner.adapt_names or (k for k in params if not is_lr(k)))
     fast = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_(k in names)
             for k, v in params.items()}
     with torch.enable_grad():

@@ -1,0 +1,56 @@
+"""Accuracy of every checkpoint of one or more runs: the test (and val) accuracy a run had reached
+after each checkpointed step, with its training wall time. This is how "accuracy within N minutes"
+is read off a longer run, and how recipes are compared at equal tasks seen.
+
+  python bench/curve.py runs/boss [runs/strong ...] [--splits val,test] [--steps 10] [--out curve.jsonl]
+
+Each checkpoint's weights carry their config, so the episodes are the run's own shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metadist.checkpoint import Checkpointer  # noqa: E402
+from metadist.data.prepare import shards_dir  # noqa: E402
+from metadist.data.shards import EpisodeSource  # noqa: E402
+from metadist.evaluate import ci95, episode_accuracies, load_model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--splits", default="val,test")
+    ap.add_argument("--steps", type=int, default=0, help="test inner steps (0 = the run's eval.inner_steps)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = open(args.out, "a") if args.out else None
+    episodes = {}
+    print(f"{'run':<28} {'step':>6} {'minutes':>8} " + " ".join(f"{s:>15}" for s in args.splits.split(",")), flush=True)
+    for run in args.runs:
+        for ck in Checkpointer(Path(run), 1, 1, False).complete():
+            model, cfg = load_model(ck / "model.safetensors")
+            model.to(device)
+            meta = json.loads((ck / "meta.json").read_text())
+            rec = {"run": Path(run).name, "step": meta["step"], "elapsed_s": meta["elapsed"], "tasks_seen": meta["tasks_seen"]}
+            for split in args.splits.split(","):
+                key = (str(shards_dir(cfg)), split)
+                if key not in episodes:
+                    episodes[key] = EpisodeSource(shards_dir(cfg) / split).all()
+                accs = episode_accuracies(model, cfg, episodes[key], args.steps or cfg.eval.inner_steps, device)
+                rec[split], rec[split + "_ci95"] = ci95(accs.cpu().numpy())
+            print(f"{rec['run']:<28} {rec['step']:>6} {rec['elapsed_s'] / 60:>8.2f} "
+                  + " ".join(f"{rec[s]:>8.4f}+-{rec[s + '_ci95']:.3f}" for s in args.splits.split(",")), flush=True)
+            if out:
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+
+
+if __name__ == "__main__":
+    main()
