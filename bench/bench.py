@@ -30,6 +30,10 @@ from metadist.model import ConvNet  # noqa: E402
 STRATEGIES = ("batched", "loop")          # metadist's selectable strategies; "batched" is the default
 
 
+def strategies(device) -> tuple[str, ...]:
+    return STRATEGIES + (("graph",) if device.type == "cuda" else ())
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -64,6 +68,12 @@ def runner(name, model, batch, inner: Inner, chunk=0):
     if name == "reference":
         return lambda: reference_step(model, batch, inner.steps, inner.lr, inner.first_order)
     fn = lambda f, p, c: maml.task_losses(f, p, c, inner)   # noqa: E731
+    if name == "graph":     # the batched strategy captured as one CUDA graph (train.cuda_graph)
+        from metadist.cuda_graph import GraphedStep
+        step = GraphedStep(lambda b: meta_backward(fn, model, params, b, "batched", chunk, 1.0 / tasks,
+                                                   not inner.first_order), list(params.values()), batch)
+        model.zero_grad(set_to_none=True)
+        return lambda: step(batch)
     return lambda: meta_backward(fn, model, params, batch, name, chunk, 1.0 / tasks, not inner.first_order)
 
 
@@ -83,7 +93,7 @@ def equivalence(model, batch, inner: Inner, tasks: int = 4) -> dict:
     b64 = {k: (v[:tasks].double() if v.is_floating_point() else v[:tasks]) for k, v in batch.items()}
     ref = grads_of(m64, runner("reference", m64, b64, inner))
     return {s: ((grads_of(m64, runner(s, m64, b64, inner)) - ref).abs().max() / ref.abs().max()).item()
-            for s in STRATEGIES}
+            for s in strategies(batch["x_support"].device)}
 
 
 def time_interleaved(model, runs: dict, tasks: int, device, rounds: int) -> dict:
@@ -139,7 +149,7 @@ def bench_meta(device, quick: bool) -> list[dict]:
             for steps in steps_list:
                 inner = Inner(steps, 0.4 if ways == 5 else 0.1, first_order)
                 runs = {"reference": runner("reference", model, batch, inner)}
-                runs.update({s: runner(s, model, batch, inner) for s in STRATEGIES})
+                runs.update({s: runner(s, model, batch, inner) for s in strategies(device)})
                 err = equivalence(model, batch, inner)
                 tps = time_interleaved(model, runs, tasks, device, rounds=2)
                 mem = {k: graph_bytes(run, device) for k, run in runs.items()}

@@ -74,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     mixed_precision: str = "no"   # no | bf16 (autocast on GPU; meta-gradient stays float32)
+    cuda_graph: str = "auto"      # auto (on for CUDA) | on | off: replay each meta-step as one CUDA graph
     max_minutes: float = 0.0      # 0 = no limit; else stop (and checkpoint) after this wall time
     debug: bool = False           # single device, anomaly detection, strategy cross-check
 
@@ -116,6 +117,7 @@ CHOICES = {
     "algo.learn_inner_lr": ("none", "layer", "element"),
     "train.schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "bf16"),
+    "train.cuda_graph": ("auto", "on", "off"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
 

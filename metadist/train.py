@@ -23,6 +23,7 @@ from metadist.algorithms import build as build_algorithm
 from metadist.algorithms.core import meta_backward
 from metadist.checkpoint import Checkpointer, load_weights, save_weights
 from metadist.config import Config, ConfigError
+from metadist.cuda_graph import GraphedStep
 from metadist.data.prepare import prepare, shards_dir
 from metadist.data.shards import EpisodeSource, meta_batches
 from metadist.distributed import Dist
@@ -160,8 +161,13 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
         return model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, meta, \
             weights_meta(cfg, state["step"])
 
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if t.mixed_precision == "bf16" and device.type == "cuda"
-           else contextlib.nullcontext())
+    # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+           if t.mixed_precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
+    if t.cuda_graph == "on" and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph=on needs a CUDA device (this process runs on {device})")
+    use_graph = device.type == "cuda" and not t.debug and t.cuda_graph != "off"
+    graphs = {}     # one captured meta-step per algorithm variant (first-order annealing has two)
     stream = meta_batches(shards / "train", cfg.seed, t.meta_batch_size, dist.rank, dist.world, state["step"], t.steps,
                           d.task_aug, d.num_workers)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
@@ -178,15 +184,24 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
     for batch in stream:
         step = batch.pop("step")
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        opt.zero_grad(set_to_none=True)
-        algo = algorithms[step < cfg.algo.first_order_steps]
+        key = step < cfg.algo.first_order_steps
+        algo = algorithms[key]
+
+        def meta_step(b, algo=algo):
+            return meta_backward(algo.task_losses, model, params, b, strategy, cfg.algo.tasks_per_chunk,
+                                 1.0 / local_tasks, algo.second_order)
         with anomaly_guard(step + 1, t.debug):
             if t.debug and step == 0:
                 err = cross_check(algo, model, params, batch, cfg.algo.tasks_per_chunk, 1.0 / local_tasks)
                 say(f"debug: batched vs loop meta-gradient agree (max relative difference {err:.1e})")
             with amp:
-                loss_sum, acc_sum = meta_backward(algo.task_losses, model, params, batch, strategy,
-                                                  cfg.algo.tasks_per_chunk, 1.0 / local_tasks, algo.second_order)
+                if use_graph:        # the graph overwrites .grad on every replay: no zeroing
+                    if key not in graphs:
+                        graphs[key] = GraphedStep(meta_step, list(params.values()), batch)
+                    loss_sum, acc_sum = graphs[key](batch)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss_sum, acc_sum = meta_step(batch)
         dist.mean_gradients(list(params.values()))
         if t.debug:
             check_finite(step + 1, loss_sum, model)

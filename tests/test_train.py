@@ -94,6 +94,9 @@ def test_bad_runs_and_weights(trained, tmp_path):
     assert r.returncode == 2 and "do not fit the architecture" in r.stderr
     r = run_cli("train", *args, "algo.name=reptile")
     assert r.returncode == 2 and "algo.name" in r.stderr and "maml" in r.stderr
+    if not torch.cuda.is_available():
+        r = run_cli("train", *args, "train.cuda_graph=on", "run.name=graph")
+        assert r.returncode == 2 and "train.cuda_graph=on needs a CUDA device" in r.stderr
 
 
 def test_plot_makes_a_png(trained):
@@ -110,6 +113,21 @@ def test_every_algorithm_trains(omniglot_dir, tmp_path, algo):
                                                                        "data.task_aug": 0.4}))
     s = train(cfg, log=lambda *a: None)
     assert s["steps"] == 2 and s["algorithm"] == algo
+
+
+def test_learned_inner_lrs_train_save_and_evaluate(omniglot_dir, tmp_path):
+    args = small_overrides(omniglot_dir, tmp_path, **{"algo.learn_inner_lr": "layer", "train.steps": 3})
+    r = run_cli("train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    weights, _ = load_weights(run / "model.safetensors")
+    lrs = {k: v for k, v in weights.items() if k.startswith("inner_lr.")}
+    assert len(lrs) == len(weights) - len(lrs) and all(v.numel() == 1 for v in lrs.values())
+    assert any(abs(v.item() - 0.4) > 1e-6 for v in lrs.values())      # they moved: meta-learned
+    model, cfg = load_model(run)
+    assert cfg.algo.learn_inner_lr == "layer"
+    r = run_cli("evaluate", "--run", run)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_debug_mode_cross_checks_and_stops_on_nan(omniglot_dir, tmp_path):
