@@ -81,7 +81,8 @@ class ConvNet(nn.Module):
         self.head = nn.Linear(hidden * feature_side(depth, side) ** 2, ways)
         if learn_lr != "none":
             shapes = {k: (v.shape if learn_lr == "element" else (1,) * v.dim()) for k, v in self.named_parameters()}
-            self.inner_lr = nn.ParameterDict({lr_key(k)[len(LR_PREFIX):]: nn.Parameter(torch.full(s, float(lr_init)))
+            # registered as "inner_lr.<name with _ for .>", i.e. lr_key(name)
+            self.inner_lr = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.full(s, float(lr_init)))
                                               for k, s in shapes.items()})
 
     def forward(self, x):          # x: (n, C, H, W) -> logits (n, ways)

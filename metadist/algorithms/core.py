@@ -56,6 +56,12 @@ def per_task_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(1)
 
 
+def adapted(params: Params, inner: Inner) -> tuple[str, ...]:
+    """The parameters the inner loop updates: inner.adapt_names, else every weight (never the
+    learned learning rates)."""
+    return inner.adapt_names or tuple(k for k in params if not is_lr(k))
+
+
 def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: torch.Tensor, inner: Inner) -> Params:
     """`inner.steps` SGD steps on each task's support loss; returns the fast weights.
 
@@ -64,7 +70,7 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
     Where params hold learned inner learning rates (`inner_lr.*`, model.lr_key) they replace
     `inner.lr`; the meta-gradient reaches them through the update.
     """
-    names = inner.adapt_names or tuple(k for k in params if not is_lr(k))
+    names = adapted(params, inner)
     lrs = {k: params.get(lr_key(k), inner.lr) for k in names}
     fast = dict(params)
     for _ in range(inner.steps):
@@ -119,7 +125,7 @@ def adapt_and_predict(model: ConvNet, params: Params, x_support, y_support, x_qu
     predict the query. Returns query logits (T, n, ways)."""
     forward = make_forward(model, strategy, second_order=False)
     T = x_support.shape[0]
-    names = set(inner.adapt_names or (k for k in params if not is_lr(k)))
+    names = set(adapted(params, inner))
     fast = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_(k in names)
             for k, v in params.items()}
     with torch.enable_grad():
