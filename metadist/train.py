@@ -167,7 +167,14 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
     if t.cuda_graph == "on" and device.type != "cuda":
         raise ConfigError(f"train.cuda_graph=on needs a CUDA device (this process runs on {device})")
     use_graph = device.type == "cuda" and not t.debug and t.cuda_graph != "off"
-    graphs = {}     # one captured meta-step per algorithm variant (first-order annealing has two)
+    param_list = list(params.values())
+
+    def meta_step_of(a):
+        return lambda b: meta_backward(a.task_losses, model, params, b, strategy, cfg.algo.tasks_per_chunk,
+                                       1.0 / local_tasks, a.second_order)
+    # keyed like `algorithms` (first order or not: derivative-order annealing switches between them)
+    meta_steps = {fo: meta_step_of(a) for fo, a in algorithms.items()}
+    graphs = {}     # the captured meta-step of each key, on CUDA
     stream = meta_batches(shards / "train", cfg.seed, t.meta_batch_size, dist.rank, dist.world, state["step"], t.steps,
                           d.task_aug, d.num_workers)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
@@ -186,10 +193,6 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         key = step < cfg.algo.first_order_steps
         algo = algorithms[key]
-
-        def meta_step(b, algo=algo):
-            return meta_backward(algo.task_losses, model, params, b, strategy, cfg.algo.tasks_per_chunk,
-                                 1.0 / local_tasks, algo.second_order)
         with anomaly_guard(step + 1, t.debug):
             if t.debug and step == 0:
                 err = cross_check(algo, model, params, batch, cfg.algo.tasks_per_chunk, 1.0 / local_tasks)
@@ -197,12 +200,12 @@ def _train(cfg: Config, dist: Dist, log) -> dict:
             with amp:
                 if use_graph:        # the graph overwrites .grad on every replay: no zeroing
                     if key not in graphs:
-                        graphs[key] = GraphedStep(meta_step, list(params.values()), batch)
+                        graphs[key] = GraphedStep(meta_steps[key], param_list, batch)
                     loss_sum, acc_sum = graphs[key](batch)
                 else:
                     opt.zero_grad(set_to_none=True)
-                    loss_sum, acc_sum = meta_step(batch)
-        dist.mean_gradients(list(params.values()))
+                    loss_sum, acc_sum = meta_steps[key](batch)
+        dist.mean_gradients(param_list)
         if t.debug:
             check_finite(step + 1, loss_sum, model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
