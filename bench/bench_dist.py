@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -22,7 +24,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench import machine  # noqa: E402
-from tests.conftest import accelerate_bin, free_port, small_overrides, write_synthetic  # noqa: E402
+from metadist.data.synthetic import write_synthetic  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_bin() -> str:
+    exe = Path(sys.executable).with_name("accelerate")
+    return str(exe) if exe.exists() else shutil.which("accelerate")
 
 
 def run(nproc: int, args: list[str]) -> dict:
@@ -56,10 +69,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw = write_synthetic(tmp / "raw")
-        base = small_overrides(raw, tmp, **{"model.hidden": a.hidden, "train.meta_batch_size": 32, "train.steps": a.steps,
-                                            "train.log_every": 5, "train.val_every": 10**6, "train.checkpoint_every": 10**6,
-                                            "data.train_episodes": 2000, "data.episodes_per_shard": 500,
-                                            "eval.test_episodes": 8})
+        base = [f"{k}={v}" for k, v in {
+            "data.raw": raw, "data.shards": tmp / "shards", "data.train_episodes": 2000, "data.val_episodes": 16,
+            "data.test_episodes": 24, "data.episodes_per_shard": 500, "run.root": tmp / "runs", "tracking.mode": "disabled",
+            "model.hidden": a.hidden, "train.meta_batch_size": 32, "train.steps": a.steps, "train.log_every": 5,
+            "train.val_every": 10**6, "train.checkpoint_every": 10**6, "eval.test_episodes": 8,
+            "eval.tasks_per_batch": 8}.items()]
         subprocess.run([sys.executable, "-m", "metadist", "prepare", *base], cwd=ROOT, check=True, capture_output=True)
         rows = []
         print(f"{'processes':>9} {'tasks/s':>9} {'speed-up':>9} {'efficiency':>11} {'all-reduce ms/step':>19}")

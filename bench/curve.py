@@ -2,9 +2,10 @@
 after each checkpointed step, with its training wall time. This is how "accuracy within N minutes"
 is read off a longer run, and how recipes are compared at equal tasks seen.
 
-  python bench/curve.py runs/boss [runs/strong ...] [--splits val,test] [--steps 10] [--out curve.jsonl]
+  python bench/curve.py runs/boss [runs/strong ...] [--splits val,test] [--steps 10] [--shards DIR|URL] [--out curve.jsonl]
 
-Each checkpoint's weights carry their config, so the episodes are the run's own shards.
+Each checkpoint's weights carry their config, so the episodes are the run's own shards (or those
+at --shards: a folder or URL prefix; only the shards are needed, never raw Omniglot).
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist.checkpoint import Checkpointer  # noqa: E402
+from metadist.checkpoint import Checkpointer, load_model  # noqa: E402
 from metadist.data.prepare import shards_dir  # noqa: E402
 from metadist.data.shards import EpisodeSource  # noqa: E402
-from metadist.evaluate import ci95, episode_accuracies, load_model  # noqa: E402
+from metadist.errors import MetadistError  # noqa: E402
+from metadist.evaluate import evaluate  # noqa: E402
 
 
 def main():
@@ -27,8 +29,16 @@ def main():
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--splits", default="val,test")
     ap.add_argument("--steps", type=int, default=0, help="test inner steps (0 = the run's eval.inner_steps)")
+    ap.add_argument("--shards", default="", help="shards folder or URL prefix (default: each run's own)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    try:
+        curve(args)
+    except MetadistError as e:
+        raise SystemExit(f"curve: error: {e}")
+
+
+def curve(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = open(args.out, "a") if args.out else None
     episodes = {}
@@ -40,11 +50,11 @@ def main():
             meta = json.loads((ck / "meta.json").read_text())
             rec = {"run": Path(run).name, "step": meta["step"], "elapsed_s": meta["elapsed"], "tasks_seen": meta["tasks_seen"]}
             for split in args.splits.split(","):
-                key = (str(shards_dir(cfg)), split)
-                if key not in episodes:
-                    episodes[key] = EpisodeSource(shards_dir(cfg) / split).all()
-                accs = episode_accuracies(model, cfg, episodes[key], args.steps or cfg.eval.inner_steps, device)
-                rec[split], rec[split + "_ci95"] = ci95(accs.cpu().numpy())
+                root = args.shards or shards_dir(cfg)
+                if (str(root), split) not in episodes:
+                    episodes[str(root), split] = EpisodeSource(root, split, cache_dir=cfg.data.cache_dir).all()
+                r = evaluate(model, cfg, episodes[str(root), split], args.steps or cfg.eval.inner_steps, device)
+                rec[split], rec[split + "_ci95"] = r["accuracy"], r["ci95"]
             print(f"{rec['run']:<28} {rec['step']:>6} {rec['elapsed_s'] / 60:>8.2f} "
                   + " ".join(f"{rec[s]:>8.4f}+-{rec[s + '_ci95']:.3f}" for s in args.splits.split(",")), flush=True)
             if out:

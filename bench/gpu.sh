@@ -20,7 +20,12 @@ import json, subprocess, sys, tempfile, pathlib
 import torch
 from safetensors.torch import load_file
 sys.path.insert(0, ".")
-from tests.conftest import write_synthetic, small_overrides
+from metadist.data.synthetic import write_synthetic
+def small_overrides(raw, tmp, **extra):
+    base = {"data.raw": raw, "data.shards": tmp / "shards", "data.train_episodes": 96, "data.val_episodes": 16,
+            "data.test_episodes": 24, "data.episodes_per_shard": 16, "run.root": tmp / "runs", "run.name": "t",
+            "tracking.mode": "disabled", "train.val_every": 2, "eval.tasks_per_batch": 8}
+    return [f"{k}={v}" for k, v in dict(base, **extra).items()]
 tmp = pathlib.Path(tempfile.mkdtemp())
 raw = write_synthetic(tmp / "raw")
 runs = {"eager": ("no", "off"), "graph": ("no", "on"), "bf16-graph": ("bf16", "on")}

@@ -1,8 +1,10 @@
-"""Command line: `metadist {prepare,train,evaluate,predict,plot,export-tasks,show} [--config FILE] [key=value ...]`
+"""Command line: `metadist {prepare,verify,train,evaluate,predict,plot,export-tasks,show} [--config FILE] [key=value ...]`
 (also `python -m metadist ...` and `accelerate launch -m metadist train ...`).
 
 Config keys are set only as `section.key=value` arguments (see metadist/config.py); the flags
-here name files and folders. Errors from bad input print one line and exit with status 2.
+here name files and folders. Each command imports only what it uses. A user-facing error
+(`metadist.errors.MetadistError`) prints one line and exits 2; a preempted run exits 75 and
+resumes when launched again; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from metadist import config as config_mod
+from metadist.errors import MetadistError
 
 
 def _cfg(args) -> config_mod.Config:
@@ -19,6 +22,25 @@ def _cfg(args) -> config_mod.Config:
     if getattr(args, "debug", False):
         overrides = ["train.debug=true", *overrides]
     return config_mod.load(args.config, overrides)
+
+
+def cmd_verify(args):
+    from metadist.data.prepare import SPLITS, shards_dir
+    from metadist.data.shards import ShardError, read_manifest, verify
+    cfg = _cfg(args)
+    root = args.shards or shards_dir(cfg)
+    found = 0
+    for split in SPLITS:
+        try:
+            read_manifest(root, split)
+        except ShardError:
+            continue
+        m = verify(root, split, cache_dir=cfg.data.cache_dir)
+        found += 1
+        print(f"{split}: {len(m['shards'])} shards, {m['episodes']} episodes, {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match "
+              f"({m['protocol']}, {m['ways']}-way {m['shots']}-shot {m['queries']}-query, seed {m['seed']})")
+    if not found:
+        raise ShardError(f"{root}: no split (train/, val/, test/ with a manifest.json) to verify")
 
 
 def cmd_prepare(args):
@@ -29,20 +51,22 @@ def cmd_prepare(args):
 def cmd_train(args):
     cfg = _cfg(args)
     if cfg.train.debug:
-        cfg = apply_debug(cfg)
+        cfg = apply_debug(cfg, config_mod.explicit_keys(args.config, args.overrides))
     from metadist.train import train
     train(cfg)
 
 
-def apply_debug(cfg: config_mod.Config) -> config_mod.Config:
-    """Debug mode: a few steps on a small subset, single device; explicit keys still win."""
+DEBUG_SMALL = {"train.steps": 5, "train.val_every": 5, "train.log_every": 1, "train.checkpoint_every": 5,
+               "data.val_episodes": 16, "eval.test_episodes": 32, "tracking.mode": "disabled"}
+
+
+def apply_debug(cfg: config_mod.Config, explicit: set[str]) -> config_mod.Config:
+    """Debug mode: a few steps on a small subset, single device; keys the user set (in the YAML
+    file or as key=value) keep their values."""
     d = cfg.to_dict()
-    small = {"train.steps": 5, "train.val_every": 5, "train.log_every": 1, "train.checkpoint_every": 5,
-             "data.val_episodes": 16, "eval.test_episodes": 32, "tracking.mode": "disabled"}
-    default = config_mod.Config().to_dict()
-    for key, value in small.items():
-        sec, k = key.split(".")
-        if d[sec][k] == default[sec][k]:
+    for key, value in DEBUG_SMALL.items():
+        if key not in explicit:
+            sec, k = key.split(".")
             d[sec][k] = value
     if not d["run"]["name"].endswith("-debug"):
         d["run"]["name"] += "-debug"
@@ -51,7 +75,7 @@ def apply_debug(cfg: config_mod.Config) -> config_mod.Config:
 
 def _model(args):
     import torch
-    from metadist.evaluate import load_model
+    from metadist.checkpoint import load_model
     model, cfg = load_model(args.run)
     cfg = config_mod.override(cfg, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,19 +85,17 @@ def _model(args):
 def cmd_evaluate(args):
     from metadist.data.prepare import shards_dir
     from metadist.data.shards import EpisodeSource
-    from metadist.evaluate import ci95, episode_accuracies
+    from metadist.evaluate import evaluate
     model, cfg, device = _model(args)
-    split = EpisodeSource(Path(args.shards or shards_dir(cfg)) / args.split)
+    split = EpisodeSource(args.shards or shards_dir(cfg), args.split, cache_dir=cfg.data.cache_dir)
     m = split.manifest
     if (m["ways"], m["shots"], m["queries"]) != (cfg.data.ways, cfg.data.shots, cfg.data.queries):
         cfg.data.shots, cfg.data.queries = m["shots"], m["queries"]
         if m["ways"] != model.ways:
             raise config_mod.ConfigError(f"{split.dir}: {m['ways']}-way episodes, the model's head has {model.ways} ways")
     episodes = split.all(cfg.eval.test_episodes if args.split == "test" else 0)
-    accs = episode_accuracies(model, cfg, episodes, cfg.eval.inner_steps, device)
-    mean, ci = ci95(accs.cpu().numpy())
-    result = {"accuracy": mean, "ci95": ci, "episodes": len(episodes), "inner_steps": cfg.eval.inner_steps,
-              "split": str(split.dir)}
+    result = dict(evaluate(model, cfg, episodes, cfg.eval.inner_steps, device), inner_steps=cfg.eval.inner_steps,
+                  split=str(split.dir))
     print(json.dumps(result))
 
 
@@ -90,13 +112,10 @@ def cmd_plot(args):
 
 
 def _split_source(args):
-    from metadist.data.prepare import prepare, shards_dir
+    from metadist.data.prepare import ensure
     from metadist.data.shards import EpisodeSource
     cfg = _cfg(args)
-    root = shards_dir(cfg)
-    if not (root / args.split / "manifest.json").is_file():
-        prepare(cfg)
-    return cfg, EpisodeSource(root / args.split)
+    return cfg, EpisodeSource(ensure(cfg), args.split, cache_dir=cfg.data.cache_dir)
 
 
 def cmd_export_tasks(args):
@@ -125,6 +144,8 @@ def main(argv=None):
         return s
 
     add("prepare", cmd_prepare, "raw Omniglot -> train/val/test episode shards")
+    s = add("verify", cmd_verify, "check every shard's size and sha256 against its manifest")
+    s.add_argument("--shards", help="shards folder or URL prefix (default: the one the config names)")
     s = add("train", cmd_train, "meta-train (resumes an existing run folder)")
     s.add_argument("--debug", action="store_true", help="single device, few steps, anomaly detection, strategy cross-check")
     for name, fn, help in (("evaluate", cmd_evaluate, "mean accuracy +- 95%% CI on fixed episodes"),
@@ -133,7 +154,7 @@ def main(argv=None):
         s.add_argument("--run", required=True, help="run folder or weights file")
         if name == "evaluate":
             s.add_argument("--split", default="test", choices=("train", "val", "test"))
-            s.add_argument("--shards", help="shards folder (default: the one the run's config names)")
+            s.add_argument("--shards", help="shards folder or URL prefix (default: the one the run's config names)")
         else:
             s.add_argument("--tasks", required=True, help="folder with support/NNNN/ and query/NNNN/")
             s.add_argument("--out", default="output.csv")
@@ -154,16 +175,11 @@ def main(argv=None):
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (config values are given as section.key=value)")
     args.overrides = rest
-    from metadist.data.omniglot import DataError
-    from metadist.data.shards import ShardError
-    from metadist.distributed import DistError
-    from metadist.evaluate import EvalError
-    from metadist.train import TrainError
     try:
         args.fn(args)
-    except (config_mod.ConfigError, DataError, ShardError, DistError, EvalError, TrainError, ValueError) as e:
-        print(f"metadist {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except MetadistError as e:
+        print(f"metadist {args.command}: {'stopped' if e.exit_code != 2 else 'error'}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

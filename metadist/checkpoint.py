@@ -1,9 +1,15 @@
-"""Checkpoints: save everything to continue a run, find the latest complete one, keep the last K.
+"""Everything a run writes to resume or to be evaluated: the weights format and checkpoints.
 
-Layout: <run>/checkpoints/step_NNNNNN/{model.safetensors, optimizer.pt, meta.json}. A checkpoint
-is written in a hidden temporary folder and renamed when complete, so one half-written when the
-process died is never found. `latest()` is found on disk, not remembered. The model is saved
-unwrapped (plain parameter names), so no key surgery is ever needed.
+Weights (`*.safetensors`): the model's tensors (plain parameter names, float32) with metadata
+`format`, `config` (the run's whole config), `step` and `val_accuracy`, so any weights file is
+self-describing: `load_model(path)` rebuilds the architecture from its config and checks that the
+tensors fit it.
+
+Checkpoints: <run>/checkpoints/step_NNNNNN/{model.safetensors, optimizer.pt, meta.json}: the
+model, the optimizer and schedule, and the training state. A checkpoint is written in a hidden
+temporary folder and renamed when complete; one whose write failed (disk full, no permission)
+or whose process died is never found, the previous one stays complete, and the error names the
+path. `latest()` is found on disk, not remembered.
 """
 from __future__ import annotations
 
@@ -14,52 +20,109 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from metadist import config as config_mod
+from metadist.algorithms import build_model
+from metadist.errors import MetadistError
+from metadist.model import ConvNet
+
+FORMAT = "metadist-convnet-1"
 _STEP = re.compile(r"^step_(\d{6,})$")
 
 
-def save_weights(model: torch.nn.Module, path: Path, meta: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+class WeightsError(MetadistError):
+    """A weights file or run folder that cannot be loaded."""
+
+
+class CheckpointError(MetadistError):
+    """A checkpoint or weights file could not be written."""
+
+
+def save_weights(model: torch.nn.Module, path: Path, cfg: config_mod.Config, step: int, val: float | None = None) -> None:
+    """Write the model's weights with their metadata, atomically (a temporary file renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    meta = {"config": cfg.to_dict(), "step": step, "val_accuracy": val, "format": FORMAT}
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {e}") from None
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a weights file, as stored."""
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     return load_file(str(path)), meta
 
 
+def load_model(path: str | Path) -> tuple[ConvNet, config_mod.Config]:
+    """A run folder (best.safetensors, else model.safetensors), a checkpoint folder or a weights
+    file -> (model with those weights, the config it was trained with)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("best.safetensors", "model.safetensors") if (path / n).is_file()]
+        if not found:
+            raise WeightsError(f"{path}: no best.safetensors or model.safetensors (has this run trained?)")
+        path = found[0]
+    if not path.is_file():
+        raise WeightsError(f"weights not found: {path}")
+    try:
+        weights, meta = load_weights(path)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a metadist weights file ({e})") from None
+    if "config" not in meta:
+        raise WeightsError(f"{path}: no config in its metadata (not written by metadist)")
+    cfg = config_mod.from_dict(meta["config"])
+    model = build_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != got:
+        diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
+        raise WeightsError(f"{path}: weights do not fit the architecture in its config (first differences: {diff})")
+    model.load_state_dict(weights)
+    return model, cfg
+
+
 class Checkpointer:
+    """Owns <run>/checkpoints: when to save (every `every` steps, at the end, on request), how to
+    save atomically, keeping the last `keep`, and how to restore."""
+
     def __init__(self, run_dir: Path, every: int, keep: int, is_main: bool):
         self.dir = Path(run_dir) / "checkpoints"
         self.every, self.keep, self.is_main = every, keep, is_main
 
-    def should_save(self, step: int, last: bool) -> bool:
+    def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
 
-    def maybe_save(self, step: int, last: bool, state_fn) -> Path | None:
-        """`state_fn()` -> (model, optimizer state dict, meta dict, weights metadata); main process
-        writes. The weights file carries its config, so `metadist evaluate --run <checkpoint>` works."""
-        if not self.should_save(step, last):
-            return None
+    def save(self, step: int, model, optimizer, scheduler, state: dict, cfg: config_mod.Config) -> Path:
+        """Main process writes step_NNNNNN; every process returns its path."""
         final = self.dir / f"step_{step:06d}"
-        if self.is_main:
-            model, opt_state, meta, weights_meta = state_fn()
-            tmp = self.dir / f".tmp-step_{step:06d}"
+        if not self.is_main:
+            return final
+        tmp = self.dir / f".tmp-step_{step:06d}"
+        try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_weights(model, tmp / "model.safetensors", weights_meta)
-            torch.save(opt_state, tmp / "optimizer.pt")
-            (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1) + "\n")
+            save_weights(model, tmp / "model.safetensors", cfg, step)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            (tmp / "meta.json").write_text(json.dumps(dict(state, step=step, metadist_config=cfg.to_dict()), indent=1) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in self.complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, CheckpointError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            prev = self.latest()
+            keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+            raise CheckpointError(f"cannot write checkpoint {final}: {str(e).removeprefix('cannot write ')}; {keep}") from None
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def complete(self) -> list[Path]:
@@ -74,7 +137,11 @@ class Checkpointer:
         return done[-1] if done else None
 
     @staticmethod
-    def load(path: Path) -> tuple[dict, dict, dict]:
+    def restore(path: Path, model, optimizer, scheduler) -> dict:
+        """Load a checkpoint into model, optimizer and scheduler; returns its meta.json."""
         weights, _ = load_weights(path / "model.safetensors")
+        model.load_state_dict(weights)
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        return weights, opt_state, json.loads((path / "meta.json").read_text())
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        return json.loads((path / "meta.json").read_text())

@@ -2,7 +2,8 @@
 
 Precedence: dataclass defaults < YAML file (only what differs) < `section.key=value` overrides,
 each parsed by the field's type. `load(path, overrides)` returns a validated Config; every error
-names the key and what is allowed. This module imports nothing of metadist.
+names the key and what is allowed. Algorithm names are checked against the algorithm table
+(`metadist.algorithms.ALGORITHMS`), imported when a config is validated.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from metadist.errors import MetadistError
 
-class ConfigError(ValueError):
+
+class ConfigError(MetadistError, ValueError):
     """A configuration that cannot run: unknown key, wrong type or impossible value."""
 
 
@@ -28,7 +31,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     raw: str = ""             # Omniglot zips or folders; "" -> $OMNIGLOT_DIR, else data/raw/omniglot
-    shards: str = ""          # "" -> data/shards/<protocol>-<ways>w<shots>s<queries>q
+    shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<protocol>-<ways>w<shots>s<queries>q
+    cache_dir: str = ""       # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
     protocol: str = "alphabets"   # alphabets (the exercise's) | characters (the MAML paper's)
     ways: int = 5
     shots: int = 1
@@ -77,6 +81,8 @@ class TrainConfig:
     cuda_graph: str = "auto"      # auto (on for CUDA) | on | off: replay each meta-step as one CUDA graph
     max_minutes: float = 0.0      # 0 = no limit; else stop (and checkpoint) after this wall time
     debug: bool = False           # single device, anomaly detection, strategy cross-check
+    collective_timeout_s: float = 600.0  # a rank that stops answering fails the launch after this long
+    sync_every: int = 0           # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU
 
 
 @dataclass
@@ -112,7 +118,6 @@ class Config:
 
 CHOICES = {
     "data.protocol": ("alphabets", "characters"),
-    "algo.name": ("maml", "fomaml", "anil", "transfer"),
     "algo.strategy": ("auto", "batched", "loop"),
     "algo.learn_inner_lr": ("none", "layer", "element"),
     "train.schedule": ("constant", "cosine"),
@@ -199,6 +204,16 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return override(cfg, overrides)
 
 
+def explicit_keys(path: str | Path | None, overrides=()) -> set[str]:
+    """The keys a user set: those in the YAML file and the `key=value` overrides."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    if path and Path(path).is_file():
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(data, dict):
+            keys |= set(_flatten(data))
+    return keys
+
+
 def override(cfg: Config, overrides) -> Config:
     """A copy of `cfg` with `section.key=value` strings applied, validated."""
     cfg = from_dict(cfg.to_dict(), check=False)
@@ -224,8 +239,9 @@ def from_dict(d: dict, check: bool = True) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    from metadist.algorithms import ALGORITHMS
     flat = _flatten(cfg.to_dict())
-    for key, allowed in CHOICES.items():
+    for key, allowed in dict(CHOICES, **{"algo.name": tuple(ALGORITHMS)}).items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r}: allowed values are {', '.join(allowed)}")
 
@@ -257,6 +273,8 @@ def validate(cfg: Config) -> None:
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+    need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
+    need(t.sync_every >= 0, "train.sync_every", "must be >= 0 (0 = automatic)")
     e = cfg.eval
     need(e.inner_steps >= 0, "eval.inner_steps", "must be >= 0")
     need(e.val_inner_steps >= 0, "eval.val_inner_steps", "must be >= 0")

@@ -1,34 +1,62 @@
 """Process setup and the collective operations: the only module that imports accelerate.
 
-`Dist()` starts one process's share of an `accelerate launch` (or a plain single process): CUDA
-when available, else CPU with gloo. A launch that asked for several processes but got no process
-group is an error, never several silent single-process runs. Meta-gradients are averaged across
-ranks explicitly, once per step, as one flattened buffer (the meta-learner is never wrapped in
-DDP, which does not support second-order gradients through autograd.grad).
+`Dist(timeout_s)` starts one process's share of an `accelerate launch` (or a plain single
+process): CUDA when available, else CPU with gloo. A launch that asked for several processes but
+got no process group is an error, never several silent single-process runs. Meta-gradients are
+averaged across ranks explicitly, once per step, as one flattened buffer (the meta-learner is
+never wrapped in DDP, which does not support second-order gradients through autograd.grad); the
+same buffer carries each rank's stop votes (a signal, the wall-clock bound), so ranks agree on
+where to stop without a collective of their own.
+
+Faults: every collective times out after `train.collective_timeout_s` (a rank that stops
+answering fails the launch instead of hanging it), and a worker whose launcher dies gets SIGTERM
+(PR_SET_PDEATHSIG), so it checkpoints and exits instead of training on as an orphan.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+from metadist.errors import MetadistError
+
+_PR_SET_PDEATHSIG = 1
 
 
-class DistError(RuntimeError):
+class DistError(MetadistError):
     pass
 
 
+def die_with_launcher() -> None:
+    """In a launched worker: SIGTERM when the launcher (our parent) dies, however it dies."""
+    if "LOCAL_RANK" not in os.environ or not os.path.exists("/proc/self"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:     # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Dist:
-    def __init__(self):
+    def __init__(self, timeout_s: float = 600.0):
         requested = int(os.environ.get("WORLD_SIZE", "1"))
+        die_with_launcher()
         # METADIST_CPU=1/0 forces the choice; the default uses CUDA when there is one. (=0 on a
         # CPU-only machine reproduces the classic mistake, which the check below turns into an error.)
         choice = os.environ.get("METADIST_CPU", "auto")
         cpu = {"1": True, "0": False}.get(choice, not torch.cuda.is_available())
-        self.acc = Accelerator(cpu=cpu)
+        self.timeout_s = timeout_s
+        self.acc = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         self.device = self.acc.device
@@ -45,24 +73,36 @@ class Dist:
     def seed(self, seed: int) -> None:
         set_seed(seed)   # only initialisation draws from global RNGs; data and tasks use named generators
 
-    def mean_gradients(self, params: list[torch.Tensor]) -> None:
-        """Average .grad of `params` over ranks in one all-reduce of a flat buffer."""
+    def _collective(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as e:      # gloo/NCCL: a peer closed its connection or timed out
+            raise DistError(f"rank {self.rank}: {what} failed ({str(e).splitlines()[0][:160]}): another rank died or "
+                            f"stopped answering for train.collective_timeout_s={self.timeout_s:g}; "
+                            "launch again to resume from the last checkpoint") from None
+
+    def mean_gradients(self, params: list[torch.Tensor], votes: torch.Tensor, step: int) -> torch.Tensor:
+        """Average .grad of `params` over ranks in one all-reduce of a flat buffer that also carries
+        `votes` (a small float tensor); returns the votes averaged over ranks (> 0: someone voted)."""
         if self.world == 1:
-            return
+            return votes
         t = time.perf_counter()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                         + [votes.to(params[0].device, params[0].dtype)])
+        self._collective(f"the meta-gradient all-reduce of step {step}", tdist.all_reduce, flat, tdist.ReduceOp.SUM)
         flat /= self.world
-        for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+        n = flat.numel() - votes.numel()
+        for p, g in zip(params, torch.split(flat[:n], [p.numel() for p in params])):
             p.grad = g.view_as(p)     # views of the reduced buffer: no copy back
         self.reduce_seconds += time.perf_counter() - t
+        return flat[n:]
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor of metrics over ranks."""
         if self.world == 1:
             return values
         values = values.clone()
-        tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
+        self._collective("a metrics all-reduce", tdist.all_reduce, values, tdist.ReduceOp.SUM)
         return values
 
     def gather_rows(self, x: torch.Tensor, total: int) -> torch.Tensor:
@@ -73,19 +113,19 @@ class Dist:
         padded = torch.zeros((per,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: x.shape[0]] = x
         out = [torch.empty_like(padded) for _ in range(self.world)]
-        tdist.all_gather(out, padded)
+        self._collective("an all-gather of evaluation results", tdist.all_gather, out, padded)
         return torch.stack(out, 1).reshape((per * self.world,) + tuple(x.shape[1:]))[:total]
 
     def broadcast_object(self, obj):
         if self.world == 1:
             return obj
         box = [obj]
-        tdist.broadcast_object_list(box, src=0)
+        self._collective("a broadcast", tdist.broadcast_object_list, box, 0)
         return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:
-            self.acc.wait_for_everyone()
+            self._collective("a barrier", self.acc.wait_for_everyone)
 
     def close(self) -> None:
         self.acc.end_training()

@@ -1,8 +1,6 @@
-"""Meta-test: adapt to each fixed episode without a second-order graph, report mean accuracy
-+- 95% CI (1.96 * std / sqrt(n)), and predict the query classes of a folder of test tasks.
-
-`load_model(path)` takes a run folder (best.safetensors, else model.safetensors) or a weights
-file; every weights file carries its config, so it is self-describing.
+"""Meta-test: adapt to each fixed episode without a second-order graph and report mean accuracy
++- 95% CI (1.96 * std / sqrt(n)): `evaluate()` serves validation, the final test, `metadist
+evaluate` and bench/curve.py. `predict()` writes the query classes of a folder of test tasks.
 """
 from __future__ import annotations
 
@@ -14,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metadist import config as config_mod
 from metadist.algorithms import build as build_algorithm
 from metadist.algorithms.core import adapt_and_predict
-from metadist.checkpoint import load_weights
 from metadist.config import Config
+from metadist.data.episodes import to_float
 from metadist.data.omniglot import decode_png, preprocess
 from metadist.data.shards import to_batch
+from metadist.errors import MetadistError
 from metadist.model import ConvNet
 
 
-class EvalError(RuntimeError):
+class EvalError(MetadistError):
     pass
 
 
@@ -50,35 +48,14 @@ def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps:
     return gather(accs, len(episodes)) if gather else accs
 
 
-def build_model(cfg: Config) -> ConvNet:
-    return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth, learn_lr=cfg.algo.learn_inner_lr,
-                   lr_init=cfg.algo.inner_lr)
-
-
-def load_model(path: str | Path) -> tuple[ConvNet, Config]:
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ("best.safetensors", "model.safetensors") if (path / n).is_file()]
-        if not found:
-            raise EvalError(f"{path}: no best.safetensors or model.safetensors (has this run trained?)")
-        path = found[0]
-    if not path.is_file():
-        raise EvalError(f"weights not found: {path}")
-    try:
-        weights, meta = load_weights(path)
-    except Exception as e:
-        raise EvalError(f"{path}: not a metadist weights file ({e})") from None
-    if "config" not in meta:
-        raise EvalError(f"{path}: no config in its metadata (not written by metadist)")
-    cfg = config_mod.from_dict(meta["config"])
-    model = build_model(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != got:
-        diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-        raise EvalError(f"{path}: weights do not fit the architecture in its config (first differences: {diff})")
-    model.load_state_dict(weights)
-    return model, cfg
+def evaluate(model: ConvNet, cfg: Config, episodes: np.ndarray, steps: int, device, strategy: str = "batched",
+             dist=None) -> dict:
+    """{accuracy, ci95, episodes}: mean accuracy over the episodes after `steps` inner steps.
+    With `dist` (metadist.distributed.Dist) the episodes are shared among its ranks."""
+    rank, world, gather = (dist.rank, dist.world, dist.gather_rows) if dist else (0, 1, None)
+    accs = episode_accuracies(model, cfg, episodes, steps, device, strategy, rank, world, gather)
+    mean, ci = ci95(accs.cpu().numpy())
+    return {"accuracy": mean, "ci95": ci, "episodes": len(episodes)}
 
 
 _NUM = re.compile(r"^\d+$")
@@ -131,8 +108,8 @@ def predict(model: ConvNet, cfg: Config, tasks_dir: Path, out_csv: Path, device=
         # tasks of equal size are adapted together; others one by one
         batches = [group] if len(shapes) == 1 else [[t] for t in group]
         for part in batches:
-            xs = torch.stack([sx for _, sx, _ in part]).float().div(255).unsqueeze(2).to(device)
-            xq = torch.stack([qx for _, _, qx in part]).float().div(255).unsqueeze(2).to(device)
+            xs = to_float(torch.stack([sx for _, sx, _ in part])).to(device)
+            xq = to_float(torch.stack([qx for _, _, qx in part])).to(device)
             ys = torch.arange(model.ways, device=device).expand(len(part), -1)
             pred = adapt_and_predict(model, params, xs, ys, xq, inner).argmax(-1).cpu()
             for row in pred:

@@ -1,6 +1,7 @@
 """The reference conv net: depth x [conv 3x3 (no bias) -> BatchNorm on batch statistics -> ReLU -> max-pool 2],
-then a linear head of `ways` outputs. A plain nn.Module, run with explicit weights through
-`torch.func.functional_call`; `tasks_forward` runs many tasks at once, each with its own weights.
+then a linear head of `ways` outputs. The module holds the meta-parameters (and, optionally, the
+learned inner learning rates); training and evaluation never call its forward with fast weights:
+`tasks_forward` runs many tasks at once from an explicit dict of weights, each task its own.
 
 BatchNorm is written from mean and variance and never keeps running statistics: the same
 behaviour in training and at test time (as the reference), and a second-order gradient that is
@@ -90,9 +91,6 @@ class ConvNet(nn.Module):
 
     def head_names(self) -> tuple[str, ...]:
         return ("head.weight", "head.bias")
-
-    def describe(self) -> dict:
-        return {"ways": self.ways, "hidden": self.hidden, "depth": self.depth, "learn_lr": self.learn_lr}
 
 
 def tasks_forward(params: dict[str, torch.Tensor], x: torch.Tensor, depth: int, native_norm: bool = False) -> torch.Tensor:

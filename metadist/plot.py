@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from metadist.errors import MetadistError
+
 
 def plot(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib
@@ -12,9 +14,12 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in run_dirs:
-        recs = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        metrics = Path(run) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise MetadistError(f"{run}: no metrics.jsonl (not a metadist run folder, or it has not logged a step)")
+        recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
         if not recs:
-            raise ValueError(f"{run}: metrics.jsonl is empty")
+            raise MetadistError(f"{run}: metrics.jsonl is empty")
         train = [r for r in recs if "accuracy" in r]
         val = [r for r in recs if "val_accuracy" in r]
         name = Path(run).name

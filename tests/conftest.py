@@ -1,6 +1,5 @@
-"""Shared fixtures: a small synthetic Omniglot in the official layout (folders and zips), built in
-tmp, with characters that are learnable (each a fixed random stroke pattern, drawings jittered),
-and small configs pointing at it. Nothing is downloaded.
+"""Shared fixtures: a small synthetic Omniglot in the official layout (folders and zips, from
+metadist.data.synthetic), built in tmp, and small configs pointing at it. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -8,51 +7,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 from metadist import config
+from metadist.data.synthetic import write_synthetic, zip_sets  # noqa: F401  (tests import them from here)
 
 REAL_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _character(rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
-    return [tuple(int(v) for v in rng.integers(10, 95, size=4)) for _ in range(3)]
-
-
-def write_synthetic(root: Path, alphabets=(("Alpha", "Beta", "Gamma", "Delta"), ("Omega", "Psi")),
-                    chars_per_alphabet: int = 6, side: int = 105, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    gid = 1
-    for set_name, names in zip(("images_background", "images_evaluation"), alphabets):
-        for a in names:
-            for c in range(1, chars_per_alphabet + 1):
-                strokes = _character(rng)
-                d = root / set_name / a / f"character{c:02d}"
-                d.mkdir(parents=True)
-                for drawer in range(1, 21):
-                    img = Image.new("L", (side, side), 255)
-                    draw = ImageDraw.Draw(img)
-                    dx, dy = rng.integers(-4, 5, size=2)
-                    for x0, y0, x1, y1 in strokes:
-                        draw.line([(x0 + dx, y0 + dy), (x1 + dx, y1 + dy)], fill=0, width=7)
-                    img.convert("1").save(d / f"{gid:04d}_{drawer:02d}.png")
-                gid += 1
-    return root
-
-
-def zip_sets(folder_root: Path, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    for s in ("images_background", "images_evaluation"):
-        with zipfile.ZipFile(out / f"{s}.zip", "w") as z:
-            for p in sorted((folder_root / s).rglob("*")):
-                z.write(p, p.relative_to(folder_root).as_posix())
-    return out
 
 
 @pytest.fixture(scope="session")

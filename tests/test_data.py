@@ -120,7 +120,7 @@ def test_interrupted_prepare_leaves_no_split(omniglot_dir, tmp_path, monkeypatch
 
 
 def _global_batch(cfg, step, world):
-    parts = [MetaBatches(shards_dir(cfg) / "train", cfg.seed, 8, r, world, 0, 10, task_aug=0.5).batch_at(step)
+    parts = [MetaBatches(EpisodeSource(shards_dir(cfg) / "train", seed=cfg.seed), cfg.seed, 8, r, world, 0, 10, task_aug=0.5).batch_at(step)
              for r in range(world)]
     return {k: torch.cat([p[k] for p in parts]) for k in ("x_support", "x_query", "y_support", "y_query")}
 

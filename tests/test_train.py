@@ -8,7 +8,7 @@ import torch
 
 from metadist import config
 from metadist.checkpoint import load_weights
-from metadist.evaluate import load_model
+from metadist.checkpoint import load_model
 from tests.conftest import run_cli, small_overrides
 
 

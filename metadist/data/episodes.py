@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metadist.data.omniglot import DRAWINGS, Split
+from metadist.data.omniglot import DRAWINGS, DataError, Split
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _AUG_STREAM = 7   # keeps the augmentation generator apart from the episode generators
@@ -28,7 +28,7 @@ def sample_episode(images: np.ndarray, split: Split, ways: int, shots: int, quer
     Returns images (ways*(shots+queries), 28, 28) uint8 and the classes [(char index, k90)].
     """
     if ways > len(split.chars):
-        raise ValueError(f"{split.name}: {ways}-way episodes need {ways} characters, the split has {len(split.chars)}")
+        raise DataError(f"{split.name}: {ways}-way episodes need {ways} characters, the split has {len(split.chars)}")
     chars = rng.choice(split.chars, size=ways, replace=False)
     rots = rng.choice(split.rotations, size=ways)
     support, query = [], []
@@ -59,3 +59,9 @@ def rotate_tasks(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     if not any(ks):
         return x
     return torch.stack([torch.rot90(xi, k, dims=(-2, -1)) if k else xi for xi, k in zip(x, ks)])
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., n, 28, 28) -> float in [0, 1] with a channel axis (..., n, 1, 28, 28).
+    The one conversion every path uses: training batches, evaluation, predict and `show`."""
+    return x.float().div(255).unsqueeze(-3)

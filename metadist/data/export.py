@@ -14,13 +14,14 @@ import torch
 import torchvision.utils as vutils
 from PIL import Image, ImageDraw
 
-from metadist.data.episodes import rotate_tasks, task_rotations
+from metadist.data.episodes import rotate_tasks, task_rotations, to_float
+from metadist.errors import MetadistError
 
 
 def export_tasks(episodes: np.ndarray, ways: int, shots: int, queries: int, out: Path) -> int:
     """episodes: (E, ways*(shots+queries), 28, 28) uint8. Only 1-shot splits fit the layout."""
     if shots != 1:
-        raise ValueError(f"the exercise's layout has one support image per class; this split has {shots} shots")
+        raise MetadistError(f"export-tasks: the exercise's layout has one support image per class; this split has {shots} shots")
     out = Path(out)
     for e, x in enumerate(episodes):
         raw = 255 - x                                             # back to dark strokes on white
@@ -36,7 +37,7 @@ def show(episodes: np.ndarray, ways: int, shots: int, queries: int, out: Path, t
     """A grid: one row per episode, support then query, with a white gap between them; columns
     are labelled s<c> (support of class c) and q<c> (query of class c).
     With task_aug > 0 the rows show the rotations training would apply (step 0)."""
-    x = torch.from_numpy(episodes).float().div(255).unsqueeze(2)      # (E, n, 1, 28, 28)
+    x = to_float(torch.from_numpy(episodes))      # (E, n, 1, 28, 28)
     if task_aug > 0:
         x = rotate_tasks(x, task_rotations(seed, 0, range(len(x)), task_aug))
     ns = ways * shots

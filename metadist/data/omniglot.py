@@ -21,6 +21,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from metadist.errors import MetadistError
+
 SETS = ("images_background", "images_evaluation")
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 OFFICIAL_COUNTS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
@@ -29,7 +31,7 @@ SIZE = 28
 _ENTRY = re.compile(r"^(?P<set>images_\w+)/(?P<alphabet>[^/]+)/(?P<character>character\d+)/(?P<file>\d{4}_(?P<drawer>\d{2})\.png)$")
 
 
-class DataError(RuntimeError):
+class DataError(MetadistError):
     """The Omniglot data is missing or not in the official layout."""
 
 
@@ -52,13 +54,19 @@ def locate(raw: str = "", download: bool = True, log=print) -> Path:
     if not download:
         raise DataError(f"Omniglot not found in {', '.join(map(str, candidates))}; set data.raw or $OMNIGLOT_DIR")
     d = candidates[-1]
-    d.mkdir(parents=True, exist_ok=True)
     for s in SETS:
         if not _has_set(d, s):
             url = OFFICIAL_URL.format(s)
             log(f"Omniglot not found locally: downloading {url} -> {d}")
             tmp = d / f".{s}.zip.part"
-            urllib.request.urlretrieve(url, tmp)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                urllib.request.urlretrieve(url, tmp)
+            except (OSError, ValueError) as e:     # URLError is an OSError
+                tmp.unlink(missing_ok=True)
+                reason = getattr(e, "reason", e)
+                raise DataError(f"Omniglot is not here and the download of {url} failed ({reason}): put "
+                                f"{SETS[0]}.zip and {SETS[1]}.zip in {d} (or set data.raw or $OMNIGLOT_DIR)") from None
             tmp.rename(d / f"{s}.zip")
     return d
 

@@ -3,10 +3,16 @@ and stream them back as meta-batches that depend on (seed, step) only, never on 
 
 One sample = one episode: `images.npy` (ways*(shots+queries), 28, 28) uint8, saved without
 pickle, and `classes.json`. A split folder holds `<split>-NNNNNN.tar` and `manifest.json` (with
-every shard's sha256); it is written in a temporary folder and renamed when complete.
+every shard's size and sha256); it is written in a temporary folder and renamed when complete.
 Order: epoch e visits the shards in a permutation of (seed, e) and each shard's episodes in a
 permutation of (seed, e, shard); global position p = step * meta_batch + task. Rank r of W takes
 tasks [r*B/W, (r+1)*B/W) of every step, so the global batch is the same for any W.
+
+Where shards live (`data.shards`): a local folder, or a URL prefix opened by WebDataset's own
+URL openers (`http://`, `https://`, `pipe:COMMAND`; a `{}` in the prefix is replaced by the
+path below it, e.g. `pipe:aws s3 cp s3://bucket/shards/{} -`), optionally through WebDataset's
+file cache (`data.cache_dir`). Every shard is hashed as it is read and checked against the
+manifest before a single episode of it is decoded: altered bytes never reach training.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,15 +29,18 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.cache import FileCache
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from metadist import __version__
-from metadist.data.episodes import episode_rng, labels, rotate_tasks, sample_episode, task_rotations
+from metadist.data.episodes import episode_rng, labels, rotate_tasks, sample_episode, task_rotations, to_float
 from metadist.data.omniglot import Split
+from metadist.errors import MetadistError
 
 FORMAT = 1
 
 
-class ShardError(RuntimeError):
+class ShardError(MetadistError):
     """A shard is missing, truncated, corrupt, or holds something prepare never writes."""
 
 
@@ -59,30 +69,134 @@ def split_spec(split: Split, names: list[tuple[str, str, str]], protocol: str, w
     }
 
 
-def read_manifest(split_dir: Path) -> dict:
-    path = Path(split_dir) / "manifest.json"
-    if not path.is_file():
-        raise ShardError(f"{split_dir}: no manifest.json (run `metadist prepare` first)")
-    return json.loads(path.read_text())
+def is_remote(location: str | Path) -> bool:
+    """A URL prefix (anything WebDataset opens by scheme) rather than a local folder."""
+    loc = str(location)
+    return loc.startswith("pipe:") or "://" in loc
 
 
-def verify(split_dir: Path, manifest: dict | None = None) -> None:
-    """Check every shard of a split against the manifest's sizes and sha256; name the first bad one."""
-    manifest = manifest or read_manifest(split_dir)
+def locate(root: str | Path, *parts: str) -> str:
+    """The place of `parts` (split, file) under a shards root: a path, a URL, or a pipe command."""
+    root, rel = str(root), "/".join(parts)
+    if "{}" in root:
+        return root.replace("{}", rel)
+    if is_remote(root):
+        return root.rstrip("/") + "/" + rel
+    return str(Path(root, *parts))
+
+
+_CURL = {6: "host not found", 7: "connection refused", 18: "transfer ended early", 22: "HTTP error (e.g. 404 not found)",
+         28: "timed out", 35: "TLS handshake failed", 52: "empty reply", 56: "connection lost"}
+
+
+def _why(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for code, what in _CURL.items():
+        if f"exit {code} " in text + " ":
+            return f"{what}, curl exit {code}"
+    return text[:200]
+
+
+def _read_url(url: str) -> bytes:
+    """All bytes at a URL or pipe command, through webdataset's gopen (curl for http(s))."""
+    try:
+        stream = wds.gopen(url)
+        try:
+            chunks = []
+            while block := stream.read(1 << 20):
+                chunks.append(block)
+        finally:
+            stream.close()
+        return b"".join(chunks)
+    except Exception as e:
+        raise ShardError(f"cannot read {url} ({_why(e)})") from None
+
+
+def read_manifest(root: str | Path, split: str | None = None) -> dict:
+    """The manifest of `root/split` (or of the split folder `root` when split is None)."""
+    loc = locate(root, split, "manifest.json") if split else locate(root, "manifest.json")
+    if is_remote(loc):
+        data = _read_url(loc)
+    else:
+        path = Path(loc)
+        if not path.is_file():
+            raise ShardError(f"{path.parent}: no manifest.json (run `metadist prepare` first)")
+        data = path.read_bytes()
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ShardError(f"{loc}: not a metadist manifest (not JSON)") from None
+
+
+class ShardReader:
+    """Reads whole shards of one shards root, local or remote, and checks each against its
+    manifest entry (size and sha256, computed as the bytes arrive) before anything decodes it."""
+
+    def __init__(self, root: str | Path, cache_dir: str = ""):
+        self.root, self.remote = str(root), is_remote(root)
+        self.cache = FileCache(cache_dir, url_to_name=lambda u: urllib.parse.quote(u, safe="")[-200:],
+                               validator=None) if cache_dir and self.remote else None
+
+    def url(self, split: str, name: str) -> str:
+        return locate(self.root, split, name)
+
+    def check_sizes(self, split: str, manifest: dict) -> None:
+        """At start: every local shard is there with the manifest's size (remote: checked on read)."""
+        if self.remote:
+            return
+        for s in manifest["shards"]:
+            path = Path(self.url(split, s["name"]))
+            if not path.is_file():
+                raise ShardError(f"shard missing: {path}")
+            if path.stat().st_size != s["bytes"]:
+                raise ShardError(f"shard truncated or altered: {path} has {path.stat().st_size} bytes, "
+                                 f"manifest says {s['bytes']}")
+
+    def read(self, split: str, entry: dict) -> bytes:
+        url = self.url(split, entry["name"])
+        if self.cache is None:
+            return _checked(url, self._fetch(url), entry)
+        try:
+            return _checked(url, self._fetch(url), entry)
+        except ShardError:          # a damaged cached copy: fetch it once more
+            cached = Path(self.cache.cache_dir) / self.cache.url_to_name(url)
+            if not cached.is_file():
+                raise
+            cached.unlink()
+            return _checked(url, self._fetch(url), entry)
+
+    def _fetch(self, url: str) -> bytes:
+        if not self.remote:
+            try:
+                return Path(url).read_bytes()
+            except FileNotFoundError:
+                raise ShardError(f"shard missing: {url}") from None
+        if self.cache is None:
+            return _read_url(url)
+        try:
+            return Path(self.cache.get_file(url)).read_bytes()
+        except Exception as e:
+            raise ShardError(f"cannot read {url} ({_why(e)})") from None
+
+
+def _checked(url: str, data: bytes, entry: dict) -> bytes:
+    if len(data) != entry["bytes"]:
+        raise ShardError(f"shard truncated or altered: {url} has {len(data)} bytes, manifest says {entry['bytes']}")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ShardError(f"shard fails its checksum: {url}")
+    return data
+
+
+def verify(root: str | Path, split: str | None = None, manifest: dict | None = None, cache_dir: str = "") -> dict:
+    """Read every shard of a split and check it against the manifest; name the first bad one."""
+    if split is None:
+        root, split = Path(root).parent, Path(root).name
+    manifest = manifest or read_manifest(root, split)
+    reader = ShardReader(root, cache_dir)
+    reader.check_sizes(split, manifest)
     for s in manifest["shards"]:
-        _check_shard(Path(split_dir), s)
-
-
-def _check_shard(split_dir: Path, s: dict) -> Path:
-    path = split_dir / s["name"]
-    if not path.is_file():
-        raise ShardError(f"shard missing: {path}")
-    size = path.stat().st_size
-    if size != s["bytes"]:
-        raise ShardError(f"shard truncated or altered: {path} has {size} bytes, manifest says {s['bytes']}")
-    if sha256_file(path) != s["sha256"]:
-        raise ShardError(f"shard fails its checksum: {path}")
-    return path
+        reader.read(split, s)
+    return manifest
 
 
 def write_split(out: Path, split: Split, images: np.ndarray, names: list[tuple[str, str, str]], spec: dict,
@@ -93,7 +207,7 @@ def write_split(out: Path, split: Split, images: np.ndarray, names: list[tuple[s
         old = read_manifest(final)
         if {k: old.get(k) for k in spec} == spec:
             try:
-                verify(final, old)
+                verify(out, split.name, old)
                 log(f"{final}: up to date ({old['episodes']} episodes, {len(old['shards'])} shards), skipped")
                 return old
             except ShardError as e:
@@ -145,27 +259,37 @@ def _decode(sample: dict) -> dict:
     return {"key": sample["__key__"], "images": x, "meta": meta}
 
 
-def load_shard(path: Path, expected: int) -> np.ndarray:
-    """All episodes of one (verified) shard, in key order: (episodes, n, 28, 28) uint8."""
-    pipe = wds.DataPipeline(wds.SimpleShardList([str(path)]),
-                            wds.tarfile_to_samples(handler=wds.reraise_exception), wds.map(_decode))
+def decode_shard(url: str, data: bytes, expected: int) -> np.ndarray:
+    """All episodes of one (checked) shard's bytes, in key order: (episodes, n, 28, 28) uint8."""
     try:
-        samples = list(pipe)
+        samples = [_decode(x) for x in group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}]))]
     except ShardError:
         raise
     except Exception as e:
-        raise ShardError(f"shard unreadable: {path} ({e})") from None
+        raise ShardError(f"shard unreadable: {url} ({str(e).splitlines()[0][:200]})") from None
     if len(samples) != expected:
-        raise ShardError(f"shard {path}: {len(samples)} episodes, manifest says {expected}")
+        raise ShardError(f"shard {url}: {len(samples)} episodes, manifest says {expected}")
     return np.stack([s["images"] for s in samples])
 
 
-class EpisodeSource:
-    """Random access to a split's episodes by global position, shard by shard (one cached)."""
+def load_shard(path: Path, expected: int) -> np.ndarray:
+    """All episodes of one local shard file (no manifest check: `EpisodeSource` does that)."""
+    return decode_shard(str(path), Path(path).read_bytes(), expected)
 
-    def __init__(self, split_dir: str | Path, seed: int = 0):
-        self.dir = Path(split_dir)
-        self.manifest = read_manifest(self.dir)
+
+class EpisodeSource:
+    """Random access to a split's episodes by global position, shard by shard (one cached).
+    `EpisodeSource(root, "train")` for a shards root (folder or URL prefix), or
+    `EpisodeSource(folder)` for a local split folder."""
+
+    def __init__(self, root: str | Path, split: str | None = None, seed: int = 0, cache_dir: str = ""):
+        if split is None:
+            root, split = Path(root).parent, Path(root).name
+        self.root, self.split = root, split
+        self.dir = locate(root, split)
+        self.manifest = read_manifest(root, split)
+        self.reader = ShardReader(root, cache_dir)
+        self.reader.check_sizes(split, self.manifest)
         self.seed = seed
         self.shards = self.manifest["shards"]
         self.counts = np.array([s["episodes"] for s in self.shards])
@@ -175,8 +299,9 @@ class EpisodeSource:
 
     def shard(self, j: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != j:
-            path = _check_shard(self.dir, self.shards[j])
-            self._cache = (j, load_shard(path, self.shards[j]["episodes"]))
+            entry = self.shards[j]
+            data = self.reader.read(self.split, entry)
+            self._cache = (j, decode_shard(self.reader.url(self.split, entry["name"]), data, entry["episodes"]))
         return self._cache[1]
 
     @lru_cache(maxsize=4)
@@ -216,7 +341,7 @@ class EpisodeSource:
 
 def to_batch(x: np.ndarray, ways: int, shots: int, queries: int) -> dict[str, torch.Tensor]:
     """uint8 episodes (tasks, ways*(shots+queries), 28, 28) -> float tensors split into support/query."""
-    x = torch.from_numpy(x).float().div_(255).unsqueeze(2)   # (tasks, ways*(shots+queries), 1, 28, 28)
+    x = to_float(torch.from_numpy(x))   # (tasks, ways*(shots+queries), 1, 28, 28)
     tasks, ns = x.shape[0], ways * shots
     return {"x_support": x[:, :ns], "y_support": labels(ways, shots).expand(tasks, -1),
             "x_query": x[:, ns:], "y_query": labels(ways, queries).expand(tasks, -1)}
@@ -229,15 +354,15 @@ class MetaBatches(IterableDataset):
     DataLoader yields back in order. Task augmentation is drawn per (seed, step, global task).
     """
 
-    def __init__(self, split_dir, seed: int, meta_batch_size: int, rank: int, world_size: int,
+    def __init__(self, source: EpisodeSource, seed: int, meta_batch_size: int, rank: int, world_size: int,
                  start: int, stop: int, task_aug: float = 0.0):
         if meta_batch_size % world_size:
             raise ValueError(f"meta_batch_size {meta_batch_size} does not split over {world_size} processes")
-        self.split_dir, self.seed, self.batch = split_dir, seed, meta_batch_size
+        self.seed, self.batch = seed, meta_batch_size
         self.share = meta_batch_size // world_size
         self.first = rank * self.share
         self.start, self.stop, self.task_aug = start, stop, task_aug
-        self.source = EpisodeSource(split_dir, seed)
+        self.source = source
 
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
         tasks = range(self.first, self.first + self.share)
@@ -257,8 +382,12 @@ class MetaBatches(IterableDataset):
 
 
 def meta_batches(split_dir, seed: int, meta_batch_size: int, rank: int, world_size: int, start: int, stop: int,
-                 task_aug: float = 0.0, num_workers: int = 0):
-    """Iterator over this rank's share of steps start..stop-1 (see MetaBatches)."""
+                 task_aug: float = 0.0, num_workers: int = 0, cache_dir: str = ""):
+    """Iterator over this rank's share of steps start..stop-1 (see MetaBatches). `split_dir`: a
+    local split folder, an (root, split) pair, or an EpisodeSource."""
+    if not isinstance(split_dir, EpisodeSource):
+        root, split = split_dir if isinstance(split_dir, tuple) else (None, None)
+        split_dir = EpisodeSource(root, split, seed, cache_dir) if root is not None else EpisodeSource(split_dir, None, seed)
     ds = MetaBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug)
     if num_workers == 0:
         return iter(ds)
