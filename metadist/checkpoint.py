@@ -13,6 +13,7 @@ path. `latest()` is found on disk, not remembered.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -111,7 +112,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_weights(model, tmp / "model.safetensors", cfg, step)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            buf = io.BytesIO()     # serialised in memory: a failing disk then fails a plain write (OSError)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
+            (tmp / "optimizer.pt").write_bytes(buf.getvalue())
             (tmp / "meta.json").write_text(json.dumps(dict(state, step=step, metadist_config=cfg.to_dict()), indent=1) + "\n")
             if final.exists():
                 shutil.rmtree(final)

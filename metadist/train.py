@@ -184,14 +184,14 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
     if state.step >= t.steps:
         say(f"{run.dir}: already trained {state.step} of {t.steps} steps")
     root = shards_dir(cfg)
+    val_episodes = EpisodeSource(root, "val", cache_dir=d.cache_dir).all()
+    stream = meta_batches(EpisodeSource(root, "train", cfg.seed, d.cache_dir), cfg.seed, t.meta_batch_size, dist.rank,
+                          dist.world, state.step, t.steps, d.task_aug, d.num_workers)
     tracker = make_tracker(cfg, run.dir, dist.is_main)
     bar = tqdm(total=t.steps, initial=state.step, disable=not dist.is_main, dynamic_ncols=True, file=sys.stderr)
     logger = Logger(cfg, dist, run.metrics_log(state.step if latest else None), tracker, bar,
                     lambda: meta_step.scheduler.get_last_lr()[0])
-    validator = Validator(cfg, dist, model, strategy, EpisodeSource(root, "val", cache_dir=d.cache_dir).all(), run.dir, bar)
-    train_split = EpisodeSource(root, "train", cfg.seed, d.cache_dir)
-    stream = meta_batches(train_split, cfg.seed, t.meta_batch_size, dist.rank, dist.world, state.step, t.steps,
-                          d.task_aug, d.num_workers)
+    validator = Validator(cfg, dist, model, strategy, val_episodes, run.dir, bar)
     stop_votes = StopVotes(cfg, signals, dist.is_main, device)
     checkpoint = lambda: ckpt.save(state.step, model, meta_step.optimizer, meta_step.scheduler,  # noqa: E731
                                    dict(dataclasses.asdict(state), world_size=dist.world, meta_batch_size=t.meta_batch_size,
@@ -201,27 +201,29 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
     start_wall, start_elapsed, start_step, stop = time.perf_counter(), state.elapsed, state.step, None
     stop_votes.clock = lambda: start_elapsed + time.perf_counter() - start_wall
 
-    for batch in stream:                                       # ---- the loop ----
-        step = batch.pop("step")
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, acc_sum, grad_norm, agreed = meta_step(step, batch, stop_votes.votes)
-        state.step, state.tasks_seen = step + 1, state.tasks_seen + t.meta_batch_size
-        state.elapsed = stop_votes.clock()
-        if state.step == start_step + 1:
-            say(f"first meta-step done {time.time() - LAUNCHED:.1f} s after launch")
-        stop = stop_votes.check(agreed, state.step)
-        last = state.step == t.steps or stop is not None
-        logger.add(loss_sum, acc_sum, local_tasks)
-        logger.write(validator(state, last, logger.record(state, last, grad_norm)))
-        if ckpt.due(state.step, last):
-            checkpoint()
-            dist.barrier()   # no rank runs ahead of a checkpoint being written
-        bar.update(1)
-        if stop:
-            break
-    bar.close()
-    if logger.file:
-        logger.file.close()
+    try:
+        for batch in stream:                                       # ---- the loop ----
+            step = batch.pop("step")
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss_sum, acc_sum, grad_norm, agreed = meta_step(step, batch, stop_votes.votes)
+            state.step, state.tasks_seen = step + 1, state.tasks_seen + t.meta_batch_size
+            state.elapsed = stop_votes.clock()
+            if state.step == start_step + 1:
+                say(f"first meta-step done {time.time() - LAUNCHED:.1f} s after launch")
+            stop = stop_votes.check(agreed, state.step)
+            last = state.step == t.steps or stop is not None
+            logger.add(loss_sum, acc_sum, local_tasks)
+            logger.write(validator(state, last, logger.record(state, last, grad_norm)))
+            if ckpt.due(state.step, last):
+                checkpoint()
+                dist.barrier()   # no rank runs ahead of a checkpoint being written
+            bar.update(1)
+            if stop:
+                break
+    finally:
+        bar.close()
+        if logger.file:
+            logger.file.close()
     if stop == "signal":
         tracker.finish()
         raise Preempted(f"stopped by {signals.received or 'a signal on another rank'} after step {state.step}: "

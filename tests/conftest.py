@@ -68,3 +68,39 @@ def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProce
 def accelerate_bin() -> str:
     exe = Path(sys.executable).with_name("accelerate")
     return str(exe) if exe.exists() else shutil.which("accelerate")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, omniglot_dir):
+    tmp = tmp_path_factory.mktemp("trained")
+    args = small_overrides(omniglot_dir, tmp, **{"train.steps": 6, "train.val_every": 3})
+    r = run_cli("train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, args, r
+
+
+
+@pytest.fixture
+def http_server():
+    """`python -m http.server` on 127.0.0.1 and a free port, serving a folder; stopped afterwards.
+    Yields start(folder) -> base URL."""
+    import time
+    import urllib.request
+    procs = []
+
+    def start(folder: Path) -> str:
+        port = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                       "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "/", timeout=1).close()
+                return url
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("http.server did not start")
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait()

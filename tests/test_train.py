@@ -1,5 +1,5 @@
-"""Meta-training end to end on the synthetic set (single process): run folder contents,
-evaluate and predict agree, debug mode, and bad input gives one clear line and exit 2."""
+"""Meta-training end to end on the synthetic set (single process): the run folder, every algorithm,
+learned inner rates, debug mode, resume, and the knobs of the loop."""
 import csv
 import json
 
@@ -10,15 +10,6 @@ from metadist import config
 from metadist.checkpoint import load_weights
 from metadist.checkpoint import load_model
 from tests.conftest import run_cli, small_overrides
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, omniglot_dir):
-    tmp = tmp_path_factory.mktemp("trained")
-    args = small_overrides(omniglot_dir, tmp, **{"train.steps": 6, "train.val_every": 3})
-    r = run_cli("train", *args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, args, r
 
 
 def test_run_folder_has_everything(trained):
@@ -36,74 +27,6 @@ def test_run_folder_has_everything(trained):
     assert "test accuracy" in r.stdout
     # final checkpoint is complete and readable
     assert (run / "checkpoints" / "step_000006" / "meta.json").is_file()
-
-
-def test_weights_are_self_describing(trained):
-    tmp, _, _ = trained
-    model, cfg = load_model(tmp / "runs" / "t")
-    assert cfg.model.hidden == 8 and model.hidden == 8
-    weights, meta = load_weights(tmp / "runs" / "t" / "model.safetensors")
-    assert meta["step"] == 6 and set(weights) == set(model.state_dict())
-
-
-def test_predict_on_exported_tasks_equals_evaluate(trained):
-    tmp, args, _ = trained
-    run = tmp / "runs" / "t"
-    r = run_cli("evaluate", "--run", run)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ev = json.loads(r.stdout.strip().splitlines()[-1])
-    assert ev["episodes"] == 24
-    r = run_cli("export-tasks", *args, "--split", "test", "--out", tmp / "tasks")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("predict", "--run", run, "--tasks", tmp / "tasks", "--out", tmp / "out.csv")
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = list(csv.reader(open(tmp / "out.csv")))
-    assert rows[0] == ["id", "class"] and len(rows) == 1 + 24 * 5
-    assert [int(x[0]) for x in rows[1:]] == list(range(120))
-    truth = list(range(5)) * 24                        # query image j of every task is class j
-    acc = sum(int(x[1]) == t for x, t in zip(rows[1:], truth)) / len(truth)
-    assert abs(acc - ev["accuracy"]) < 1e-6          # per-episode accuracies are float32
-
-
-def test_predict_input_errors(trained, tmp_path):
-    tmp, args, _ = trained
-    run = tmp / "runs" / "t"
-    (tmp_path / "empty" / "support").mkdir(parents=True)
-    (tmp_path / "empty" / "query").mkdir(parents=True)
-    r = run_cli("predict", "--run", run, "--tasks", tmp_path / "empty", "--out", tmp_path / "o.csv")
-    assert r.returncode == 2 and "no task folders" in r.stderr
-    r = run_cli("export-tasks", *args, "--split", "test", "--out", tmp_path / "t", "--limit", "2")
-    (tmp_path / "t" / "support" / "0001" / "image_4.png").unlink()          # a 4-way task
-    r = run_cli("predict", "--run", run, "--tasks", tmp_path / "t", "--out", tmp_path / "o.csv")
-    assert r.returncode == 2 and "task 0001" in r.stderr and "4 support images" in r.stderr
-    (tmp_path / "t" / "support" / "0001" / "image_4.png").write_bytes(b"not a png")
-    r = run_cli("predict", "--run", run, "--tasks", tmp_path / "t", "--out", tmp_path / "o.csv")
-    assert r.returncode == 2 and "image_4.png" in r.stderr
-
-
-def test_bad_runs_and_weights(trained, tmp_path):
-    tmp, args, _ = trained
-    r = run_cli("evaluate", "--run", tmp_path)
-    assert r.returncode == 2 and "no best.safetensors or model.safetensors" in r.stderr
-    # weights whose config names another architecture
-    weights, meta = load_weights(tmp / "runs" / "t" / "model.safetensors")
-    meta["config"]["model"]["hidden"] = 16
-    from safetensors.torch import save_file
-    save_file(weights, str(tmp_path / "other.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()})
-    r = run_cli("evaluate", "--run", tmp_path / "other.safetensors")
-    assert r.returncode == 2 and "do not fit the architecture" in r.stderr
-    r = run_cli("train", *args, "algo.name=reptile")
-    assert r.returncode == 2 and "algo.name" in r.stderr and "maml" in r.stderr
-    if not torch.cuda.is_available():
-        r = run_cli("train", *args, "train.cuda_graph=on", "run.name=graph")
-        assert r.returncode == 2 and "train.cuda_graph=on needs a CUDA device" in r.stderr
-
-
-def test_plot_makes_a_png(trained):
-    tmp, _, _ = trained
-    r = run_cli("plot", tmp / "runs" / "t", "--out", tmp / "curves.png")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("algo", ["fomaml", "anil", "transfer"])
@@ -151,3 +74,71 @@ def test_resume_continues_an_existing_run(omniglot_dir, tmp_path):
     b, _ = load_weights(tmp_path / "runs" / "part" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert part["test_accuracy"] == full["test_accuracy"]
+
+
+def test_max_minutes_stops_checkpoints_and_tests(omniglot_dir, tmp_path):
+    from metadist.train import train
+    said = []
+    cfg = config.load(None, small_overrides(omniglot_dir, tmp_path, **{"train.steps": 50, "train.max_minutes": 1e-6,
+                                                                       "train.checkpoint_every": 100}))
+    s = train(cfg, log=said.append)
+    assert s["steps"] == 1 and any("train.max_minutes=1e-06 reached at step 1" in x for x in said)
+    run = tmp_path / "runs" / "t"
+    assert (run / "checkpoints" / "step_000001" / "meta.json").is_file() and (run / "summary.json").is_file()
+
+
+def test_keep_checkpoints_keeps_the_last_k(omniglot_dir, tmp_path):
+    from metadist.train import train
+    train(config.load(None, small_overrides(omniglot_dir, tmp_path, **{"train.steps": 5, "train.checkpoint_every": 1,
+                                                                       "train.keep_checkpoints": 2})), log=lambda *a: None)
+    names = sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir())
+    assert names == ["step_000004", "step_000005"]
+
+
+def test_run_fresh_starts_over(omniglot_dir, tmp_path):
+    from metadist.train import train
+    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
+    train(config.load(None, base), log=lambda *a: None)
+    run = tmp_path / "runs" / "t"
+    (run / "stale.txt").write_text("from the old run")
+    said = []
+    train(config.load(None, base + ["train.steps=4", "run.fresh=true"]), log=said.append)
+    assert not any("resuming" in s for s in said) and not (run / "stale.txt").exists()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    said = []
+    train(config.load(None, base + ["train.steps=6"]), log=said.append)       # and without it, resumes
+    assert any("resuming" in s and "step_000004" in s for s in said)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, tmp_path):
+    """One process, a real SIGTERM mid-run: it finishes the step, writes a checkpoint at that step,
+    exits 75; launching again resumes there and ends with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import ROOT
+    args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 60, "train.checkpoint_every": 1000,
+                                                      "train.val_every": 1000, "model.hidden": 16})
+    r = run_cli("train", *args, "run.name=straight")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "metadist", "train", *map(str, args), "run.name=stopped"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    at = len(metrics.read_text().splitlines())            # log_every=1: one record per finished step
+    assert 5 <= at < 60 and f"after step {at}" in err and "launch the same command again" in err
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "stopped" / "checkpoints").iterdir())
+    assert ckpts == [f"step_{at:06d}"]                    # written at the signal's step (none was due)
+    r = run_cli("train", *args, "run.name=stopped")
+    assert r.returncode == 0 and f"from step_{at:06d}" in r.stdout, r.stderr[-2000:]
+    a = load_weights(tmp_path / "runs" / "straight" / "model.safetensors")[0]
+    b = load_weights(tmp_path / "runs" / "stopped" / "model.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)

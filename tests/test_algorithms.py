@@ -1,6 +1,7 @@
-"""MAML maths on a tiny net in float64: the meta-gradient against a hand-unrolled reference and
-finite differences; first order; strategy equivalence (batched vs loop, chunked, checkpointed);
-ANIL; the inner step; evaluation builds no second-order graph."""
+"""The algorithms (metadist/algorithms): MAML maths on a tiny net in float64 against a hand-unrolled
+reference and finite differences; first order; strategy equivalence (batched vs loop, chunked,
+checkpointed) and float32 accuracy against the reference loop's own; ANIL; the inner step;
+evaluation builds no second-order graph; the algorithm table."""
 import copy
 
 import pytest
@@ -168,13 +169,21 @@ def test_learned_rates_at_their_start_value_change_nothing():
     assert not torch.allclose(frozen_head, moved_head)
 
 
-def test_strategies_in_float32_at_full_size_match_float64():
-    """The default net and data shape in float32, where training runs: every strategy's
-    meta-gradient is within 1e-4 (relative to its largest entry) of the float64 result."""
+F32_FACTOR = 8        # "a small factor": a strategy's float32 error against the reference loop's own
+F32_FLOOR = 64 * torch.finfo(torch.float32).eps     # below this, both are rounding noise
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_strategies_in_float32_are_as_exact_as_the_reference_loop(seed):
+    """The default net and data shape in float32, where training runs. The truth is the float64
+    meta-gradient; the bound is not a number tuned on one CPU but the float32 error of the
+    exercise's own per-task loop (bench/reference.py, torch's native kernels) on the same data,
+    on this machine: no strategy may be more than F32_FACTOR times less exact than it."""
+    from bench.reference import meta_step as reference_step
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = ConvNet(5)
         b = {"x_support": torch.rand(6, 5, 1, 28, 28), "y_support": torch.arange(5).expand(6, -1),
              "x_query": torch.rand(6, 5, 1, 28, 28), "y_query": torch.arange(5).expand(6, -1)}
@@ -182,24 +191,20 @@ def test_strategies_in_float32_at_full_size_match_float64():
         b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b.items()}
         for first_order in (False, True):
             _, truth = ours(m64, b64, Inner(2, 0.4, first_order), "loop")
+
+            def error(g):
+                return ((g.double() - truth).abs().max() / truth.abs().max()).item()
+            model.zero_grad(set_to_none=True)
+            reference_step(model, b, 2, 0.4, first_order)
+            ref_err = error(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            assert ref_err < 1e-2, ref_err        # the reference itself is float32-accurate
             for strategy, chunk in (("loop", 0), ("batched", 0), ("batched", 4)):
                 _, g = ours(model, b, Inner(2, 0.4, first_order), strategy, chunk)
                 assert g.dtype == torch.float32
-                assert (g.double() - truth).abs().max() <= 1e-4 * truth.abs().max(), (strategy, chunk, first_order)
+                err = error(g)
+                assert err <= F32_FACTOR * ref_err + F32_FLOOR, (strategy, chunk, first_order, err, ref_err)
     finally:
         torch.set_default_dtype(old)
-
-
-def test_module_runs_with_explicit_weights_through_functional_call():
-    """The model is a plain nn.Module: functional_call with explicit weights equals the folded
-    per-task forward with those weights."""
-    from torch.func import functional_call
-    from metadist.model import tasks_forward
-    model, b = tiny(), batch()
-    params = {k: v + 0.01 for k, v in model.named_parameters()}
-    direct = torch.stack([functional_call(model, params, (b["x_query"][t],)) for t in range(T)])
-    folded = tasks_forward(per_task(params, T), b["x_query"], model.depth)
-    assert torch.allclose(direct, folded, rtol=1e-10, atol=1e-12)
 
 
 def test_gradient_checkpointing_of_the_inner_loop_changes_nothing():
@@ -235,12 +240,25 @@ def test_one_inner_step_lowers_each_support_loss():
     assert (after < before).all()
 
 
-def test_evaluation_builds_no_second_order_graph():
+def test_evaluation_builds_no_second_order_graph(monkeypatch):
+    """adapt_and_predict never asks autograd for create_graph=True (training's second-order adapt
+    does: the spy sees both, so it would catch evaluation doing it)."""
+    asked = []
+    real_grad = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        asked.append(bool(kwargs.get("create_graph", False)))
+        return real_grad(*args, **kwargs)
+    monkeypatch.setattr(torch.autograd, "grad", spy)
     model, b = tiny(), batch()
     params = dict(model.named_parameters())
     logits = adapt_and_predict(model, params, b["x_support"], b["y_support"], b["x_query"], Inner(3, 0.4, False))
+    assert asked == [False, False, False]
     assert logits.grad_fn is None and not logits.requires_grad
     assert all(p.grad is None for p in params.values())
+    asked.clear()
+    ours(model, b, Inner(3, 0.4, False))                 # meta-training, second order
+    assert asked == [True, True, True]
     # and agrees with the loop strategy
     ref = adapt_and_predict(model, params, b["x_support"], b["y_support"], b["x_query"], Inner(3, 0.4, False), "loop")
     assert torch.allclose(logits, ref, rtol=1e-9, atol=1e-12)
@@ -254,3 +272,17 @@ def test_transfer_loss_is_plain_supervised_training():
     y = torch.cat([b["y_support"], b["y_query"]], 1)
     for t in range(T):
         assert torch.allclose(losses[t], F.cross_entropy(reference_forward(params, x[t], model.depth), y[t]))
+
+
+def test_algorithm_table_is_what_config_accepts():
+    from metadist import config
+    from metadist.algorithms import ALGORITHMS, build
+    assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "transfer"}
+    with pytest.raises(config.ConfigError, match="maml, fomaml, anil, transfer"):
+        config.load(None, ["algo.name=reptile"])
+    model = tiny()
+    cfg = config.load(None, ["algo.inner_steps=2"])
+    assert build(cfg, model).second_order and not build(cfg, model, first_order=True).second_order
+    assert build(config.load(None, ["algo.name=fomaml"]), model).train_inner.first_order
+    assert build(config.load(None, ["algo.name=anil"]), model).train_inner.adapt_names == model.head_names()
+    assert build(config.load(None, ["algo.name=transfer"]), model).train_inner.steps == 0

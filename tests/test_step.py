@@ -1,0 +1,65 @@
+"""The meta-step (metadist/step.py): the schedule, gradient clipping and derivative-order annealing."""
+import math
+
+import pytest
+import torch
+
+from metadist import config
+from metadist.algorithms import build_model
+from metadist.step import MetaStep, lr_lambda
+
+
+class OneProcess:
+    """What MetaStep needs of metadist.distributed.Dist, for one process (no all-reduce)."""
+    world, rank, device = 1, 0, torch.device("cpu")
+
+    def mean_gradients(self, params, votes, step):
+        return votes
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = config.load(None, ["train.steps=10", "train.warmup_steps=4", "train.schedule=cosine"])
+    f = lr_lambda(cfg)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(10) == pytest.approx(0.0, abs=1e-12)
+    assert f(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    const = lr_lambda(config.load(None, ["train.steps=10", "train.warmup_steps=2"]))
+    assert [const(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def _batch(tasks=4, ways=5):
+    g = torch.Generator().manual_seed(0)
+    return {"x_support": torch.rand(tasks, ways, 1, 28, 28, generator=g), "y_support": torch.arange(ways).expand(tasks, -1),
+            "x_query": torch.rand(tasks, ways, 1, 28, 28, generator=g), "y_query": torch.arange(ways).expand(tasks, -1)}
+
+
+def _step(*overrides):
+    cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=4", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return MetaStep(cfg, model, OneProcess(), 4, say=lambda *a: None), model
+
+
+def test_grad_clip_bounds_the_meta_gradient_norm():
+    step, model = _step("train.grad_clip=0.01")
+    _, _, norm, _ = step(0, _batch(), lambda: torch.zeros(2))
+    clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert norm > 0.1 and clipped == pytest.approx(0.01, rel=1e-4)     # it was well above, and is clipped
+    step, model = _step()                                                # 0 = off
+    _, _, norm, _ = step(0, _batch(), lambda: torch.zeros(2))
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(norm.item(), rel=1e-6)
+
+
+def test_first_order_steps_anneal_the_derivative_order():
+    """With algo.first_order_steps=2, steps 0 and 1 take the first-order meta-gradient and step 2
+    the second-order one: each equals the plain algorithm of that order on the same weights."""
+    def grads_at(step_index, *overrides):
+        step, model = _step("train.meta_lr=1e-9", *overrides)
+        step.optimizer.param_groups[0]["lr"] = 0.0                     # keep the weights: compare gradients only
+        step(step_index, _batch(), lambda: torch.zeros(2))
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+    annealed = [grads_at(s, "algo.first_order_steps=2") for s in (0, 1, 2)]
+    first, second = grads_at(0, "algo.first_order=true"), grads_at(0)
+    assert not torch.allclose(first, second, rtol=1e-3)
+    assert torch.equal(annealed[0], first) and torch.equal(annealed[1], first)
+    assert torch.equal(annealed[2], second)
