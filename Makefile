@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-debug bench bench-data bench-dist plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-debug bench bench-data bench-dist bench-startup soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -36,8 +36,15 @@ train-maml-multi:      ## strong.yaml on every GPU of this node
 train-debug:
 	$(PY) -m metadist train --config configs/strong.yaml --debug
 
-bench:                 ## tasks/s of every strategy vs the reference loop, memory, reader speed
+bench:                 ## tasks/s of every strategy vs the reference loop, memory, reader speed, start-up time
 	$(PY) bench/bench.py
+	$(PY) bench/startup.py
+
+bench-startup:         ## launch -> first meta-step, fresh and resumed (strong.yaml, prepared shards)
+	$(PY) bench/startup.py
+
+soak:                  ## a 2-process run killed 10 times at random and relaunched: same weights at the end
+	$(PY) bench/soak.py --kills 10 --steps 300
 
 bench-data:
 	$(PY) bench/bench.py --only data

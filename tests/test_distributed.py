@@ -160,3 +160,112 @@ def test_offline_tracking_records_config_metrics_and_summary(base):
     assert r.returncode == 0, r.stderr[-3000:]
     ids = {p.name.split("-")[-1] for p in run.glob("wandb/offline-run-*")}
     assert ids == {(run / "wandb_id").read_text().strip()}
+
+
+def _wait_for_steps(metrics, n, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{metrics}: fewer than {n} steps logged")
+
+
+def _steps_logged(metrics):
+    return [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+
+
+def test_sigterm_to_the_launcher_checkpoints_that_step_and_resumes_exactly(base):
+    """Preemption with 2 processes: SIGTERM to `accelerate launch` mid-run (no periodic checkpoint
+    due): both ranks finish the step, agree where to stop, one checkpoint is written at that step;
+    the relaunch resumes there and ends with the uninterrupted run's weights."""
+    tmp, args = base
+    args = args + ["train.steps=60", "train.checkpoint_every=1000", "train.val_every=1000", "model.hidden=32",
+                   "train.log_every=1"]
+    r = train(2, args + ["run.name=term-straight"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(launch_cmd(2, args + ["run.name=term"]), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp / "runs" / "term" / "metrics.jsonl"
+    _wait_for_steps(metrics, 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    at = _steps_logged(metrics)[-1]
+    assert 8 <= at < 60 and f"after step {at}" in err
+    assert sorted(p.name for p in (tmp / "runs" / "term" / "checkpoints").iterdir()) == [f"step_{at:06d}"]
+    r = train(2, args + ["run.name=term"])
+    assert r.returncode == 0 and f"from step_{at:06d}" in r.stdout, r.stderr[-3000:]
+    assert max_diff(weights(tmp / "runs" / "term-straight"), weights(tmp / "runs" / "term")) == 0.0
+
+
+def test_a_stopped_rank_fails_the_launch_within_the_collective_timeout(base):
+    """SIGSTOP on one worker (a rank that stops without dying): the other times out in the
+    all-reduce after train.collective_timeout_s, the launch exits non-zero, and a relaunch resumes
+    exactly from the last checkpoint."""
+    tmp, args = base
+    args = args + ["train.steps=40", "train.checkpoint_every=5", "train.val_every=1000", "model.hidden=32",
+                   "train.collective_timeout_s=10"]
+    proc = subprocess.Popen(launch_cmd(2, args + ["run.name=stuck"]), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_steps(tmp / "runs" / "stuck" / "metrics.jsonl", 6, proc)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2, workers
+    stopped = time.time()
+    os.kill(workers[1], signal.SIGSTOP)
+    try:
+        out, err = proc.communicate(timeout=10 + 60)
+    finally:
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0 and time.time() - stopped < 10 + 60
+    assert "collective_timeout_s=10" in err and "rank 0" in err
+    r = train(2, args + ["run.name=stuck"])
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    r = train(2, args + ["run.name=stuck-straight"])
+    assert max_diff(weights(tmp / "runs" / "stuck-straight"), weights(tmp / "runs" / "stuck")) == 0.0
+
+
+def test_workers_stop_when_their_launcher_is_killed(base):
+    """SIGKILL to the launcher alone: its workers get SIGTERM (PR_SET_PDEATHSIG), checkpoint and
+    exit instead of training on as orphans; the relaunch then owns the folder and resumes."""
+    tmp, args = base
+    args = args + ["train.steps=400", "train.checkpoint_every=1000", "train.val_every=1000", "model.hidden=32"]
+    proc = subprocess.Popen(launch_cmd(2, args + ["run.name=orphan"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_steps(tmp / "runs" / "orphan" / "metrics.jsonl", 3, proc)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
+                                         open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
+        time.sleep(0.1)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    assert not alive, f"orphaned workers still running: {alive}"
+    ckpts = list((tmp / "runs" / "orphan" / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and not (tmp / "runs" / "orphan" / "summary.json").exists()
+    r = train(2, args + ["run.name=orphan", "train.steps=" + str(int(ckpts[0].name[5:]) + 2)])
+    assert r.returncode == 0 and f"from {ckpts[0].name}" in r.stdout, r.stderr[-3000:]
+
+
+def test_two_nodes_stream_their_shards_over_http_without_raw_data(base, http_server):
+    """The 2-node loopback launch with its shards served over HTTP from 127.0.0.1 and no raw data
+    in its environment equals one process on the local folder."""
+    tmp, args = base
+    url = http_server(tmp / "shards")
+    env = {k: v for k, v in os.environ.items() if k != "OMNIGLOT_DIR"}
+    a = [x for x in args if not x.startswith(("data.raw=", "data.shards="))] + [f"data.shards={url}", "run.name=http-nodes"]
+    port = free_port()
+    procs = [subprocess.Popen(launch_cmd(2, a, port, machines=2, machine_rank=r), cwd=tmp, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    r = train(1, args + ["run.name=http-single"])
+    assert r.returncode == 0
+    nodes = load_weights(tmp / "runs" / "http-nodes" / "model.safetensors")[0]
+    assert max_diff(weights(tmp / "runs" / "http-single"), nodes) <= WEIGHT_TOL
