@@ -1,14 +1,9 @@
 """Weights files and checkpoints: self-describing weights, atomic checkpoints, a failed write
 that loses nothing."""
-import csv
-import json
 
-import pytest
 import torch
 
-from metadist import config
-from metadist.checkpoint import load_weights
-from metadist.checkpoint import load_model
+from metadist.checkpoint import load_model, load_weights
 from tests.conftest import run_cli, small_overrides
 
 
@@ -29,6 +24,7 @@ def test_failed_checkpoint_write_loses_nothing(omniglot_dir, tmp_path):
     import signal
     import subprocess
     import sys
+
     from metadist.checkpoint import Checkpointer
     from tests.conftest import ROOT
     args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "model.hidden": 16})

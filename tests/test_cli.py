@@ -39,6 +39,7 @@ def test_debug_mode_keeps_keys_the_user_set(tmp_path):
 
 def test_verify_checks_every_shard(prepared, tmp_path):
     import shutil
+
     from metadist.data.prepare import shards_dir
     r = run_cli("verify", "--shards", shards_dir(prepared))
     assert r.returncode == 0 and "train: 6 shards, 96 episodes" in r.stdout and r.stdout.count("sha256 match") == 3

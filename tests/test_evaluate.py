@@ -3,13 +3,10 @@ weights give one clear line and exit 2."""
 import csv
 import json
 
-import pytest
 import torch
 
-from metadist import config
 from metadist.checkpoint import load_weights
-from metadist.checkpoint import load_model
-from tests.conftest import run_cli, small_overrides
+from tests.conftest import run_cli
 
 
 def test_predict_on_exported_tasks_equals_evaluate(trained):

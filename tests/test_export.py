@@ -1,17 +1,9 @@
 """export-tasks (the exercise's folder layout) and show (a PNG grid of episodes)."""
-import json
-import shutil
 
 import numpy as np
-import pytest
-import torch
 
-from metadist import config
-from metadist.data import omniglot
-from metadist.data.episodes import labels, rotate_tasks, task_rotations
-from metadist.data.prepare import prepare, shards_dir
-from metadist.data.shards import EpisodeSource, MetaBatches, ShardError, meta_batches, read_manifest, verify
-from tests.conftest import REAL_OMNIGLOT, run_cli, small_overrides, write_synthetic
+from metadist.data.prepare import shards_dir
+from metadist.data.shards import EpisodeSource
 
 quiet = dict(log=lambda *a: None)
 

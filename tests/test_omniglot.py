@@ -1,6 +1,5 @@
 """Raw Omniglot: ingest from folders and zips, preprocessing, the documented splits, layout errors,
 and the real data set in ../shared."""
-import json
 import shutil
 
 import numpy as np
@@ -9,10 +8,9 @@ import torch
 
 from metadist import config
 from metadist.data import omniglot
-from metadist.data.episodes import labels, rotate_tasks, task_rotations
-from metadist.data.prepare import prepare, shards_dir
-from metadist.data.shards import EpisodeSource, MetaBatches, ShardError, meta_batches, read_manifest, verify
-from tests.conftest import REAL_OMNIGLOT, run_cli, small_overrides, write_synthetic
+from metadist.data.prepare import prepare
+from metadist.data.shards import read_manifest
+from tests.conftest import REAL_OMNIGLOT, run_cli, write_synthetic
 
 quiet = dict(log=lambda *a: None)
 

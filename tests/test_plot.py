@@ -1,14 +1,7 @@
 """`metadist plot`: learning curves of a run as a PNG."""
-import csv
-import json
 
-import pytest
-import torch
 
-from metadist import config
-from metadist.checkpoint import load_weights
-from metadist.checkpoint import load_model
-from tests.conftest import run_cli, small_overrides
+from tests.conftest import run_cli
 
 
 def test_plot_makes_a_png(trained):

@@ -1,18 +1,12 @@
 """`metadist prepare`: byte-identical re-prepare and skip, rebuild on another spec, atomic splits;
 and `ensure` (what train does): shards alone are enough."""
-import json
-import shutil
 
-import numpy as np
 import pytest
-import torch
 
 from metadist import config
-from metadist.data import omniglot
-from metadist.data.episodes import labels, rotate_tasks, task_rotations
 from metadist.data.prepare import prepare, shards_dir
-from metadist.data.shards import EpisodeSource, MetaBatches, ShardError, meta_batches, read_manifest, verify
-from tests.conftest import REAL_OMNIGLOT, run_cli, small_overrides, write_synthetic
+from metadist.data.shards import read_manifest, verify
+from tests.conftest import run_cli, small_overrides
 
 quiet = dict(log=lambda *a: None)
 

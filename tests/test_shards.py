@@ -1,18 +1,13 @@
 """Episode shards: manifest and checksums, the world-size-independent reader (1/2/4 processes,
 start-at-step, workers), and damaged or foreign shards stopping the run naming them."""
-import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from metadist import config
-from metadist.data import omniglot
-from metadist.data.episodes import labels, rotate_tasks, task_rotations
-from metadist.data.prepare import prepare, shards_dir
+from metadist.data.prepare import shards_dir
 from metadist.data.shards import EpisodeSource, MetaBatches, ShardError, meta_batches, read_manifest, verify
-from tests.conftest import REAL_OMNIGLOT, free_port, run_cli, small_overrides, write_synthetic
+from tests.conftest import free_port, run_cli, small_overrides
 
 quiet = dict(log=lambda *a: None)
 
@@ -95,7 +90,8 @@ def test_damaged_shard_stops_naming_it(prepared, tmp_path, damage):
 
 
 def test_reader_refuses_foreign_members(prepared, tmp_path):
-    import tarfile, io
+    import io
+    import tarfile
     d = _copy_prepared(prepared, tmp_path) / "val"
     bad = d / "val-000000.tar"
     with tarfile.open(bad, "w") as t:
@@ -113,6 +109,7 @@ def test_training_over_http_equals_training_on_the_folder(prepared, tmp_path, ht
     OMNIGLOT_DIR, another working folder) ends with the same weights as on the local folder; with
     a cache folder too; and evaluate reads the test split over HTTP."""
     import os
+
     from metadist.checkpoint import load_weights
     from metadist.data.prepare import shards_dir
     url = http_server(shards_dir(prepared))
@@ -131,7 +128,6 @@ def test_training_over_http_equals_training_on_the_folder(prepared, tmp_path, ht
 
 
 def test_http_faults_stop_naming_the_url(prepared, tmp_path, http_server):
-    from metadist.data.prepare import shards_dir
     served = _copy_prepared(prepared, tmp_path)
     url = http_server(served)
     (served / "train" / "train-000001.tar").unlink()                                   # 404

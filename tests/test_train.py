@@ -1,14 +1,12 @@
 """Meta-training end to end on the synthetic set (single process): the run folder, every algorithm,
 learned inner rates, debug mode, resume, and the knobs of the loop."""
-import csv
 import json
 
 import pytest
 import torch
 
 from metadist import config
-from metadist.checkpoint import load_weights
-from metadist.checkpoint import load_model
+from metadist.checkpoint import load_model, load_weights
 from tests.conftest import run_cli, small_overrides
 
 
@@ -114,11 +112,11 @@ def test_run_fresh_starts_over(omniglot_dir, tmp_path):
 def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, tmp_path):
     """One process, a real SIGTERM mid-run: it finishes the step, writes a checkpoint at that step,
     exits 75; launching again resumes there and ends with the weights of an uninterrupted run."""
-    import os
     import signal
     import subprocess
     import sys
     import time
+
     from tests.conftest import ROOT
     args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 60, "train.checkpoint_every": 1000,
                                                       "train.val_every": 1000, "model.hidden": 16})

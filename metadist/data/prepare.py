@@ -55,8 +55,8 @@ def ensure(cfg: Config, log=print) -> str | Path:
     if not missing:
         return root
     split, why = next(iter(missing.items()))
-    how = (f"run `metadist prepare` with the same data.* settings and seed where the raw Omniglot is, "
-           f"and point data.shards at its output")
+    how = ("run `metadist prepare` with the same data.* settings and seed where the raw Omniglot is, "
+           "and point data.shards at its output")
     if is_remote(root):
         raise ShardError(f"no usable {split} split at {locate(root, split)} ({why}); {how} (published at {root})")
     try:
