@@ -50,7 +50,8 @@ def soak(work: Path, kills: int = 10, steps: int = 300, seed: int = 0, log=print
         "data.raw": raw, "data.shards": work / "shards", "data.train_episodes": 96, "data.val_episodes": 16,
         "data.test_episodes": 24, "data.episodes_per_shard": 16, "run.root": work / "runs", "tracking.mode": "disabled",
         "model.hidden": 16, "train.meta_batch_size": 8, "train.steps": steps, "train.log_every": 1,
-        "train.val_every": 50, "train.checkpoint_every": 20, "eval.tasks_per_batch": 8, "eval.test_episodes": 8}.items()]
+        "train.val_every": 50, "train.checkpoint_every": 20, "eval.tasks_per_batch": 8, "eval.test_episodes": 8,
+        "algo.strategy": "batched"}.items()]
     subprocess.run([sys.executable, "-m", "metadist", "prepare", *base], cwd=ROOT, check=True, capture_output=True)
     straight = _launch(base + ["run.name=straight"])
     if straight.wait() != 0:

@@ -78,11 +78,8 @@ class MetaStep:
         self.params = dict(model.named_parameters())
         self.param_list = list(self.params.values())
         self.algorithms = {fo: build_algorithm(cfg, model, first_order=fo) for fo in (False, True)}
-        self.strategy = strategy = resolve_strategy(cfg.algo.strategy, device, d.ways * (d.shots + d.queries),
-                                                    self.algorithms[False].second_order)
-        self.backward = {fo: partial(meta_backward, a.task_losses, model, self.params, strategy=strategy,
-                                     tasks_per_chunk=cfg.algo.tasks_per_chunk, scale=1.0 / local_tasks,
-                                     second_order=a.second_order) for fo, a in self.algorithms.items()}
+        self.local_tasks = local_tasks
+        self.use_strategy(resolve_strategy(cfg.algo.strategy, device, d.ways * (d.shots + d.queries), self.second_order))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
@@ -99,6 +96,35 @@ class MetaStep:
     @property
     def second_order(self) -> bool:
         return self.algorithms[False].second_order
+
+    def use_strategy(self, strategy: str) -> None:
+        """How this rank's tasks run (batched | loop); set before the first step."""
+        self.strategy = strategy
+        self.backward = {fo: partial(meta_backward, a.task_losses, self.model, self.params, strategy=strategy,
+                                     tasks_per_chunk=self.cfg.algo.tasks_per_chunk, scale=1.0 / self.local_tasks,
+                                     second_order=a.second_order) for fo, a in self.algorithms.items()}
+
+    def measure_strategies(self, rounds: int = 2, tasks: int = 4) -> dict[str, float]:
+        """tasks/s of each strategy on a random batch of this run's shape (up to `tasks` tasks),
+        interleaved, best of `rounds`; the weights and their gradients are left as they were."""
+        import time
+        d, device = self.cfg.data, self.dist.device
+        g = torch.Generator().manual_seed(0)
+        n = min(tasks, self.local_tasks)
+        batch = {"x_support": torch.rand(n, d.ways * d.shots, 1, 28, 28, generator=g),
+                 "y_support": torch.arange(d.ways).repeat_interleave(d.shots).expand(n, -1),
+                 "x_query": torch.rand(n, d.ways * d.queries, 1, 28, 28, generator=g),
+                 "y_query": torch.arange(d.ways).repeat_interleave(d.queries).expand(n, -1)}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        algo = self.algorithms[False]
+        best = {"batched": 0.0, "loop": 0.0}
+        for _ in range(rounds + 1):                     # the first round warms up
+            for strategy in best:
+                t = time.perf_counter()
+                meta_backward(algo.task_losses, self.model, self.params, batch, strategy, 0, 1.0 / n, algo.second_order)
+                best[strategy] = max(best[strategy], n / (time.perf_counter() - t)) if _ else 0.0
+                self.model.zero_grad(set_to_none=True)
+        return best
 
     def __call__(self, step: int, batch: dict, votes) -> tuple[torch.Tensor, ...]:
         """Step `step` (0-based) on this rank's batch; `votes()` gives this rank's stop votes.

@@ -174,7 +174,7 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
     dist.seed(cfg.seed)
     model = build_model(cfg).to(device)
     meta_step = MetaStep(cfg, model, dist, local_tasks, say)
-    strategy = meta_step.strategy
+    strategy = choose_strategy(cfg, dist, run, meta_step, say)
     ckpt = Checkpointer(run.dir, t.checkpoint_every, t.keep_checkpoints, dist.is_main)
     state, latest = TrainState(), None if cfg.run.fresh else ckpt.latest()
     if latest is not None:
@@ -231,6 +231,28 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
     if stop == "time":
         say(f"train.max_minutes={t.max_minutes} reached at step {state.step}")
     return finish(cfg, dist, model, run.dir, state, tracker, root, strategy, say, start_step)
+
+
+def choose_strategy(cfg: Config, dist: Dist, run: RunFolder, meta_step: MetaStep, say) -> str:
+    """algo.strategy=auto on a CPU: which strategy is faster depends on the CPU (and they differ in
+    float32 rounding), so rank 0 measures both once, on a batch of this run's shape, for all ranks;
+    the choice is kept in <run>/strategy.json and reused by every relaunch (exact resume).
+    Elsewhere the configured or rule-based strategy (batched on GPU) stands."""
+    if cfg.algo.strategy != "auto" or dist.device.type != "cpu" or cfg.train.debug:
+        return meta_step.strategy
+    path = run.dir / "strategy.json"
+    choice = None
+    if dist.is_main:
+        if path.is_file() and not cfg.run.fresh:
+            choice = json.loads(path.read_text())["strategy"]
+        else:
+            speed = meta_step.measure_strategies()
+            choice = max(speed, key=speed.get)
+            path.write_text(json.dumps({"strategy": choice, "tasks_per_s": speed}) + "\n")
+            say(f"algo.strategy=auto: measured {', '.join(f'{k} {v:.1f}' for k, v in speed.items())} tasks/s: {choice}")
+    choice = dist.broadcast_object(choice)
+    meta_step.use_strategy(choice)
+    return choice
 
 
 def finish(cfg, dist, model, run_dir, state: TrainState, tracker, root, strategy, say, start_step) -> dict:

@@ -32,7 +32,8 @@ def small_overrides(raw: Path, tmp: Path, **extra) -> list[str]:
     base = {"data.raw": raw, "data.shards": tmp / "shards", "data.train_episodes": 96, "data.val_episodes": 16,
             "data.test_episodes": 24, "data.episodes_per_shard": 16, "run.root": tmp / "runs", "run.name": "t",
             "tracking.mode": "disabled", "model.hidden": 8, "train.meta_batch_size": 8, "train.steps": 4,
-            "train.val_every": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.tasks_per_batch": 8}
+            "train.val_every": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.tasks_per_batch": 8,
+            "algo.strategy": "batched"}   # fixed: auto measures the CPU, and runs compared bit for bit must agree
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

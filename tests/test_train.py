@@ -140,3 +140,18 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, 
     a = load_weights(tmp_path / "runs" / "straight" / "model.safetensors")[0]
     b = load_weights(tmp_path / "runs" / "stopped" / "model.safetensors")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_strategy_is_measured_once_and_kept_for_resume(omniglot_dir, tmp_path):
+    from metadist.train import train
+    base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 2})
+    said = []
+    s = train(config.load(None, base), log=said.append)
+    choice = json.loads((tmp_path / "runs" / "t" / "strategy.json").read_text())
+    assert choice["strategy"] in ("batched", "loop") and set(choice["tasks_per_s"]) == {"batched", "loop"}
+    assert s["strategy"] == choice["strategy"] and any("algo.strategy=auto: measured" in x for x in said)
+    other = {"batched": "loop", "loop": "batched"}[choice["strategy"]]
+    (tmp_path / "runs" / "t" / "strategy.json").write_text(json.dumps(dict(choice, strategy=other)))
+    said = []
+    s = train(config.load(None, base + ["train.steps=4"]), log=said.append)     # a relaunch reads the file
+    assert s["strategy"] == other and not any("auto: measured" in x for x in said)

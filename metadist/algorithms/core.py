@@ -41,6 +41,8 @@ def make_forward(model: ConvNet, strategy: str, second_order: bool = True) -> Fo
         # one task at a time, like the reference; torch's fused batch-norm kernel is exact here
         # (its double backward is only wrong under vmap) and the fastest per-task choice
         def loop(p, x):
+            if x.shape[0] == 1:          # meta-training's loop chunks are single tasks: no slicing, no cat
+                return tasks_forward(p, x, model.depth, native_norm=True)
             return torch.cat([tasks_forward({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], model.depth, native_norm=True)
                               for t in range(x.shape[0])])
         return loop
