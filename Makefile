@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-debug bench bench-data bench-dist bench-startup soak plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-debug bench bench-data bench-dist bench-startup bench-scaling soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -42,6 +42,9 @@ bench:                 ## tasks/s of every strategy vs the reference loop, memor
 
 bench-startup:         ## launch -> first meta-step, fresh and resumed (strong.yaml, prepared shards)
 	$(PY) bench/startup.py
+
+bench-scaling:         ## meta-step time vs tasks per rank, all-reduce time, predicted 1/2/4/8-device scaling
+	$(PY) bench/scaling.py
 
 soak:                  ## a 2-process run killed 10 times at random and relaunched: same weights at the end
 	$(PY) bench/soak.py --kills 10 --steps 300
