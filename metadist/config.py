@@ -62,7 +62,9 @@ class AlgoConfig:
     strategy: str = "auto"        # auto | batched | loop: how a rank's tasks are processed
     tasks_per_chunk: int = 0      # 0 = all of a rank's tasks in one graph; else chunk and accumulate
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
-    learn_inner_lr: str = "none"  # none | layer (a learned lr per tensor, LSLR) | element (Meta-SGD)
+    learn_inner_lr: str = "none"  # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) | element (Meta-SGD)
+    multi_step_loss: int = 0      # MAML++ multi-step loss: query loss after every inner step, annealed to the last over N meta-steps (0 = off)
+    per_step_bn: bool = False     # MAML++ per-step BatchNorm weights and biases (meta-learned, not adapted in the inner loop)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Config:
 CHOICES = {
     "data.protocol": ("alphabets", "characters"),
     "algo.strategy": ("auto", "batched", "loop"),
-    "algo.learn_inner_lr": ("none", "layer", "element"),
+    "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
     "train.schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "bf16"),
     "train.cuda_graph": ("auto", "on", "off"),
@@ -265,6 +267,7 @@ def validate(cfg: Config) -> None:
     need(a.inner_lr >= 0, "algo.inner_lr", "must be >= 0")
     need(a.first_order_steps >= 0, "algo.first_order_steps", "must be >= 0")
     need(a.tasks_per_chunk >= 0, "algo.tasks_per_chunk", "must be >= 0 (0 = no chunking)")
+    need(a.multi_step_loss >= 0, "algo.multi_step_loss", "must be >= 0 (meta-steps of annealing; 0 = off)")
     need(t.steps >= 1, "train.steps", "must be positive")
     need(t.meta_batch_size >= 1, "train.meta_batch_size", "must be positive")
     need(t.meta_lr > 0, "train.meta_lr", "must be positive")

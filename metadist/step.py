@@ -1,6 +1,6 @@
 """One meta-step, whatever runs it: `MetaStep(step, batch, votes)` computes this rank's share of
 the meta-gradient with the algorithm variant of that step (derivative-order annealing: the first
-`algo.first_order_steps` steps first order), under autocast when asked, replayed as a CUDA graph
+`algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of that step), under autocast when asked, replayed as a CUDA graph
 or run eagerly, averages it over ranks (one all-reduce that also carries the stop votes), clips
 it and takes the Adam and schedule step. It returns device tensors only: no host sync here.
 """
@@ -14,6 +14,7 @@ import torch
 
 from metadist.algorithms import build as build_algorithm, resolve_strategy
 from metadist.algorithms.core import meta_backward
+from metadist.algorithms.maml import msl_weights
 from metadist.config import Config, ConfigError
 from metadist.cuda_graph import GraphedStep
 from metadist.errors import MetadistError
@@ -129,8 +130,13 @@ class MetaStep:
     def __call__(self, step: int, batch: dict, votes) -> tuple[torch.Tensor, ...]:
         """Step `step` (0-based) on this rank's batch; `votes()` gives this rank's stop votes.
         Returns (loss sum, accuracy sum, gradient norm, votes averaged over ranks)."""
-        debug = self.cfg.train.debug
-        first_order = step < self.cfg.algo.first_order_steps
+        debug, a = self.cfg.train.debug, self.cfg.algo
+        first_order = step < a.first_order_steps
+        msl = step < a.multi_step_loss and a.inner_steps > 1
+        if msl:      # the weights are an input, like the episodes: one captured graph serves every step
+            w = msl_weights(step, a.inner_steps, a.multi_step_loss).to(batch["x_support"])
+            batch = dict(batch, msl_weights=w.expand(batch["x_support"].shape[0], -1))
+        variant = (first_order, msl)
         with anomaly_guard(step + 1, debug):
             if debug and step == 0:
                 err = cross_check(self.algorithms[first_order], self.model, self.params, batch,
@@ -138,10 +144,10 @@ class MetaStep:
                 self.say(f"debug: batched vs loop meta-gradient agree (max relative difference {err:.1e})")
             with self.amp:
                 if self.use_graph:        # the graph overwrites .grad on every replay: no zeroing
-                    if first_order not in self.graphs:
-                        self.graphs[first_order] = GraphedStep(lambda b: self.backward[first_order](batch=b),
-                                                               self.param_list, batch)
-                    loss_sum, acc_sum = self.graphs[first_order](batch)
+                    if variant not in self.graphs:
+                        self.graphs[variant] = GraphedStep(lambda b: self.backward[first_order](batch=b),
+                                                           self.param_list, batch)
+                    loss_sum, acc_sum = self.graphs[variant](batch)
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_sum, acc_sum = self.backward[first_order](batch=batch)

@@ -23,9 +23,10 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def tiny(depth=2, hidden=4, seed=0, learn_lr="none"):
+def tiny(depth=2, hidden=4, seed=0, learn_lr="none", steps=1, per_step_bn=False):
     torch.manual_seed(seed)
-    model = ConvNet(WAYS, hidden=hidden, depth=depth, side=SIDE, learn_lr=learn_lr).double()
+    model = ConvNet(WAYS, hidden=hidden, depth=depth, side=SIDE, learn_lr=learn_lr, steps=steps,
+                    per_step_bn=per_step_bn).double()
     with torch.no_grad():          # non-trivial BatchNorm affine parameters
         for n, p in model.named_parameters():
             if "norm" in n or is_lr(n):   # learned rates: different per tensor (and element)
@@ -41,30 +42,45 @@ def batch(seed=1, tasks=T):
             "y_query": torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1)}
 
 
-def reference_forward(p, x, depth):
-    """The reference's functional_forward, written out independently (BN as (x-mean)/sqrt(var+eps))."""
+def reference_forward(p, x, depth, step=0):
+    """The reference's functional_forward, written out independently (BN as (x-mean)/sqrt(var+eps));
+    per-step BatchNorm weights (steps, C): row `step`, the last for later steps."""
     for i in range(depth):
         x = F.conv2d(x, p[f"blocks.{i}.conv.weight"], p.get(f"blocks.{i}.conv.bias"), padding=1)
         mean = x.mean((0, 2, 3), keepdim=True)
         var = ((x - mean) ** 2).mean((0, 2, 3), keepdim=True)
-        x = (x - mean) / torch.sqrt(var + 1e-5) * p[f"blocks.{i}.norm.weight"].view(1, -1, 1, 1) \
-            + p[f"blocks.{i}.norm.bias"].view(1, -1, 1, 1)
+        g, b = p[f"blocks.{i}.norm.weight"], p[f"blocks.{i}.norm.bias"]
+        if g.dim() == 2:
+            g, b = g[min(step, g.shape[0] - 1)], b[min(step, b.shape[0] - 1)]
+        x = (x - mean) / torch.sqrt(var + 1e-5) * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
         x = F.max_pool2d(F.relu(x), 2)
     return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
 
 
-def reference_meta_loss(model, params, b, steps, lr, first_order):
+def reference_meta_loss(model, params, b, steps, lr, first_order, msl=None, frozen=()):
     """The exercise's loop: one task at a time, inner SGD, mean of the query losses.
-    Learned rates (Meta-SGD / LSLR): params' `inner_lr.*` entries replace lr for their tensor."""
+    Learned rates (Meta-SGD / LSLR): params' `inner_lr.*` entries replace lr for their tensor; a
+    rate with a step axis (steps, 1, ...) gives step i row i. msl: per-step weights of the query
+    losses after every step (MAML++'s multi-step loss). frozen: names the inner loop leaves alone."""
     losses = []
     lrs = {k: params.get(lr_key(k), lr) for k in params if not is_lr(k)}
+
+    def rate(k, i):
+        r = lrs[k]
+        return r[min(i, r.shape[0] - 1)] if isinstance(r, torch.Tensor) and r.dim() == params[k].dim() + 1 else r
     for t in range(b["x_support"].shape[0]):
         fast = {k: v for k, v in params.items() if not is_lr(k)}
-        for _ in range(steps):
-            loss = F.cross_entropy(reference_forward(fast, b["x_support"][t], model.depth), b["y_support"][t])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {k: w - lrs[k] * (g.detach() if first_order else g) for (k, w), g in zip(fast.items(), grads)}
-        losses.append(F.cross_entropy(reference_forward(fast, b["x_query"][t], model.depth), b["y_query"][t]))
+        task = 0.0
+        for i in range(steps):
+            loss = F.cross_entropy(reference_forward(fast, b["x_support"][t], model.depth, i), b["y_support"][t])
+            names = [k for k in fast if k not in frozen]
+            grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)
+            fast = dict(fast, **{k: fast[k] - rate(k, i) * (g.detach() if first_order else g) for k, g in zip(names, grads)})
+            if msl is not None:
+                task = task + msl[i] * F.cross_entropy(reference_forward(fast, b["x_query"][t], model.depth, i), b["y_query"][t])
+        if msl is None:
+            task = F.cross_entropy(reference_forward(fast, b["x_query"][t], model.depth, steps - 1), b["y_query"][t])
+        losses.append(task)
     return torch.stack(losses).mean()
 
 
@@ -286,3 +302,45 @@ def test_algorithm_table_is_what_config_accepts():
     assert build(config.load(None, ["algo.name=fomaml"]), model).train_inner.first_order
     assert build(config.load(None, ["algo.name=anil"]), model).train_inner.adapt_names == model.head_names()
     assert build(config.load(None, ["algo.name=transfer"]), model).train_inner.steps == 0
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("learn_lr, msl, per_step_bn", [("layer_step", False, False), ("none", True, False),
+                                                         ("none", False, True), ("layer_step", True, True)])
+def test_maml_plus_plus_settings_equal_the_per_task_reference(learn_lr, msl, per_step_bn, first_order):
+    """Per-step learned rates, the multi-step loss and per-step BatchNorm weights: the meta-gradient
+    of both strategies equals the hand-unrolled per-task reference, in float64."""
+    from metadist.algorithms.maml import msl_weights
+    steps = 3
+    model, b = tiny(learn_lr=learn_lr, steps=steps, per_step_bn=per_step_bn), batch()
+    params = dict(model.named_parameters())
+    weights = msl_weights(40, steps, 100) if msl else None
+    frozen = tuple(k for k in params if ".norm." in k) if per_step_bn else ()
+    ref_loss = reference_meta_loss(model, params, b, steps, 0.4, first_order, msl=weights, frozen=frozen)
+    ref = flat_grad(ref_loss, params)
+    names = tuple(k for k in params if not is_lr(k) and k not in frozen) if per_step_bn else None
+    if msl:
+        b = dict(b, msl_weights=weights.expand(T, -1))
+    for strategy in ("batched", "loop"):
+        loss, g = ours(model, b, Inner(steps, 0.4, first_order, names), strategy)
+        assert torch.allclose(loss, ref_loss, rtol=1e-10)
+        assert torch.allclose(g, ref, rtol=1e-7, atol=1e-10), strategy
+    if learn_lr == "layer_step":          # each step's rate gets its own meta-gradient
+        lr_g = params["inner_lr.head_weight"].grad
+        assert lr_g.shape == (steps, 1, 1) and (lr_g.abs() > 0).all() and not torch.allclose(lr_g[0], lr_g[1])
+    if per_step_bn:
+        assert params["blocks.0.norm.weight"].shape == (steps, 4)
+        rows = params["blocks.0.norm.weight"].grad.abs().sum(1) > 0
+        if first_order and not msl:       # only the final query forward (last row) reaches the meta-loss
+            assert rows.tolist() == [False] * (steps - 1) + [True]
+        else:                             # every step's row learns
+            assert rows.all()
+
+
+def test_msl_weights_anneal_to_the_last_step():
+    from metadist.algorithms.maml import msl_weights
+    w0, mid, end = msl_weights(0, 5, 100), msl_weights(50, 5, 100), msl_weights(100, 5, 100)
+    assert torch.allclose(w0, torch.full((5,), 0.2, dtype=torch.float64))
+    for w in (w0, mid, end):
+        assert w.sum().item() == pytest.approx(1.0)
+    assert mid[0] < w0[0] and mid[-1] > w0[-1] and end[0] == pytest.approx(0.03 / 5) and end[-1] == pytest.approx(1 - 4 * 0.006)

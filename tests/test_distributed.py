@@ -269,3 +269,20 @@ def test_two_nodes_stream_their_shards_over_http_without_raw_data(base, http_ser
     assert r.returncode == 0
     nodes = load_weights(tmp / "runs" / "http-nodes" / "model.safetensors")[0]
     assert max_diff(weights(tmp / "runs" / "http-single"), nodes) <= WEIGHT_TOL
+
+
+def test_maml_plus_plus_settings_are_world_size_invariant_and_resume_exactly(base):
+    """Per-step rates, the multi-step loss (annealed across the resume point) and per-step
+    BatchNorm weights: 2 processes equal 1, and a 2-process run resumed midway equals one that was not."""
+    tmp, args = base
+    args = args + ["algo.learn_inner_lr=layer_step", "algo.multi_step_loss=4", "algo.per_step_bn=true",
+                   "train.steps=6", "train.checkpoint_every=3", "train.val_every=3"]
+    for n, name in ((1, "pp1"), (2, "pp2")):
+        r = train(n, args + [f"run.name={name}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert max_diff(weights(tmp / "runs" / "pp1"), weights(tmp / "runs" / "pp2")) <= WEIGHT_TOL
+    r = train(2, args + ["run.name=pp-resumed", "train.steps=3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train(2, args + ["run.name=pp-resumed"])
+    assert r.returncode == 0 and "from step_000003" in r.stdout, r.stderr[-3000:]
+    assert max_diff(weights(tmp / "runs" / "pp2"), weights(tmp / "runs" / "pp-resumed")) == 0.0

@@ -155,3 +155,16 @@ def test_auto_strategy_is_measured_once_and_kept_for_resume(omniglot_dir, tmp_pa
     said = []
     s = train(config.load(None, base + ["train.steps=4"]), log=said.append)     # a relaunch reads the file
     assert s["strategy"] == other and not any("auto: measured" in x for x in said)
+
+
+def test_maml_plus_plus_settings_train_save_and_evaluate(omniglot_dir, tmp_path):
+    args = small_overrides(omniglot_dir, tmp_path, **{"algo.learn_inner_lr": "layer_step", "algo.multi_step_loss": 2,
+                                                      "algo.per_step_bn": "true", "algo.inner_steps": 2, "train.steps": 3})
+    r = run_cli("train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, cfg = load_model(tmp_path / "runs" / "t")
+    assert model.get_parameter("inner_lr.head_weight").shape == (2, 1, 1)
+    assert model.get_parameter("blocks.0.norm.weight").shape == (2, 8)
+    assert not any(k.startswith("inner_lr.blocks_0_norm") for k, _ in model.named_parameters())
+    r = run_cli("evaluate", "--run", tmp_path / "runs" / "t", "eval.inner_steps=5")     # more steps than trained
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -15,7 +15,7 @@ import torch
 
 from metadist.algorithms import maml, transfer
 from metadist.algorithms.core import Inner
-from metadist.model import ConvNet
+from metadist.model import ConvNet, is_lr
 
 if TYPE_CHECKING:
     from metadist.config import Config
@@ -61,14 +61,20 @@ def build(cfg: Config, model: ConvNet, first_order: bool = False) -> Algorithm:
     derivative-order annealing asks for in its first `algo.first_order_steps` steps)."""
     a = cfg.algo
     spec = ALGORITHMS[a.name]
+    if spec.head_only:
+        names = model.head_names()
+    elif a.per_step_bn:         # per-step BatchNorm weights are meta-learned only (as in MAML++)
+        names = tuple(k for k, _ in model.named_parameters() if not is_lr(k) and ".norm." not in k)
+    else:
+        names = None
     inner = Inner(a.inner_steps if spec.inner_loop else 0, a.inner_lr, first_order or a.first_order or spec.first_order,
-                  model.head_names() if spec.head_only else None, a.checkpoint_inner)
+                  names, a.checkpoint_inner)
     return Algorithm(a.name, spec, inner)
 
 
 def build_model(cfg: Config) -> ConvNet:
     return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth, learn_lr=cfg.algo.learn_inner_lr,
-                   lr_init=cfg.algo.inner_lr)
+                   lr_init=cfg.algo.inner_lr, steps=cfg.algo.inner_steps, per_step_bn=cfg.algo.per_step_bn)
 
 
 def resolve_strategy(strategy: str, device: torch.device, images_per_task: int, second_order: bool) -> str:

@@ -32,19 +32,20 @@ class Inner:
 
 
 def make_forward(model: ConvNet, strategy: str, second_order: bool = True) -> Forward:
-    """forward(params, x): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n, ways).
+    """forward(params, x, step=0): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n, ways);
+    `step` is the inner step (per-step BatchNorm weights).
     second_order=False lets the batched forward use the native batch-norm kernel (its double
     backward is never taken then)."""
     if strategy == "batched":
-        return lambda p, x: tasks_forward(p, x, model.depth, native_norm=not second_order)
+        return lambda p, x, step=0: tasks_forward(p, x, model.depth, native_norm=not second_order, step=step)
     if strategy == "loop":
         # one task at a time, like the reference; torch's fused batch-norm kernel is exact here
         # (its double backward is only wrong under vmap) and the fastest per-task choice
-        def loop(p, x):
+        def loop(p, x, step=0):
             if x.shape[0] == 1:          # meta-training's loop chunks are single tasks: no slicing, no cat
-                return tasks_forward(p, x, model.depth, native_norm=True)
-            return torch.cat([tasks_forward({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], model.depth, native_norm=True)
-                              for t in range(x.shape[0])])
+                return tasks_forward(p, x, model.depth, native_norm=True, step=step)
+            return torch.cat([tasks_forward({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], model.depth,
+                                            native_norm=True, step=step) for t in range(x.shape[0])])
         return loop
     raise ValueError(f"unknown strategy {strategy!r}")
 
@@ -64,20 +65,30 @@ def adapted(params: Params, inner: Inner) -> tuple[str, ...]:
     return inner.adapt_names or tuple(k for k in params if not is_lr(k))
 
 
-def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: torch.Tensor, inner: Inner) -> Params:
-    """`inner.steps` SGD steps on each task's support loss; returns the fast weights.
+def step_lr(lr, weight: torch.Tensor, step: int):
+    """The inner learning rate of one step: a float, or a learned rate (T, *shape) / per step (T, steps, ...)."""
+    if isinstance(lr, torch.Tensor) and lr.dim() == weight.dim() + 1:
+        return lr.select(1, min(step, lr.shape[1] - 1))
+    return lr
+
+
+def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: torch.Tensor, inner: Inner,
+          trajectory: bool = False):
+    """`inner.steps` SGD steps on each task's support loss; returns the fast weights (with
+    trajectory=True, the list of fast weights after each step).
 
     Second order (first_order=False): the inner gradients stay in the graph (create_graph), so a
     meta-gradient flows through them. First order: the inner gradients are constants.
     Where params hold learned inner learning rates (`inner_lr.*`, model.lr_key) they replace
-    `inner.lr`; the meta-gradient reaches them through the update.
+    `inner.lr`, per step where they have a step axis; the meta-gradient reaches them through the
+    update. Step i's support forward uses step i's per-step BatchNorm weights, if any.
     """
     names = adapted(params, inner)
     lrs = {k: params.get(lr_key(k), inner.lr) for k in names}
-    fast = dict(params)
-    for _ in range(inner.steps):
+    fast, path = dict(params), []
+    for i in range(inner.steps):
         def support_loss(*ws):
-            return per_task_loss(forward({**fast, **dict(zip(names, ws))}, x_support), y_support).sum()
+            return per_task_loss(forward({**fast, **dict(zip(names, ws))}, x_support, i), y_support).sum()
         ws = [fast[k] for k in names]
         if inner.checkpoint and torch.is_grad_enabled():
             loss = checkpoint(support_loss, *ws, use_reentrant=False)
@@ -85,8 +96,9 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
             loss = support_loss(*ws)
         # sum over tasks: each task's slice of the gradient is its own mean-loss gradient
         grads = torch.autograd.grad(loss, ws, create_graph=not inner.first_order)
-        fast.update({k: w - lrs[k] * g for k, w, g in zip(names, ws, grads)})
-    return fast
+        fast = dict(fast, **{k: w - step_lr(lrs[k], w, i) * g for k, w, g in zip(names, ws, grads)})
+        path.append(fast)
+    return path if trajectory else fast
 
 
 def per_task(params: Params, tasks: int) -> Params:
@@ -133,4 +145,4 @@ def adapt_and_predict(model: ConvNet, params: Params, x_support, y_support, x_qu
     with torch.enable_grad():
         fast = adapt(forward, fast, x_support, y_support, Inner(inner.steps, inner.lr, True, inner.adapt_names))
     with torch.no_grad():
-        return forward({k: v.detach() for k, v in fast.items()}, x_query)
+        return forward({k: v.detach() for k, v in fast.items()}, x_query, max(0, inner.steps - 1))
