@@ -44,6 +44,7 @@ class DataConfig:
     val_fraction: float = 0.2     # alphabets protocol: share of background characters held out
     task_aug: float = 0.0     # probability of rotating a whole training task by 90 or 270 degrees
     num_workers: int = 0      # DataLoader workers per process for the train stream
+    device_cache: str = "auto"    # the train split resident on the device: auto (on GPU, if under 4 GB) | on | off
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Config:
 
 CHOICES = {
     "data.protocol": ("alphabets", "characters"),
+    "data.device_cache": ("auto", "on", "off"),
     "algo.strategy": ("auto", "batched", "loop"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
     "train.schedule": ("constant", "cosine"),

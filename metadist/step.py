@@ -81,7 +81,8 @@ class MetaStep:
         self.algorithms = {fo: build_algorithm(cfg, model, first_order=fo) for fo in (False, True)}
         self.local_tasks = local_tasks
         self.use_strategy(resolve_strategy(cfg.algo.strategy, device, d.ways * (d.shots + d.queries), self.second_order))
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr)
+        # on a GPU the fused Adam kernel (one launch for all tensors; eager and graph runs use the same)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr, fused=device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)

@@ -59,9 +59,11 @@ class StopVotes:
         self.every = cfg.train.sync_every or (10 if device.type == "cuda" else 1)
         self.signals, self.pending = signals, None
         self.clock = lambda: math.inf   # set by the loop: the run's training time so far
+        # every possible vote, already on the device: picking one is a view, never a host->device copy
+        self.table = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], device=device)
 
     def votes(self) -> torch.Tensor:
-        return torch.tensor([float(self.clock() >= self.limit), float(self.signals.received is not None)])
+        return self.table[2 * int(self.clock() >= self.limit) + int(self.signals.received is not None)]
 
     def check(self, agreed: torch.Tensor, step: int) -> str | None:
         """None, "time" or "signal" (a signal wins)."""
@@ -185,8 +187,11 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
         say(f"{run.dir}: already trained {state.step} of {t.steps} steps")
     root = shards_dir(cfg)
     val_episodes = EpisodeSource(root, "val", cache_dir=d.cache_dir).all()
-    stream = meta_batches(EpisodeSource(root, "train", cfg.seed, d.cache_dir), cfg.seed, t.meta_batch_size, dist.rank,
-                          dist.world, state.step, t.steps, d.task_aug, d.num_workers)
+    train_split = EpisodeSource(root, "train", cfg.seed, d.cache_dir)
+    resident = d.device_cache == "on" or (d.device_cache == "auto" and device.type == "cuda"
+                                          and train_split.manifest["bytes"] < 4 * 2**30)
+    stream = meta_batches(train_split, cfg.seed, t.meta_batch_size, dist.rank, dist.world, state.step, t.steps,
+                          d.task_aug, d.num_workers, device=device if resident else None)
     tracker = make_tracker(cfg, run.dir, dist.is_main)
     bar = tqdm(total=t.steps, initial=state.step, disable=not dist.is_main, dynamic_ncols=True, file=sys.stderr)
     logger = Logger(cfg, dist, run.metrics_log(state.step if latest else None), tracker, bar,

@@ -146,3 +146,16 @@ def test_http_faults_stop_naming_the_url(prepared, tmp_path, http_server):
     assert r.returncode == 2 and "/train/train-00000" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     r = run_cli("train", *small_overrides("", tmp_path), f"data.shards={closed}", "run.name=refused")
     assert r.returncode == 2 and closed in r.stderr and "connection refused" in r.stderr
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_device_resident_split_gives_the_same_batches(prepared, world):
+    """The whole train split resident on the device (here the CPU stands in for it): the same
+    batches as the streaming reader, with task augmentation, across an epoch boundary, any rank."""
+    from metadist.data.shards import ResidentBatches
+    src = EpisodeSource(shards_dir(prepared) / "train", seed=0)
+    for rank in range(world):
+        stream = MetaBatches(src, 0, 8, rank, world, 0, 14, task_aug=0.5)
+        resident = ResidentBatches(src, 0, 8, rank, world, 0, 14, task_aug=0.5, device="cpu")
+        for a, b in zip(stream, resident):
+            assert a["step"] == b["step"] and all(torch.equal(a[k], b[k]) for k in a if k != "step")

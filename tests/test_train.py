@@ -168,3 +168,12 @@ def test_maml_plus_plus_settings_train_save_and_evaluate(omniglot_dir, tmp_path)
     assert not any(k.startswith("inner_lr.blocks_0_norm") for k, _ in model.named_parameters())
     r = run_cli("evaluate", "--run", tmp_path / "runs" / "t", "eval.inner_steps=5")     # more steps than trained
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_device_resident_data_trains_the_same_weights(omniglot_dir, tmp_path):
+    from metadist.train import train
+    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 14, "data.task_aug": 0.5})
+    for mode in ("off", "on"):
+        train(config.load(None, base + [f"data.device_cache={mode}", f"run.name={mode}"]), log=lambda *a: None)
+    a, b = (load_weights(tmp_path / "runs" / m / "model.safetensors")[0] for m in ("off", "on"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
