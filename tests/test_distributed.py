@@ -3,7 +3,9 @@ invariance (1/2/4 processes), SIGKILL + resume, two-node loopback, start-up erro
 
 Tolerance for "the same weights": float32 all-reduce sums the per-rank meta-gradients in another
 order than one process does, so weights agree to WEIGHT_TOL (max absolute difference after 3
-Adam steps at lr 1e-3, i.e. under 1% of one step); losses to 1e-5 relative.
+Adam steps at lr 1e-3, i.e. under 1% of one step), or, on a CPU whose kernels round more, to 10x
+what reordering the same sum inside one process does there (algo.tasks_per_chunk: the meta-gradient
+accumulated chunk by chunk); losses to 1e-5 relative.
 """
 import json
 import os
@@ -64,9 +66,12 @@ def test_1_2_4_processes_give_the_same_training(base):
         runs[n] = tmp / "runs" / f"w{n}"
         assert f"on {n} process(es)" in r.stdout
     ref = weights(runs[1])
+    r = train(1, args + ["run.name=w1-chunked", "algo.tasks_per_chunk=4"])       # the same sum, reordered
+    assert r.returncode == 0, r.stderr[-3000:]
+    tol = max(WEIGHT_TOL, 10 * max_diff(ref, weights(tmp / "runs" / "w1-chunked")))
     ref_metrics = [json.loads(x) for x in (runs[1] / "metrics.jsonl").read_text().splitlines()]
     for n in (2, 4):
-        assert max_diff(ref, weights(runs[n])) <= WEIGHT_TOL, n
+        assert max_diff(ref, weights(runs[n])) <= tol, n
         m = [json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()]
         for a, b in zip(ref_metrics, m):
             assert a["step"] == b["step"]

@@ -125,6 +125,11 @@ def test_training_over_http_equals_training_on_the_folder(prepared, tmp_path, ht
     assert len(list((tmp_path / "cache").iterdir())) == 6 + 1 + 2          # every shard (train, val, test), cached once
     r = run_cli("evaluate", "--run", tmp_path / "runs" / "http", "--shards", url, cwd=tmp_path, env=env)
     assert r.returncode == 0 and '"episodes": 24' in r.stdout, r.stderr[-2000:]
+    r = run_cli("export-tasks", *base, f"data.shards={url}", "--out", tmp_path / "tasks", "--limit", "4", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("predict", "--run", tmp_path / "runs" / "http", "--tasks", tmp_path / "tasks", "--out",
+                tmp_path / "out.csv", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and len((tmp_path / "out.csv").read_text().splitlines()) == 1 + 4 * 5, r.stderr[-2000:]
 
 
 def test_http_faults_stop_naming_the_url(prepared, tmp_path, http_server):
