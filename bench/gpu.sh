@@ -6,13 +6,7 @@
 # Works with the project's .venv, or with a machine's own PyTorch plus wheels in .whl/ (no network).
 # Everything lands in ${OUT:-bench/results}.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-if [ -d .whl ] && ! $PY -c "import webdataset" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L
 timeout ${BENCH_SECONDS:-150} $PY bench/bench.py --quick --only meta --device cuda --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 $PY - <<'PY' 2>&1 | tee "$OUT/train_gpu.txt"

@@ -10,13 +10,7 @@
 #      (alphabets protocol), meta lr 2e-3 * sqrt(B / 8) with 100 warm-up steps, cosine, each run
 #      bounded in minutes; bench/curve.py reads every checkpoint's val and test accuracy.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-if [ -d .whl ] && ! $PY -c "import webdataset" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L | tee "$OUT/gpu.txt"
 # 1. training against its own step
 timeout ${STEP_SECONDS:-120} $PY bench/bench.py --quick --only meta --device cuda --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
