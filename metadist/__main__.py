@@ -32,10 +32,10 @@ def cmd_verify(args):
     found = 0
     for split in SPLITS:
         try:
-            read_manifest(root, split)
+            m = read_manifest(root, split)
         except ShardError:
             continue
-        m = verify(root, split, cache_dir=cfg.data.cache_dir)
+        verify(root, split, manifest=m, cache_dir=cfg.data.cache_dir)
         found += 1
         print(f"{split}: {len(m['shards'])} shards, {m['episodes']} episodes, {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match "
               f"({m['protocol']}, {m['ways']}-way {m['shots']}-shot {m['queries']}-query, seed {m['seed']})")

@@ -120,11 +120,12 @@ class MetaStep:
         batch = {k: v.to(device) for k, v in batch.items()}
         algo = self.algorithms[False]
         best = {"batched": 0.0, "loop": 0.0}
-        for _ in range(rounds + 1):                     # the first round warms up
+        for r in range(rounds + 1):
             for strategy in best:
                 t = time.perf_counter()
                 meta_backward(algo.task_losses, self.model, self.params, batch, strategy, 0, 1.0 / n, algo.second_order)
-                best[strategy] = max(best[strategy], n / (time.perf_counter() - t)) if _ else 0.0
+                if r:                                   # round 0 only warms up
+                    best[strategy] = max(best[strategy], n / (time.perf_counter() - t))
                 self.model.zero_grad(set_to_none=True)
         return best
 

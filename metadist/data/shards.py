@@ -154,13 +154,11 @@ class ShardReader:
 
     def read(self, split: str, entry: dict) -> bytes:
         url = self.url(split, entry["name"])
-        if self.cache is None:
-            return _checked(url, self._fetch(url), entry)
         try:
             return _checked(url, self._fetch(url), entry)
         except ShardError:          # a damaged cached copy: fetch it once more
-            cached = Path(self.cache.cache_dir) / self.cache.url_to_name(url)
-            if not cached.is_file():
+            cached = Path(self.cache.cache_dir) / self.cache.url_to_name(url) if self.cache else None
+            if cached is None or not cached.is_file():
                 raise
             cached.unlink()
             return _checked(url, self._fetch(url), entry)
@@ -368,6 +366,11 @@ class MetaBatches(IterableDataset):
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
         tasks = range(self.first, self.first + self.share)
         x = self.source.episodes([step * self.batch + t for t in tasks])
+        return self._finish(x, step, tasks)
+
+    def _finish(self, x, step: int, tasks: range) -> dict[str, torch.Tensor]:
+        """uint8 episodes of this rank's tasks (numpy, or a tensor on any device) -> the step's batch,
+        task augmentation applied where the episodes are."""
         b = to_batch(x, self.source.ways, self.source.shots, self.source.queries)
         if self.task_aug > 0:
             ks = task_rotations(self.seed, step, tasks, self.task_aug)
@@ -397,21 +400,15 @@ class ResidentBatches(MetaBatches):
         tasks = range(self.first, self.first + self.share)
         where = [self.source.locate(step * self.batch + t) for t in tasks]
         idx = torch.tensor([int(self.offsets[j]) + i for j, i in where]).to(self.data.device, non_blocking=True)
-        b = to_batch(self.data[idx], self.source.ways, self.source.shots, self.source.queries)
-        if self.task_aug > 0:
-            ks = task_rotations(self.seed, step, tasks, self.task_aug)
-            b["x_support"], b["x_query"] = rotate_tasks(b["x_support"], ks), rotate_tasks(b["x_query"], ks)
-        b["step"] = step
-        return b
+        return self._finish(self.data[idx], step, tasks)
 
 
 def meta_batches(split_dir, seed: int, meta_batch_size: int, rank: int, world_size: int, start: int, stop: int,
                  task_aug: float = 0.0, num_workers: int = 0, cache_dir: str = "", device=None):
-    """Iterator over this rank's share of steps start..stop-1 (see MetaBatches). `split_dir`: a
-    local split folder, an (root, split) pair, or an EpisodeSource."""
+    """Iterator over this rank's share of steps start..stop-1 (see MetaBatches). `split_dir`: an
+    EpisodeSource, or a local split folder."""
     if not isinstance(split_dir, EpisodeSource):
-        root, split = split_dir if isinstance(split_dir, tuple) else (None, None)
-        split_dir = EpisodeSource(root, split, seed, cache_dir) if root is not None else EpisodeSource(split_dir, None, seed)
+        split_dir = EpisodeSource(split_dir, None, seed, cache_dir)
     if device is not None:        # the whole split resident on `device` (no workers needed)
         return iter(ResidentBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug, device))
     ds = MetaBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug)
