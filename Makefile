@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-debug bench bench-data bench-dist bench-startup bench-scaling soak plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -33,6 +33,9 @@ train-maml-multi:      ## strong.yaml on every GPU of this node
 	$(PY) -m accelerate.commands.launch --config_file launch/accelerate/multi-gpu.yaml --num_processes $(NPROC) \
 		-m metadist train --config configs/strong.yaml
 
+train-elastic:         ## strong.yaml under torch elastic: run on every node (RDZV_ENDPOINT=head:29400, NNODES=1:4)
+	RDZV_ENDPOINT=$${RDZV_ENDPOINT:-127.0.0.1:29400} bash launch/torchrun/elastic.sh --config configs/strong.yaml
+
 train-debug:
 	$(PY) -m metadist train --config configs/strong.yaml --debug
 
@@ -45,6 +48,9 @@ bench-startup:         ## launch -> first meta-step, fresh and resumed (strong.y
 
 bench-scaling:         ## meta-step time vs tasks per rank, all-reduce time, predicted 1/2/4/8-device scaling
 	$(PY) bench/scaling.py
+
+bench-reduce:          ## train.reduce=exact against fast: step time, memory, the reduction between 2 processes, 8-GPU model
+	$(PY) bench/reduce.py
 
 soak:                  ## a 2-process run killed 10 times at random and relaunched: same weights at the end
 	$(PY) bench/soak.py --kills 10 --steps 300

@@ -38,14 +38,14 @@ def cmd_verify(args):
         verify(root, split, manifest=m, cache_dir=cfg.data.cache_dir)
         found += 1
         print(f"{split}: {len(m['shards'])} shards, {m['episodes']} episodes, {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match "
-              f"({m['protocol']}, {m['ways']}-way {m['shots']}-shot {m['queries']}-query, seed {m['seed']})")
+              f"({m['protocol']}, {m['ways']}-way {m['shots']}-shot {m['queries']}-query, data.seed {m['seed']})")
     if not found:
         raise ShardError(f"{root}: no split (train/, val/, test/ with a manifest.json) to verify")
 
 
 def cmd_prepare(args):
     from metadist.data.prepare import prepare
-    prepare(_cfg(args))
+    prepare(_cfg(args), overwrite=args.overwrite)
 
 
 def cmd_train(args):
@@ -143,7 +143,9 @@ def main(argv=None):
         s.set_defaults(fn=fn)
         return s
 
-    add("prepare", cmd_prepare, "raw Omniglot -> train/val/test episode shards")
+    s = add("prepare", cmd_prepare, "raw Omniglot -> train/val/test episode shards")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace splits of another spec in the shards folder (only if no run reads them)")
     s = add("verify", cmd_verify, "check every shard's size and sha256 against its manifest")
     s.add_argument("--shards", help="shards folder or URL prefix (default: the one the config names)")
     s = add("train", cmd_train, "meta-train (resumes an existing run folder)")

@@ -6,18 +6,24 @@ self-describing: `load_model(path)` rebuilds the architecture from its config an
 tensors fit it.
 
 Checkpoints: <run>/checkpoints/step_NNNNNN/{model.safetensors, optimizer.pt, meta.json}: the
-model, the optimizer and schedule, and the training state. A checkpoint is written in a hidden
+model, the optimizer and schedule, and the `TrainState` (meta.json, readable): the step, the
+best validation so far, the wall time, and how the run computes (strategy and why, reduction,
+chunk size, threads), with the world size and data position of the launch that wrote it. Every
+way a run continues (a relaunch, preemption, an elastic restart at another world size, after a
+SIGKILL) goes through `Checkpointer.save` and `Checkpointer.restore`. A checkpoint is written in a hidden
 temporary folder and renamed when complete; one whose write failed (disk full, no permission)
 or whose process died is never found, the previous one stays complete, and the error names the
 path. `latest()` is found on disk, not remembered.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +97,38 @@ def load_model(path: str | Path) -> tuple[ConvNet, config_mod.Config]:
     return model, cfg
 
 
+@dataclass
+class TrainState:
+    """Everything besides weights, optimizer and schedule that continuing a run exactly needs.
+    Randomness is named by (seed, step, task), so no RNG state is part of it."""
+    step: int = 0
+    best_val: float = -1.0
+    best_step: int = 0
+    elapsed: float = 0.0          # training wall time, summed over launches
+    tasks_seen: int = 0
+    strategy: str = ""            # batched | loop: chosen when the run started, kept on every resume
+    strategy_why: str = ""
+    reduce: str = "fast"          # exact | fast (train.reduce)
+    tasks_per_chunk: int = 0      # the chunk size the step used
+    threads: int = 0              # intra-op threads per process (float32 rounding on a CPU depends on it)
+    world_size: int = 1           # of the launch that wrote the checkpoint
+    meta_batch_size: int = 0
+    seed: int = 0
+
+    @property
+    def data_position(self) -> int:
+        """Episodes of the train stream consumed: the next step reads from here."""
+        return self.step * self.meta_batch_size
+
+    def to_meta(self) -> dict:
+        return dict(dataclasses.asdict(self), data_position=self.data_position)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "TrainState":
+        """From a checkpoint's meta.json (older checkpoints lack the newer fields: defaults)."""
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+
+
 class Checkpointer:
     """Owns <run>/checkpoints: when to save (every `every` steps, at the end, on request), how to
     save atomically, keeping the last `keep`, and how to restore."""
@@ -102,8 +140,9 @@ class Checkpointer:
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
 
-    def save(self, step: int, model, optimizer, scheduler, state: dict, cfg: config_mod.Config) -> Path:
-        """Main process writes step_NNNNNN; every process returns its path."""
+    def save(self, state: TrainState, model, optimizer, scheduler, cfg: config_mod.Config) -> Path:
+        """Main process writes step_NNNNNN of `state.step`; every process returns its path."""
+        step = state.step
         final = self.dir / f"step_{step:06d}"
         if not self.is_main:
             return final
@@ -115,7 +154,7 @@ class Checkpointer:
             buf = io.BytesIO()     # serialised in memory: a failing disk then fails a plain write (OSError)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
             (tmp / "optimizer.pt").write_bytes(buf.getvalue())
-            (tmp / "meta.json").write_text(json.dumps(dict(state, step=step, metadist_config=cfg.to_dict()), indent=1) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(dict(state.to_meta(), metadist_config=cfg.to_dict()), indent=1) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -140,11 +179,11 @@ class Checkpointer:
         return done[-1] if done else None
 
     @staticmethod
-    def restore(path: Path, model, optimizer, scheduler) -> dict:
-        """Load a checkpoint into model, optimizer and scheduler; returns its meta.json."""
+    def restore(path: Path, model, optimizer, scheduler) -> TrainState:
+        """Load a checkpoint into model, optimizer and scheduler; returns its state."""
         weights, _ = load_weights(path / "model.safetensors")
         model.load_state_dict(weights)
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-        return json.loads((path / "meta.json").read_text())
+        return TrainState.from_meta(json.loads((path / "meta.json").read_text()))

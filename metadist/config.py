@@ -31,8 +31,9 @@ class RunConfig:
 @dataclass
 class DataConfig:
     raw: str = ""             # Omniglot zips or folders; "" -> $OMNIGLOT_DIR, else data/raw/omniglot
-    shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<protocol>-<ways>w<shots>s<queries>q
+    shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<protocol>-<ways>w<shots>s<queries>q-<digest>
     cache_dir: str = ""       # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
+    seed: int = 0             # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
     protocol: str = "alphabets"   # alphabets (the exercise's) | characters (the MAML paper's)
     ways: int = 5
     shots: int = 1
@@ -61,7 +62,7 @@ class AlgoConfig:
     first_order: bool = False     # maml with first-order inner gradients (fomaml sets it)
     first_order_steps: int = 0    # derivative-order annealing (MAML++): the first N steps first order
     strategy: str = "auto"        # auto | batched | loop: how a rank's tasks are processed
-    tasks_per_chunk: int = 0      # 0 = all of a rank's tasks in one graph; else chunk and accumulate
+    tasks_per_chunk: int = 0      # exact reduce: tasks per chunk, 0 = meta_batch_size/8 (1..8 processes agree); fast: 0 = a rank's tasks in one graph
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
     learn_inner_lr: str = "none"  # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) | element (Meta-SGD)
     multi_step_loss: int = 0      # MAML++ multi-step loss: query loss after every inner step, annealed to the last over N meta-steps (0 = off)
@@ -86,6 +87,8 @@ class TrainConfig:
     debug: bool = False           # single device, anomaly detection, strategy cross-check
     collective_timeout_s: float = 600.0  # a rank that stops answering fails the launch after this long
     sync_every: int = 0           # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU
+    reduce: str = "exact"         # exact: chunk gradients summed by a fixed tree, bit-identical for any world size | fast: one all-reduce
+    threads: int = 0              # intra-op threads per process; 0 = the launcher's default (on a CPU the rounding depends on it)
 
 
 @dataclass
@@ -113,7 +116,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 0
+    seed: int = 0             # the run's: initialisation, the order it visits the train episodes, task augmentation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +130,7 @@ CHOICES = {
     "train.schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "bf16"),
     "train.cuda_graph": ("auto", "on", "off"),
+    "train.reduce": ("exact", "fast"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
 
@@ -280,6 +284,10 @@ def validate(cfg: Config) -> None:
     need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
     need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
     need(t.sync_every >= 0, "train.sync_every", "must be >= 0 (0 = automatic)")
+    need(t.threads >= 0, "train.threads", "must be >= 0 (0 = the launcher's default)")
+    if t.reduce == "exact" and a.tasks_per_chunk:
+        need(t.meta_batch_size % a.tasks_per_chunk == 0, "algo.tasks_per_chunk",
+             f"train.reduce=exact cuts train.meta_batch_size={t.meta_batch_size} into chunks of this size: choose a divisor")
     e = cfg.eval
     need(e.inner_steps >= 0, "eval.inner_steps", "must be >= 0")
     need(e.val_inner_steps >= 0, "eval.val_inner_steps", "must be >= 0")

@@ -6,7 +6,14 @@ got no process group is an error, never several silent single-process runs. Meta
 averaged across ranks explicitly, once per step, as one flattened buffer (the meta-learner is
 never wrapped in DDP, which does not support second-order gradients through autograd.grad); the
 same buffer carries each rank's stop votes (a signal, the wall-clock bound), so ranks agree on
-where to stop without a collective of their own.
+where to stop without a collective of their own. Two ways to average (`train.reduce`):
+`mean_gradients` (fast: one all-reduce, whose float32 sum order depends on the world size) and
+`exact_mean` (the chunk gradients summed by a fixed tree, metadist/exact.py: bit-identical for
+any world size; an all-to-all and an all-gather that move the bytes of one ring all-reduce).
+
+Launchers: `accelerate launch`, torchrun (also elastic: its TORCHELASTIC_* variables are read
+for the log) or a plain process; `threads` > 0 pins the intra-op threads of every process (on a
+CPU the float32 rounding of a chunk's kernels depends on it).
 
 Faults: every collective times out after `train.collective_timeout_s` (a rank that stops
 answering fails the launch instead of hanging it), and a worker whose launcher dies gets SIGTERM
@@ -25,6 +32,7 @@ import torch.distributed as tdist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
+from metadist import exact
 from metadist.errors import MetadistError
 
 _PR_SET_PDEATHSIG = 1
@@ -47,10 +55,23 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def elastic_info() -> dict | None:
+    """What torch elastic (torchrun) tells its workers: the restart count and limit, the run id."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return {"restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "max_restarts": int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+            "run_id": os.environ["TORCHELASTIC_RUN_ID"], "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1"))}
+
+
 class Dist:
-    def __init__(self, timeout_s: float = 600.0):
+    def __init__(self, timeout_s: float = 600.0, threads: int = 0):
         requested = int(os.environ.get("WORLD_SIZE", "1"))
         die_with_launcher()
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.elastic = elastic_info()
         # METADIST_CPU=1/0 forces the choice; the default uses CUDA when there is one. (=0 on a
         # CPU-only machine reproduces the classic mistake, which the check below turns into an error.)
         choice = os.environ.get("METADIST_CPU", "auto")
@@ -65,6 +86,7 @@ class Dist:
             raise DistError(f"launched for {requested} processes but this one runs alone (world size {self.world}); "
                             "no process group was formed, so the ranks would train unsynchronised")
         self.reduce_seconds = 0.0
+        self._buffers: dict = {}
 
     @property
     def is_main(self) -> bool:
@@ -96,6 +118,46 @@ class Dist:
             p.grad = g.view_as(p)     # views of the reduced buffer: no copy back
         self.reduce_seconds += time.perf_counter() - t
         return flat[n:]
+
+    def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A buffer kept across steps (a fresh 50 MB allocation every step costs page faults on a CPU)."""
+        key = (name, shape, like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers = {k: v for k, v in self._buffers.items() if k[0] != name}
+            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._buffers[key]
+
+    def exact_mean(self, mine: list[tuple[int, int, torch.Tensor]], layout: list[list[tuple[int, int]]],
+                   step: int) -> torch.Tensor:
+        """The canonical tree sum of every rank's block sums (`mine`: this rank's (start, size,
+        flat vector), `layout`: every rank's (start, size), exact.layout). Each rank sends slice j
+        of its blocks to rank j (all-to-all), rank j merges its slice of every block in the one
+        canonical order, and the merged slices are gathered: the same additions, element by
+        element, as one process makes, so the sum is bit-identical for any world size. The
+        vectors' length must be a multiple of the world size (MetaStep pads them); with one block
+        per rank (power-of-two layouts) nothing is copied before sending."""
+        if self.world == 1:
+            return exact.merge(mine)
+        t = time.perf_counter()
+        n, w = mine[0][2].numel(), self.world
+        if n % w:
+            raise ValueError(f"exact_mean: vectors of {n} elements do not split over {w} ranks")
+        width, most = n // w, max(len(b) for b in layout)
+        if most == 1:
+            send = mine[0][2]
+        else:
+            send = torch.zeros(w, most, width, dtype=mine[0][2].dtype, device=mine[0][2].device)
+            for i, (_, _, v) in enumerate(mine):
+                send[:, i].copy_(v.view(w, width))
+        recv = self._buffer("recv", (w, most, width), send)
+        self._collective(f"the meta-gradient all-to-all of step {step}", tdist.all_to_all_single,
+                         recv.view(-1), send.reshape(-1))
+        part = exact.merge([(a, size, recv[r, i]) for r in range(w) for i, (a, size) in enumerate(layout[r])])
+        out = self._buffer("out", (n,), part)        # becomes the gradients, consumed before the next step
+        self._collective(f"the meta-gradient all-gather of step {step}", tdist.all_gather_into_tensor,
+                         out, part.contiguous())
+        self.reduce_seconds += time.perf_counter() - t
+        return out
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor of metrics over ranks."""

@@ -34,18 +34,22 @@ def ci95(accs) -> tuple[float, float]:
 def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps: int, device, strategy="batched",
                        rank: int = 0, world: int = 1, gather=None) -> torch.Tensor:
     """Accuracy of each episode (uint8 (E, ways*(shots+queries), 28, 28)), adapting `steps` steps.
-    With several ranks, rank r takes episodes r, r+W, ...; `gather` reassembles them in order."""
-    d = cfg.data
+    The episodes are cut into fixed batches of `eval.tasks_per_batch` by their index, whatever the
+    world size, and rank r adapts batches r, r+W, ...: every episode is computed in the same batch
+    at any world size, so the accuracies are too. `gather` reassembles the batches in order."""
+    d, bs = cfg.data, cfg.eval.tasks_per_batch
     inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr)
     params = dict(model.named_parameters())
-    mine = episodes[rank::world]
-    out = []
-    for s in range(0, len(mine), cfg.eval.tasks_per_batch):
-        b = {k: v.to(device) for k, v in to_batch(mine[s:s + cfg.eval.tasks_per_batch], d.ways, d.shots, d.queries).items()}
+    rows = []
+    for s in range(rank * bs, len(episodes), world * bs):
+        b = {k: v.to(device) for k, v in to_batch(episodes[s:s + bs], d.ways, d.shots, d.queries).items()}
         logits = adapt_and_predict(model, params, b["x_support"], b["y_support"], b["x_query"], inner, strategy)
-        out.append((logits.argmax(-1) == b["y_query"]).float().mean(1))
-    accs = torch.cat(out) if out else torch.zeros(0, device=device)
-    return gather(accs, len(episodes)) if gather else accs
+        acc = (logits.argmax(-1) == b["y_query"]).float().mean(1)
+        rows.append(torch.cat([acc, acc.new_zeros(bs - len(acc))]))
+    mine = torch.stack(rows) if rows else torch.zeros(0, bs, device=device)
+    n_batches = -(-len(episodes) // bs)
+    batches = gather(mine, n_batches) if gather else mine
+    return batches.reshape(-1)[:len(episodes)]
 
 
 def evaluate(model: ConvNet, cfg: Config, episodes: np.ndarray, steps: int, device, strategy: str = "batched",

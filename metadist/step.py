@@ -1,18 +1,27 @@
 """One meta-step, whatever runs it: `MetaStep(step, batch, votes)` computes this rank's share of
 the meta-gradient with the algorithm variant of that step (derivative-order annealing: the first
-`algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of that step), under autocast when asked, replayed as a CUDA graph
-or run eagerly, averages it over ranks (one all-reduce that also carries the stop votes), clips
-it and takes the Adam and schedule step. It returns device tensors only: no host sync here.
+`algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of that step), under
+autocast when asked, replayed as a CUDA graph or run eagerly, averages it over ranks (the
+reduction also carries the stop votes), clips it and takes the Adam and schedule step. It
+returns device tensors only: no host sync here.
+
+`train.reduce=exact` (default): the global meta-batch is cut into chunks of `algo.tasks_per_chunk`
+tasks (0: the largest chunk that 8 processes still split evenly, B/8 for a multiple of 8), each
+chunk's gradient computed alone and the chunks summed by a fixed tree (metadist/exact.py), so the
+weights are bit-identical for any world size that splits the chunks evenly. `fast`: each rank's
+tasks in one graph (or its chunks accumulated), one all-reduce.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from functools import partial
 
 import torch
 
-from metadist.algorithms import build as build_algorithm, resolve_strategy
+from metadist import exact
+from metadist.algorithms import build as build_algorithm
 from metadist.algorithms.core import meta_backward
 from metadist.algorithms.maml import msl_weights
 from metadist.config import Config, ConfigError
@@ -72,15 +81,50 @@ def cross_check(algo, model, params, batch, chunk: int, scale: float, tol: float
     return err
 
 
+EXACT_PROCESSES = 8     # exact mode's automatic chunk lets up to this many processes split a meta-batch
+
+
+def chunk_size(reduce: str, tasks_per_chunk: int, local_tasks: int, meta_batch_size: int) -> int:
+    """Tasks per chunk. Exact mode fixes it for every world size: 0 -> the largest divisor c of the
+    meta-batch with at least EXACT_PROCESSES chunks (B/8 for a multiple of 8; 1 below 8 tasks), so
+    1, 2, 4 and 8 processes give the same weights. Fast mode's 0: a rank's tasks in one graph."""
+    if reduce == "exact":
+        if tasks_per_chunk:
+            return tasks_per_chunk
+        return max([c for c in range(1, meta_batch_size + 1)
+                    if meta_batch_size % c == 0 and meta_batch_size // c >= EXACT_PROCESSES] or [1])
+    return tasks_per_chunk or local_tasks
+
+
 class MetaStep:
-    def __init__(self, cfg: Config, model: torch.nn.Module, dist, local_tasks: int, say=print):
-        t, d, device = cfg.train, cfg.data, dist.device
+    def __init__(self, cfg: Config, model: torch.nn.Module, dist, local_tasks: int, say=print,
+                 image_shape: tuple[int, int, int] = (1, 28, 28)):
+        t, device = cfg.train, dist.device
         self.cfg, self.model, self.dist, self.say = cfg, model, dist, say
+        self.image_shape = tuple(image_shape)
         self.params = dict(model.named_parameters())
         self.param_list = list(self.params.values())
         self.algorithms = {fo: build_algorithm(cfg, model, first_order=fo) for fo in (False, True)}
         self.local_tasks = local_tasks
-        self.use_strategy(resolve_strategy(cfg.algo.strategy, device, d.ways * (d.shots + d.queries), self.second_order))
+        self.exact = t.reduce == "exact"
+        self.chunk = chunk_size(t.reduce, cfg.algo.tasks_per_chunk, local_tasks, t.meta_batch_size)
+        if self.exact:
+            if local_tasks % self.chunk:
+                raise ConfigError(
+                    f"train.reduce=exact: {local_tasks} tasks per process (train.meta_batch_size={t.meta_batch_size} over "
+                    f"{dist.world}) do not split into chunks of algo.tasks_per_chunk={self.chunk}; choose a chunk size "
+                    f"that divides {local_tasks}, fewer processes, or train.reduce=fast")
+            chunks = t.meta_batch_size // self.chunk
+            self.layout = exact.layout(chunks, dist.world)
+            self.first_chunk = dist.rank * (chunks // dist.world)
+            self.scale = 1.0 / t.meta_batch_size            # the same for every world size
+            # each chunk's flat gradient carries 2 slots for the stop votes, padded to a multiple of
+            # the world size so the all-to-all sends it as it is (zeros change no sum)
+            self.n_grad = sum(p.numel() for p in self.param_list)
+            self.extra = 2 + (-(self.n_grad + 2)) % dist.world
+        else:
+            self.scale = 1.0 / local_tasks                  # then averaged over ranks by the all-reduce
+        self.strategy = None
         # on a GPU the fused Adam kernel (one launch for all tensors; eager and graph runs use the same)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr, fused=device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -102,36 +146,62 @@ class MetaStep:
     def use_strategy(self, strategy: str) -> None:
         """How this rank's tasks run (batched | loop); set before the first step."""
         self.strategy = strategy
-        self.backward = {fo: partial(meta_backward, a.task_losses, self.model, self.params, strategy=strategy,
-                                     tasks_per_chunk=self.cfg.algo.tasks_per_chunk, scale=1.0 / self.local_tasks,
-                                     second_order=a.second_order) for fo, a in self.algorithms.items()}
+        self.backward = {fo: partial(self._backward, a) for fo, a in self.algorithms.items()}
 
-    def measure_strategies(self, rounds: int = 2, tasks: int = 4) -> dict[str, float]:
-        """tasks/s of each strategy on a random batch of this run's shape (up to `tasks` tasks),
-        interleaved, best of `rounds`; the weights and their gradients are left as they were."""
-        import time
+    def _backward(self, algo, batch: dict) -> tuple:
+        """(loss sum, accuracy sum) and, in exact mode, this rank's dyadic block sums of the chunk
+        gradients (each with `extra` trailing slots: the stop votes, then padding)."""
+        if not self.exact:
+            return meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
+                                 self.scale, algo.second_order)
+        tree = exact.TreeSum(self.first_chunk)
+        loss_sum, acc_sum = meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
+                                          self.scale, algo.second_order, tree=tree, extra=self.extra)
+        return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
+
+    def shape(self) -> dict:
+        """What decides a chunk's speed (the strategy cache's key, with the machine)."""
+        c, a, d = self.cfg, self.cfg.algo, self.cfg.data
+        return {"model": dataclasses.asdict(c.model), "image": list(self.image_shape), "ways": d.ways, "shots": d.shots,
+                "queries": d.queries, "algo": a.name, "second_order": self.second_order, "inner_steps": a.inner_steps,
+                "learn_inner_lr": a.learn_inner_lr, "per_step_bn": a.per_step_bn, "tasks_per_chunk": self.chunk,
+                "device": self.dist.device.type}
+
+    def chunk_runner(self, tasks: int = 4):
+        """run(strategy) -> tasks: one meta-backward of up to `tasks` random tasks of this run's
+        shape (the strategy measurement); the weights and their gradients are left as they were."""
         d, device = self.cfg.data, self.dist.device
         g = torch.Generator().manual_seed(0)
-        n = min(tasks, self.local_tasks)
-        batch = {"x_support": torch.rand(n, d.ways * d.shots, 1, 28, 28, generator=g),
+        n = min(tasks, self.chunk)
+        batch = {"x_support": torch.rand(n, d.ways * d.shots, *self.image_shape, generator=g),
                  "y_support": torch.arange(d.ways).repeat_interleave(d.shots).expand(n, -1),
-                 "x_query": torch.rand(n, d.ways * d.queries, 1, 28, 28, generator=g),
+                 "x_query": torch.rand(n, d.ways * d.queries, *self.image_shape, generator=g),
                  "y_query": torch.arange(d.ways).repeat_interleave(d.queries).expand(n, -1)}
         batch = {k: v.to(device) for k, v in batch.items()}
         algo = self.algorithms[False]
-        best = {"batched": 0.0, "loop": 0.0}
-        for r in range(rounds + 1):
-            for strategy in best:
-                t = time.perf_counter()
-                meta_backward(algo.task_losses, self.model, self.params, batch, strategy, 0, 1.0 / n, algo.second_order)
-                if r:                                   # round 0 only warms up
-                    best[strategy] = max(best[strategy], n / (time.perf_counter() - t))
-                self.model.zero_grad(set_to_none=True)
-        return best
+
+        def run(strategy: str) -> int:
+            meta_backward(algo.task_losses, self.model, self.params, batch, strategy, 0, 1.0 / n, algo.second_order)
+            self.model.zero_grad(set_to_none=True)
+            return n
+        return run
+
+    def _reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
+        """The meta-gradient into params' .grad (views of one flat buffer); returns the votes
+        averaged (fast) or summed (exact) over ranks: > 0 means someone voted."""
+        if not self.exact:
+            return self.dist.mean_gradients(self.param_list, votes, step)
+        vectors, n = out[2:], self.n_grad
+        vectors[0][n:n + 2] = votes.to(vectors[0])     # this step's own buffer (or the graph's output): no copy
+        mine = [(a, size, v) for (a, size), v in zip(self.layout[self.dist.rank], vectors)]
+        flat = self.dist.exact_mean(mine, self.layout, step)
+        for p, g in zip(self.param_list, torch.split(flat[:n], [p.numel() for p in self.param_list])):
+            p.grad = g.view_as(p)
+        return flat[n:n + 2]
 
     def __call__(self, step: int, batch: dict, votes) -> tuple[torch.Tensor, ...]:
         """Step `step` (0-based) on this rank's batch; `votes()` gives this rank's stop votes.
-        Returns (loss sum, accuracy sum, gradient norm, votes averaged over ranks)."""
+        Returns (loss sum, accuracy sum, gradient norm, votes over ranks)."""
         debug, a = self.cfg.train.debug, self.cfg.algo
         first_order = step < a.first_order_steps
         msl = step < a.multi_step_loss and a.inner_steps > 1
@@ -142,18 +212,19 @@ class MetaStep:
         with anomaly_guard(step + 1, debug):
             if debug and step == 0:
                 err = cross_check(self.algorithms[first_order], self.model, self.params, batch,
-                                  self.cfg.algo.tasks_per_chunk, self.backward[first_order].keywords["scale"])
+                                  self.cfg.algo.tasks_per_chunk, 1.0 / self.local_tasks)
                 self.say(f"debug: batched vs loop meta-gradient agree (max relative difference {err:.1e})")
             with self.amp:
-                if self.use_graph:        # the graph overwrites .grad on every replay: no zeroing
+                if self.use_graph:        # fast mode: the graph overwrites .grad on every replay, no zeroing
                     if variant not in self.graphs:
                         self.graphs[variant] = GraphedStep(lambda b: self.backward[first_order](batch=b),
                                                            self.param_list, batch)
-                    loss_sum, acc_sum = self.graphs[variant](batch)
+                    out = self.graphs[variant](batch)
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss_sum, acc_sum = self.backward[first_order](batch=batch)
-        agreed = self.dist.mean_gradients(self.param_list, votes(), step + 1)
+                    out = self.backward[first_order](batch=batch)
+        agreed = self._reduce(out, votes(), step + 1)
+        loss_sum, acc_sum = out[0], out[1]
         if debug:
             check_finite(step + 1, loss_sum, self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.param_list, self.clip)

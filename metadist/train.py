@@ -5,28 +5,32 @@ budget, `train.max_minutes`, a preemption signal) through votes that ride the gr
 all-reduce, so no step has a collective or a host sync of its own.
 
 Run folder <run.root>/<run.name> (run_folder.py): config.yaml, metrics.jsonl, checkpoints/,
-best.safetensors, model.safetensors, summary.json (and W&B's offline files). Launching again on
-an existing run folder resumes from its latest complete checkpoint (run.fresh=true starts over).
+best.safetensors, model.safetensors, summary.json, strategy.json (and W&B's offline files).
+Launching again on an existing run folder resumes from its latest complete checkpoint, with any
+number of processes (run.fresh=true starts over). Progress: a bar on a terminal; one plain line
+per log step when stderr is a file (SLURM's .out, `kubectl logs`, CI).
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from metadist import LAUNCHED
 from metadist import config as config_mod
+from metadist import strategy as strategy_mod
 from metadist.algorithms import build_model
-from metadist.checkpoint import Checkpointer, load_weights, save_weights
+from metadist.checkpoint import Checkpointer, TrainState, load_weights, save_weights
 from metadist.config import Config, ConfigError
 from metadist.data.prepare import ensure, shards_dir
-from metadist.data.shards import EpisodeSource, meta_batches
+from metadist.data.shards import EpisodeSource, meta_batches, read_manifest
 from metadist.distributed import Dist
 from metadist.errors import Preempted
 from metadist.evaluate import evaluate
@@ -36,16 +40,6 @@ from metadist.step import MetaStep, TrainError
 from metadist.tracking import make_tracker
 
 __all__ = ["train", "TrainState", "TrainError"]
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint must carry besides weights and optimizer to continue a run exactly."""
-    step: int = 0
-    best_val: float = -1.0
-    best_step: int = 0
-    elapsed: float = 0.0          # training wall time, summed over launches
-    tasks_seen: int = 0
 
 
 class StopVotes:
@@ -75,13 +69,44 @@ class StopVotes:
         return "signal" if signal_vote > 0 else "time" if time_vote > 0 else None
 
 
-class Logger:
-    """Loss and accuracy summed on the device between log steps; every `train.log_every` steps
-    (and at the last) one record: metrics.jsonl, W&B and the progress bar."""
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise one plain line per log record (a bar
+    redrawn with \\r every step makes a log file one unreadable line). Main process only."""
 
-    def __init__(self, cfg: Config, dist: Dist, metrics_file, tracker, bar, lr):
-        self.every, self.tasks = cfg.train.log_every, cfg.train.meta_batch_size
-        self.dist, self.file, self.tracker, self.bar, self.lr = dist, metrics_file, tracker, bar, lr
+    def __init__(self, total: int, initial: int, enabled: bool, say):
+        self.total, self.say, self.enabled = total, say, enabled
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr) \
+            if enabled and sys.stderr.isatty() else None
+
+    def show(self, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}", tps=f"{rec['tasks_per_s']:.0f}")
+        elif self.enabled:
+            self.say(f"step {rec['step']}/{self.total}: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} "
+                     f"{rec['tasks_per_s']:.1f} tasks/s lr {rec['lr']:.3g} ({rec['elapsed_s'] / 60:.1f} min)")
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.enabled:
+            self.say(line)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Logger:
+    """Loss and accuracy summed on the device between log steps; every `every` steps (and at the
+    last) one record: metrics.jsonl, W&B and the progress display."""
+
+    def __init__(self, every: int, tasks: int, dist: Dist, metrics_file, tracker, progress: Progress, lr):
+        self.every, self.tasks = every, tasks
+        self.dist, self.file, self.tracker, self.progress, self.lr = dist, metrics_file, tracker, progress, lr
         self._reset()
 
     def _reset(self):
@@ -108,7 +133,7 @@ class Logger:
         if dev.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
         self._reset()
-        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}", tps=f"{rec['tasks_per_s']:.0f}")
+        self.progress.show(rec)
         return rec
 
     def write(self, rec: dict):
@@ -124,9 +149,9 @@ class Validator:
     """Every `train.val_every` steps (and at the last): accuracy on the fixed val episodes; the
     best weights go to best.safetensors."""
 
-    def __init__(self, cfg: Config, dist: Dist, model, strategy: str, episodes, run_dir, bar):
+    def __init__(self, cfg: Config, dist: Dist, model, strategy: str, episodes, run_dir, progress: Progress):
         self.cfg, self.dist, self.model, self.strategy, self.episodes = cfg, dist, model, strategy, episodes
-        self.best_path, self.bar = run_dir / "best.safetensors", bar
+        self.best_path, self.progress = run_dir / "best.safetensors", progress
 
     def __call__(self, state: TrainState, last: bool, rec: dict) -> dict:
         if not (state.step % self.cfg.train.val_every == 0 or last):
@@ -137,13 +162,25 @@ class Validator:
             state.best_val, state.best_step = v, state.step
             if self.dist.is_main:
                 save_weights(self.model, self.best_path, self.cfg, state.step, v)
-        if self.dist.is_main:
-            self.bar.write(f"step {state.step}: val accuracy {v:.4f} (best {state.best_val:.4f} at step {state.best_step})")
+        self.progress.write(f"step {state.step}: val accuracy {v:.4f} (best {state.best_val:.4f} at step {state.best_step})")
         return dict(rec or {"step": state.step, "elapsed_s": state.elapsed}, val_accuracy=v)
 
 
+@dataclass
+class Setup:
+    """What set-up made, for the loop and `finish`."""
+    cfg: Config
+    dist: Dist
+    model: torch.nn.Module
+    run_dir: Path
+    shards: str | Path
+    tracker: object
+    say: object
+    start_step: int
+
+
 def train(cfg: Config, log=print) -> dict:
-    dist = Dist(cfg.train.collective_timeout_s)
+    dist = Dist(cfg.train.collective_timeout_s, cfg.train.threads)
     run = RunFolder(cfg, dist.is_main)
     try:
         with StopSignals() as signals:
@@ -172,20 +209,31 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
         raise failed if failed is not None else TrainError("the main process could not set up the run (see its error)")
     for note in run.notes:
         say(note)
+    if dist.elastic:
+        e = dist.elastic
+        say(f"torch elastic: run {e['run_id']}, restart {e['restart']} of at most {e['max_restarts']}, "
+            f"{e['nodes']} node(s), {dist.world} process(es)")
+    root = shards_dir(cfg)
+    image_shape = (1, 28, 28)
     device = dist.device
     dist.seed(cfg.seed)
     model = build_model(cfg).to(device)
-    meta_step = MetaStep(cfg, model, dist, local_tasks, say)
-    strategy = choose_strategy(cfg, dist, run, meta_step, say)
+    meta_step = MetaStep(cfg, model, dist, local_tasks, say, image_shape)
     ckpt = Checkpointer(run.dir, t.checkpoint_every, t.keep_checkpoints, dist.is_main)
-    state, latest = TrainState(), None if cfg.run.fresh else ckpt.latest()
+    latest = None if cfg.run.fresh else ckpt.latest()
     if latest is not None:
-        meta = Checkpointer.restore(latest, model, meta_step.optimizer, meta_step.scheduler)
-        state = TrainState(**{f.name: meta[f.name] for f in dataclasses.fields(TrainState)})
-        say(f"resuming {run.dir} from {latest.name} (written by {meta['world_size']} process(es), now {dist.world})")
+        state = Checkpointer.restore(latest, model, meta_step.optimizer, meta_step.scheduler)
+        say(f"resuming {run.dir} from {latest.name} (written by {state.world_size} process(es), now {dist.world})")
+        if device.type == "cpu" and state.threads and state.threads != dist.threads:
+            say(f"note: this launch runs {dist.threads} intra-op thread(s) per process, the checkpoint's {state.threads}: "
+                "on a CPU the float32 rounding of the steps from here differs (set train.threads to keep it)")
+    else:
+        state = TrainState()
+    decide_strategy(cfg, dist, run.dir, meta_step, state, say)
+    state.reduce, state.tasks_per_chunk, state.threads = t.reduce, meta_step.chunk, dist.threads
+    state.meta_batch_size, state.seed, state.world_size = t.meta_batch_size, cfg.seed, dist.world
     if state.step >= t.steps:
         say(f"{run.dir}: already trained {state.step} of {t.steps} steps")
-    root = shards_dir(cfg)
     val_episodes = EpisodeSource(root, "val", cache_dir=d.cache_dir).all()
     train_split = EpisodeSource(root, "train", cfg.seed, d.cache_dir)
     resident = d.device_cache == "on" or (d.device_cache == "auto" and device.type == "cuda"
@@ -193,15 +241,14 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
     stream = meta_batches(train_split, cfg.seed, t.meta_batch_size, dist.rank, dist.world, state.step, t.steps,
                           d.task_aug, d.num_workers, device=device if resident else None)
     tracker = make_tracker(cfg, run.dir, dist.is_main)
-    bar = tqdm(total=t.steps, initial=state.step, disable=not dist.is_main, dynamic_ncols=True, file=sys.stderr)
-    logger = Logger(cfg, dist, run.metrics_log(state.step if latest else None), tracker, bar,
-                    lambda: meta_step.scheduler.get_last_lr()[0])
-    validator = Validator(cfg, dist, model, strategy, val_episodes, run.dir, bar)
+    progress = Progress(t.steps, state.step, dist.is_main, say)
+    logger = Logger(t.log_every, t.meta_batch_size, dist, run.metrics_log(state.step if latest else None), tracker,
+                    progress, lambda: meta_step.scheduler.get_last_lr()[0])
+    validator = Validator(cfg, dist, model, state.strategy, val_episodes, run.dir, progress)
     stop_votes = StopVotes(cfg, signals, dist.is_main, device)
-    checkpoint = lambda: ckpt.save(state.step, model, meta_step.optimizer, meta_step.scheduler,  # noqa: E731
-                                   dict(dataclasses.asdict(state), world_size=dist.world, meta_batch_size=t.meta_batch_size,
-                                        seed=cfg.seed, data_position=state.step * t.meta_batch_size), cfg)
-    say(f"training {cfg.algo.name} ({strategy}) on {dist.world} process(es), {device}: {t.meta_batch_size} tasks/step "
+    setup = Setup(cfg, dist, model, run.dir, root, tracker, say, state.step)
+    say(f"training {cfg.algo.name} ({state.strategy}, reduce={t.reduce}, {meta_step.chunk} task(s) per chunk) on "
+        f"{dist.world} process(es), {device}, {dist.threads} thread(s) each: {t.meta_batch_size} tasks/step "
         f"({local_tasks} per process), steps {state.step}..{t.steps}")
     start_wall, start_elapsed, start_step, stop = time.perf_counter(), state.elapsed, state.step, None
     stop_votes.clock = lambda: start_elapsed + time.perf_counter() - start_wall
@@ -220,13 +267,13 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
             logger.add(loss_sum, acc_sum, local_tasks)
             logger.write(validator(state, last, logger.record(state, last, grad_norm)))
             if ckpt.due(state.step, last):
-                checkpoint()
+                ckpt.save(state, model, meta_step.optimizer, meta_step.scheduler, cfg)
                 dist.barrier()   # no rank runs ahead of a checkpoint being written
-            bar.update(1)
+            progress.update()
             if stop:
                 break
     finally:
-        bar.close()
+        progress.close()
         if logger.file:
             logger.file.close()
     if stop == "signal":
@@ -235,52 +282,64 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
                         f"checkpoint {ckpt.dir / f'step_{state.step:06d}'} written; launch the same command again to resume")
     if stop == "time":
         say(f"train.max_minutes={t.max_minutes} reached at step {state.step}")
-    return finish(cfg, dist, model, run.dir, state, tracker, root, strategy, say, start_step)
+    return finish(setup, state)
 
 
-def choose_strategy(cfg: Config, dist: Dist, run: RunFolder, meta_step: MetaStep, say) -> str:
-    """algo.strategy=auto on a CPU: which strategy is faster depends on the CPU (and they differ in
-    float32 rounding), so rank 0 measures both once, on a batch of this run's shape, for all ranks;
-    the choice is kept in <run>/strategy.json and reused by every relaunch (exact resume).
-    Elsewhere the configured or rule-based strategy (batched on GPU) stands."""
-    if cfg.algo.strategy != "auto" or dist.device.type != "cpu" or cfg.train.debug:
-        return meta_step.strategy
-    path = run.dir / "strategy.json"
+def decide_strategy(cfg: Config, dist: Dist, run_dir: Path, meta_step: MetaStep, state: TrainState, say) -> None:
+    """The strategy of this run: a resumed run keeps its checkpoint's (else the one its
+    strategy.json recorded, for runs checkpointed before the state carried it); a new run asks
+    metadist.strategy (rank 0 decides for every rank) and records what and why in strategy.json."""
+    path = run_dir / "strategy.json"
     choice = None
     if dist.is_main:
-        if path.is_file() and not cfg.run.fresh:
-            choice = json.loads(path.read_text())["strategy"]
+        if state.strategy:
+            choice = {"strategy": state.strategy, "why": state.strategy_why or "kept from the checkpoint"}
+        elif state.step and path.is_file():
+            choice = dict(json.loads(path.read_text()), why="kept from strategy.json")
         else:
-            speed = meta_step.measure_strategies()
-            choice = max(speed, key=speed.get)
-            path.write_text(json.dumps({"strategy": choice, "tasks_per_s": speed}) + "\n")
-            say(f"algo.strategy=auto: measured {', '.join(f'{k} {v:.1f}' for k, v in speed.items())} tasks/s: {choice}")
+            if cfg.train.debug:
+                choice = {"strategy": "batched" if cfg.algo.strategy == "auto" else cfg.algo.strategy,
+                          "why": "debug mode (the first step cross-checks it against the loop)"}
+            else:
+                choice = strategy_mod.choose(cfg.algo.strategy, dist.device, meta_step.shape(), meta_step.chunk_runner(), say)
+            path.write_text(json.dumps(choice, indent=1) + "\n")
+            say(choice["why"])
     choice = dist.broadcast_object(choice)
-    meta_step.use_strategy(choice)
-    return choice
+    meta_step.use_strategy(choice["strategy"])
+    state.strategy, state.strategy_why = choice["strategy"], choice["why"]
 
 
-def finish(cfg, dist, model, run_dir, state: TrainState, tracker, root, strategy, say, start_step) -> dict:
+def test_set_id(root) -> str:
+    """16 hex digits naming the test episodes (from their shards' hashes): equal ids, same test."""
+    m = read_manifest(root, "test")
+    return hashlib.sha256("".join(s["sha256"] for s in m["shards"]).encode()).hexdigest()[:16]
+
+
+def finish(setup: Setup, state: TrainState) -> dict:
     """Final weights, the best weights' test accuracy, summary.json."""
+    cfg, dist, model, run_dir = setup.cfg, setup.dist, setup.model, setup.run_dir
     if dist.is_main:
         save_weights(model, run_dir / "model.safetensors", cfg, state.step)
     dist.barrier()
     best = run_dir / "best.safetensors"
     if best.is_file():
         model.load_state_dict(load_weights(best)[0])
-    test = EpisodeSource(root, "test", cache_dir=cfg.data.cache_dir).all(cfg.eval.test_episodes)
-    r = evaluate(model, cfg, test, cfg.eval.inner_steps, dist.device, strategy, dist)
+    test = EpisodeSource(setup.shards, "test", cache_dir=cfg.data.cache_dir).all(cfg.eval.test_episodes)
+    r = evaluate(model, cfg, test, cfg.eval.inner_steps, dist.device, state.strategy, dist)
     summary = {"test_accuracy": r["accuracy"], "test_ci95": r["ci95"], "test_episodes": r["episodes"],
-               "test_inner_steps": cfg.eval.inner_steps, "best_val_accuracy": state.best_val, "best_step": state.best_step,
+               "test_set": test_set_id(setup.shards), "test_inner_steps": cfg.eval.inner_steps,
+               "best_val_accuracy": state.best_val, "best_step": state.best_step,
                "steps": state.step, "wall_time_s": state.elapsed, "tasks_per_s": state.tasks_seen / max(state.elapsed, 1e-9),
-               "world_size": dist.world, "strategy": strategy, "algorithm": cfg.algo.name,
-               "allreduce_ms_per_step": 1000 * dist.reduce_seconds / max(1, state.step - start_step)}
+               "world_size": dist.world, "strategy": state.strategy, "reduce": state.reduce,
+               "tasks_per_chunk": state.tasks_per_chunk, "threads": dist.threads, "algorithm": cfg.algo.name,
+               "seed": cfg.seed, "data_seed": cfg.data.seed,
+               "allreduce_ms_per_step": 1000 * dist.reduce_seconds / max(1, state.step - setup.start_step)}
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        say(f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} episodes, "
-            f"{cfg.eval.inner_steps} inner steps); {state.step} steps in {state.elapsed / 60:.1f} min")
-        tracker.summary(summary)
+        setup.say(f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} episodes, "
+                  f"{cfg.eval.inner_steps} inner steps); {state.step} steps in {state.elapsed / 60:.1f} min")
+        setup.tracker.summary(summary)
         if cfg.tracking.log_model:
-            tracker.log_model(run_dir / "model.safetensors")
-    tracker.finish()
+            setup.tracker.log_model(run_dir / "model.safetensors")
+    setup.tracker.finish()
     return summary

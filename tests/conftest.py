@@ -14,6 +14,21 @@ import pytest
 from metadist import config
 from metadist.data.synthetic import write_synthetic, zip_sets  # noqa: F401  (tests import them from here)
 
+@pytest.fixture(autouse=True, scope="session")
+def strategy_cache(tmp_path_factory):
+    """algo.strategy=auto's per-machine cache in a folder of this session (inherited by every
+    process the tests start), never the user's ~/.cache/metadist."""
+    import os
+    folder = tmp_path_factory.mktemp("metadist-cache")
+    old = os.environ.get("METADIST_CACHE_DIR")
+    os.environ["METADIST_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("METADIST_CACHE_DIR", None)
+    else:
+        os.environ["METADIST_CACHE_DIR"] = old
+
+
 REAL_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,14 @@
-"""`metadist prepare`: byte-identical re-prepare and skip, rebuild on another spec, atomic splits;
-and `ensure` (what train does): shards alone are enough."""
+"""`metadist prepare`: byte-identical re-prepare and skip, another spec left alone (or replaced
+with --overwrite), atomic splits, one writer per folder; and `ensure` (what train does): shards
+alone are enough, and a folder holding another split is never rewritten."""
+import subprocess
+import sys
+import time
 
 import pytest
 
 from metadist import config
-from metadist.data.prepare import prepare, shards_dir
+from metadist.data.prepare import SplitDiffers, prepare, shards_dir
 from metadist.data.shards import read_manifest, verify
 from tests.conftest import run_cli, small_overrides
 
@@ -21,17 +25,45 @@ def test_same_seed_same_bytes_and_rerun_skips(omniglot_zips, tmp_path):
         fb = sorted((shards_dir(cfg_b) / split).iterdir())
         assert [p.name for p in fa] == [p.name for p in fb]
         assert all(p.read_bytes() == q.read_bytes() for p, q in zip(fa, fb))
-    mtimes = {p: p.stat().st_mtime_ns for p in shards_dir(cfg_a).rglob("*")}
+    mtimes = shard_files(shards_dir(cfg_a))
     said = []
     prepare(cfg_a, log=said.append)
-    assert {p: p.stat().st_mtime_ns for p in shards_dir(cfg_a).rglob("*")} == mtimes
+    assert shard_files(shards_dir(cfg_a)) == mtimes
     assert sum("skipped" in s for s in said) == 3
-    # another seed gives other episodes, and the split is rebuilt, not skipped
-    cfg_c = config.load(None, small_overrides(omniglot_zips, tmp_path / "a", seed=1))
+    # another data seed gives other episodes: prepare leaves the folder as it is, unless told to replace it
+    cfg_c = config.load(None, small_overrides(omniglot_zips, tmp_path / "a", **{"data.seed": 1}))
+    with pytest.raises(SplitDiffers, match=r"data.seed=0 there, 1 asked.*--overwrite"):
+        prepare(cfg_c, **quiet)
+    assert shard_files(shards_dir(cfg_a)) == mtimes
     said = []
-    prepare(cfg_c, log=said.append)
+    prepare(cfg_c, log=said.append, overwrite=True)
     assert any("rebuilding" in s for s in said)
     assert (shards_dir(cfg_c) / "val" / "val-000000.tar").read_bytes() != (shards_dir(cfg_b) / "val" / "val-000000.tar").read_bytes()
+
+
+def shard_files(root):
+    """Every shard and manifest with its bytes' hash and mtime (the lock file is not data)."""
+    import hashlib
+    return {p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in root.rglob("*") if p.is_file() and p.name != ".prepare.lock"}
+
+
+def test_the_run_seed_does_not_choose_the_episodes(omniglot_dir, tmp_path):
+    """data.seed decides the split and the episodes; runs with other seeds use the same shards
+    (and the default folder is named by the data settings, so it is the same folder)."""
+    from metadist.data.prepare import ensure
+    base = small_overrides(omniglot_dir, tmp_path)
+    cfg = config.load(None, base)
+    prepare(cfg, **quiet)
+    files = shard_files(shards_dir(cfg))
+    for seed in (1, 2, 3):
+        other = config.load(None, base + [f"seed={seed}"])
+        assert ensure(other, log=lambda s: pytest.fail(f"ensure said {s!r}")) == shards_dir(cfg)
+    assert shard_files(shards_dir(cfg)) == files
+    unnamed = [x for x in base if not x.startswith("data.shards=")]
+    a, b = (shards_dir(config.load(None, unnamed + extra)) for extra in ([], ["seed=4"]))
+    c = shards_dir(config.load(None, unnamed + ["data.seed=4"]))
+    assert a == b != c and str(a).startswith("data/shards/alphabets-5w1s1q-")
 
 
 def test_interrupted_prepare_leaves_no_split(omniglot_dir, tmp_path, monkeypatch):
@@ -49,9 +81,10 @@ def test_interrupted_prepare_leaves_no_split(omniglot_dir, tmp_path, monkeypatch
     verify(shards_dir(cfg) / "train")
 
 
-def test_train_needs_only_the_shards_and_prepares_only_what_differs(omniglot_dir, tmp_path):
-    """ensure(): matching manifests are used as they are (raw data never read); a split whose
-    manifest differs is the only one prepared, from raw data."""
+def test_train_needs_only_the_shards_and_prepares_only_what_is_missing(omniglot_dir, tmp_path):
+    """ensure(): matching manifests are used as they are (raw data never read); a missing split is
+    the only one prepared, from raw data; a split that differs is never rewritten."""
+    import shutil
     from metadist.data.prepare import ensure, mismatch
     cfg = config.load(None, small_overrides(omniglot_dir, tmp_path))
     prepare(cfg, **quiet)
@@ -59,11 +92,48 @@ def test_train_needs_only_the_shards_and_prepares_only_what_differs(omniglot_dir
     no_raw = config.load(None, small_overrides(tmp_path / "nowhere", tmp_path))
     assert ensure(no_raw, log=said.append) == shards_dir(cfg) and said == []
     more = config.load(None, small_overrides(omniglot_dir, tmp_path, **{"data.val_episodes": 32}))
-    assert "episodes 16 (want 32)" in mismatch(more, "val")
-    before = {p: p.stat().st_mtime_ns for p in (shards_dir(cfg) / "train").iterdir()}
+    assert "data.val_episodes=16 there, 32 asked" in mismatch(more, "val")
+    files = shard_files(shards_dir(cfg))
+    with pytest.raises(SplitDiffers, match=r"holds another val split \(data.val_episodes=16 there, 32 asked\).*data.shards"):
+        ensure(more, log=said.append)
+    assert shard_files(shards_dir(cfg)) == files and said == []
+    shutil.rmtree(shards_dir(cfg) / "val")
+    train_files = {p: v for p, v in files.items() if p.parent.name == "train"}
     ensure(more, log=said.append)
     assert any("preparing val" in s for s in said) and read_manifest(shards_dir(cfg) / "val")["episodes"] == 32
-    assert {p: p.stat().st_mtime_ns for p in (shards_dir(cfg) / "train").iterdir()} == before
+    assert {p: v for p, v in shard_files(shards_dir(cfg)).items() if p.parent.name == "train"} == train_files
+
+
+def _line_within(proc, seconds):
+    import select
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    if not ready:
+        proc.kill()
+        pytest.fail(f"no output within {seconds} s")
+    return proc.stdout.readline()
+
+
+def test_two_prepares_on_one_folder_do_not_interleave(omniglot_dir, tmp_path):
+    """The second waits for the first (the lock names it), then finds every split up to date."""
+    import fcntl
+    args = small_overrides(omniglot_dir, tmp_path)
+    root = shards_dir(config.load(None, args))
+    root.mkdir(parents=True)
+    with open(root / ".prepare.lock", "a+") as held:          # a first prepare, busy
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid=12345 host=elsewhere\n")
+        held.flush()
+        second = subprocess.Popen([sys.executable, "-u", "-m", "metadist", "prepare", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        first_line = _line_within(second, 120)
+        assert "pid=12345 host=elsewhere is preparing it; waiting" in first_line
+        time.sleep(1)
+        assert second.poll() is None and not (root / "train").exists()     # waiting, nothing written
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-2000:]
+    assert "wrote" in out
+    third = run_cli("prepare", *args)
+    assert third.returncode == 0 and third.stdout.count("skipped") == 3
 
 
 def test_no_shards_and_no_raw_data_is_one_line_naming_the_split_and_the_url(tmp_path):

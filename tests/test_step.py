@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metadist import config
+from metadist import config, exact
 from metadist.algorithms import build_model
 from metadist.step import MetaStep, lr_lambda
 
@@ -15,6 +15,9 @@ class OneProcess:
 
     def mean_gradients(self, params, votes, step):
         return votes
+
+    def exact_mean(self, mine, layout, step):
+        return exact.merge(mine)
 
 
 def test_warmup_then_cosine_schedule():
@@ -37,7 +40,9 @@ def _step(*overrides):
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=4", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg)
-    return MetaStep(cfg, model, OneProcess(), 4, say=lambda *a: None), model
+    step = MetaStep(cfg, model, OneProcess(), 4, say=lambda *a: None)
+    step.use_strategy("batched")
+    return step, model
 
 
 def test_grad_clip_bounds_the_meta_gradient_norm():

@@ -23,6 +23,10 @@ def test_run_folder_has_everything(trained):
     s = json.loads((run / "summary.json").read_text())
     assert s["steps"] == 6 and s["test_episodes"] == 24 and 0 <= s["test_accuracy"] <= 1 and s["test_ci95"] >= 0
     assert "test accuracy" in r.stdout
+    # stderr is a file here (as in SLURM's .out or CI): one plain line per log step, no progress bar
+    lines = [x for x in r.stdout.splitlines() if x.startswith("step ") and "/6: loss" in x]
+    assert [x.split("/")[0] for x in lines] == [f"step {i}" for i in range(1, 7)] and "tasks/s" in lines[0]
+    assert "\r" not in r.stdout + r.stderr
     # final checkpoint is complete and readable
     assert (run / "checkpoints" / "step_000006" / "meta.json").is_file()
 
@@ -142,19 +146,55 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_auto_strategy_is_measured_once_and_kept_for_resume(omniglot_dir, tmp_path):
+def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(omniglot_dir, tmp_path, monkeypatch):
+    """algo.strategy=auto measures once per machine and task shape and caches the answer: the same
+    command twice gives the same strategy and bit-identical weights; a resumed run keeps its
+    checkpoint's strategy whatever the cache says later; another shape is measured anew."""
     from metadist.train import train
-    base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 2})
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
+    base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 2, "train.checkpoint_every": 2})
     said = []
-    s = train(config.load(None, base), log=said.append)
-    choice = json.loads((tmp_path / "runs" / "t" / "strategy.json").read_text())
-    assert choice["strategy"] in ("batched", "loop") and set(choice["tasks_per_s"]) == {"batched", "loop"}
-    assert s["strategy"] == choice["strategy"] and any("algo.strategy=auto: measured" in x for x in said)
-    other = {"batched": "loop", "loop": "batched"}[choice["strategy"]]
-    (tmp_path / "runs" / "t" / "strategy.json").write_text(json.dumps(dict(choice, strategy=other)))
+    s1 = train(config.load(None, base + ["run.name=one"]), log=said.append)
+    assert any("measured now, cached in" in x for x in said)
+    cached = list((tmp_path / "cache").glob("strategy-*.json"))
+    assert len(cached) == 1
+    rec = json.loads(cached[0].read_text())
+    assert rec["strategy"] == s1["strategy"] and set(rec["tasks_per_s"]) == {"batched", "loop"}
+    assert rec["key"]["threads"] == torch.get_num_threads() and rec["key"]["shape"]["ways"] == 5
     said = []
-    s = train(config.load(None, base + ["train.steps=4"]), log=said.append)     # a relaunch reads the file
-    assert s["strategy"] == other and not any("auto: measured" in x for x in said)
+    s2 = train(config.load(None, base + ["run.name=two"]), log=said.append)
+    assert s2["strategy"] == s1["strategy"] and any("cached in" in x and "measured now" not in x for x in said)
+    a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("one", "two"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "runs" / "one" / "strategy.json").read_text())
+    assert record["strategy"] == s1["strategy"] and "algo.strategy=auto on this CPU" in record["why"]
+    # the cache now says the other strategy: a resumed run keeps its own, a new run takes the cache's
+    other = {"batched": "loop", "loop": "batched"}[s1["strategy"]]
+    cached[0].write_text(json.dumps(dict(rec, strategy=other)))
+    assert train(config.load(None, base + ["run.name=one", "train.steps=4"]), log=lambda *a: None)["strategy"] == s1["strategy"]
+    assert train(config.load(None, base + ["run.name=three"]), log=lambda *a: None)["strategy"] == other
+    # another shape is another key
+    said = []
+    train(config.load(None, base + ["run.name=four", "data.queries=2", f"data.shards={tmp_path / 'shards2'}"]), log=said.append)
+    assert any("measured now" in x for x in said) and len(list((tmp_path / "cache").glob("strategy-*.json"))) == 2
+
+
+def test_concurrent_runs_measure_once_and_agree(omniglot_dir, tmp_path):
+    """Two launches at once on an empty cache: one measures, the other waits on the lock and reads it."""
+    import os
+    import subprocess
+    import sys
+    from metadist.data.prepare import prepare
+    base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 1})
+    prepare(config.load(None, base), log=lambda *a: None)
+    env = dict(os.environ, METADIST_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-m", "metadist", "train", *base, f"run.name=c{i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert sum("measured now" in o[0] for o in outs) == 1
+    chosen = {json.loads((tmp_path / "runs" / f"c{i}" / "summary.json").read_text())["strategy"] for i in range(2)}
+    assert len(chosen) == 1
 
 
 def test_maml_plus_plus_settings_train_save_and_evaluate(omniglot_dir, tmp_path):

@@ -1,7 +1,7 @@
 """The MAML family as a table: `ALGORITHMS` maps `algo.name` to its task losses and the settings
 of the one inner loop it uses. Adding an algorithm is one entry here (config validates
-`algo.name` against this table). Also here: the model a config describes (`build_model`) and
-which strategy runs a rank's tasks (`resolve_strategy`).
+`algo.name` against this table). Also here: the model a config describes (`build_model`).
+Which strategy runs a rank's tasks is metadist/strategy.py's business.
 
 `Algorithm.train_inner` is the inner loop of meta-training; `test_inner(steps, lr)` the one of
 validation, test and predict (always first order, no meta-graph).
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
-
-import torch
 
 from metadist.algorithms import maml, transfer
 from metadist.algorithms.core import Inner
@@ -75,14 +73,3 @@ def build(cfg: Config, model: ConvNet, first_order: bool = False) -> Algorithm:
 def build_model(cfg: Config) -> ConvNet:
     return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth, learn_lr=cfg.algo.learn_inner_lr,
                    lr_init=cfg.algo.inner_lr, steps=cfg.algo.inner_steps, per_step_bn=cfg.algo.per_step_bn)
-
-
-def resolve_strategy(strategy: str, device: torch.device, images_per_task: int, second_order: bool) -> str:
-    """auto: batched on GPU (the per-task loop is launch-bound there). On CPU (`make bench`):
-    batched wins for 5-way 1-shot in both orders and for 20-way first order; for 20-way second
-    order the folded first layer outgrows the caches and the per-task loop is faster."""
-    if strategy != "auto":
-        return strategy
-    if device.type == "cuda":
-        return "batched"
-    return "loop" if second_order and images_per_task > 10 else "batched"

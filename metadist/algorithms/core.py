@@ -114,20 +114,30 @@ def chunks(batch: dict, size: int):
 
 
 def meta_backward(task_losses, model: ConvNet, params: Params, batch: dict, strategy: str,
-                  tasks_per_chunk: int, scale: float, second_order: bool = True) -> tuple[float, float]:
-    """Accumulate scale * d(sum of the tasks' losses)/d(params) into params' .grad, chunk by chunk.
+                  tasks_per_chunk: int, scale: float, second_order: bool = True, tree=None, extra: int = 0):
+    """scale * d(sum of the tasks' losses)/d(params), chunk by chunk.
 
-    `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. With the
-    loop strategy every task is its own chunk (the reference's memory profile). Returns the sums
-    of loss and accuracy over the tasks (detached tensors; no host sync here).
+    `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (tree
+    None): accumulated into params' .grad; with the loop strategy every task is its own chunk (the
+    reference's memory profile). Exact (tree: a metadist.exact.TreeSum): each chunk of
+    `tasks_per_chunk` tasks gives its own flat gradient (`extra` zeros appended), pushed to the
+    tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it.
+    Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here).
     """
     forward = make_forward(model, strategy, second_order)
-    size = 1 if strategy == "loop" else tasks_per_chunk
+    size = 1 if strategy == "loop" and tree is None else tasks_per_chunk
+    leaves = list(params.values())
     loss_sum = acc_sum = 0.0
     for chunk in chunks(batch, size):
         t = chunk["x_support"].shape[0]
         losses, accs = task_losses(forward, per_task(params, t), chunk)
-        (losses.sum() * scale).backward()
+        total = losses.sum() * scale
+        if tree is None:
+            total.backward()
+        else:
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            tree.push(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, leaves)]
+                                + [leaves[0].new_zeros(extra)]))
         loss_sum = loss_sum + losses.detach().sum()
         acc_sum = acc_sum + accs.detach().sum()
     return loss_sum, acc_sum
