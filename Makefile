@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce soak plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce bench-storage soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -51,6 +51,9 @@ bench-scaling:         ## meta-step time vs tasks per rank, all-reduce time, pre
 
 bench-reduce:          ## train.reduce=exact against fast: step time, memory, the reduction between 2 processes, 8-GPU model
 	$(PY) bench/reduce.py
+
+bench-storage:         ## 84x84 RGB episodes: bytes and decode speed of raw, PNG, source JPEG and the pool format
+	$(PY) bench/storage.py
 
 soak:                  ## a 2-process run killed 10 times at random and relaunched: same weights at the end
 	$(PY) bench/soak.py --kills 10 --steps 300

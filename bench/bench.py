@@ -194,16 +194,17 @@ def bench_data(quick: bool) -> list[dict]:
     """Reader episodes/s on a synthetic split written by the real writer, 0/1/2 workers."""
     import tempfile
     import numpy as np
-    from metadist.data.omniglot import Split
-    from metadist.data.shards import meta_batches, split_spec, write_split
+    from metadist.data.shards import meta_batches, write_split
+    from metadist.data.sources import ClassSet
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, size=(100, 20, 28, 28), dtype=np.uint8)
-        names = [("images_background", "A", f"character{i:02d}") for i in range(100)]
-        split = Split("train", list(range(100)), (0,))
-        spec = split_spec(split, names, "alphabets", 5, 1, 1, 4000, 1000, 0, {"bench": "random images"})
-        write_split(Path(tmp), split, images, names, spec, log=lambda *a: None)
+        classes = ClassSet(names=[f"A/character{i:02d}" for i in range(100)],
+                           images=list(rng.integers(0, 256, size=(100, 20, 1, 28, 28), dtype=np.uint8)),
+                           splits={"train": list(range(100))}, rotations={"train": (0,)})
+        spec = {"format": 2, "split": "train", "ways": 5, "shots": 1, "queries": 1, "episodes": 4000,
+                "episodes_per_shard": 1000, "seed": 0}
+        write_split(Path(tmp), "train", classes, spec, log=lambda *a: None)
         steps = 40 if quick else 120
         for workers in (0, 1, 2):
             it = meta_batches(Path(tmp) / "train", 0, 32, 0, 1, 0, steps, task_aug=0.4, num_workers=workers)

@@ -37,8 +37,10 @@ def cmd_verify(args):
             continue
         verify(root, split, manifest=m, cache_dir=cfg.data.cache_dir)
         found += 1
-        print(f"{split}: {len(m['shards'])} shards, {m['episodes']} episodes, {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match "
-              f"({m['protocol']}, {m['ways']}-way {m['shots']}-shot {m['queries']}-query, data.seed {m['seed']})")
+        shape = "x".join(map(str, m["image_shape"]))
+        print(f"{split}: {len(m['pool'])} pool + {len(m['shards'])} episode shards ({len(m['classes'])} classes, "
+              f"{m['episodes']} episodes), {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match ({m['dataset']}, "
+              f"{m['ways']}-way {m['shots']}-shot {m['queries']}-query, {shape} images, data.seed {m['seed']})")
     if not found:
         raise ShardError(f"{root}: no split (train/, val/, test/ with a manifest.json) to verify")
 
@@ -89,6 +91,10 @@ def cmd_evaluate(args):
     model, cfg, device = _model(args)
     split = EpisodeSource(args.shards or shards_dir(cfg), args.split, cache_dir=cfg.data.cache_dir)
     m = split.manifest
+    want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
+    if m["image_shape"] != want:
+        raise config_mod.ConfigError(f"{split.dir}: images of shape {m['image_shape']}, the model takes {want} "
+                                     "(evaluate it on shards of its own dataset)")
     if (m["ways"], m["shots"], m["queries"]) != (cfg.data.ways, cfg.data.shots, cfg.data.queries):
         cfg.data.shots, cfg.data.queries = m["shots"], m["queries"]
         if m["ways"] != model.ways:
@@ -120,8 +126,9 @@ def _split_source(args):
 
 def cmd_export_tasks(args):
     from metadist.data.export import export_tasks
+    from metadist.data.prepare import preprocessing
     cfg, src = _split_source(args)
-    n = export_tasks(src.all(args.limit), src.ways, src.shots, src.queries, Path(args.out))
+    n = export_tasks(src.all(args.limit), src.ways, src.shots, src.queries, Path(args.out), preprocessing(cfg)["invert"])
     print(f"wrote {n} tasks of {src.dir} to {args.out}")
 
 
@@ -143,7 +150,7 @@ def main(argv=None):
         s.set_defaults(fn=fn)
         return s
 
-    s = add("prepare", cmd_prepare, "raw Omniglot -> train/val/test episode shards")
+    s = add("prepare", cmd_prepare, "raw images (Omniglot or your class folders) -> train/val/test episode shards")
     s.add_argument("--overwrite", action="store_true",
                    help="replace splits of another spec in the shards folder (only if no run reads them)")
     s = add("verify", cmd_verify, "check every shard's size and sha256 against its manifest")

@@ -30,11 +30,22 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    raw: str = ""             # Omniglot zips or folders; "" -> $OMNIGLOT_DIR, else data/raw/omniglot
-    shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<protocol>-<ways>w<shots>s<queries>q-<digest>
+    source: str = "omniglot"  # omniglot | folder (your own class folders and split files: metadist/data/sources/folder.py)
+    name: str = ""            # the dataset's name (manifests, the default shards folder); "" -> omniglot, or data.raw's folder name
+    raw: str = ""             # omniglot: zips or folders ("" -> $OMNIGLOT_DIR, else data/raw/omniglot); folder: the dataset's root
+    shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<name>-<ways>w<shots>s<queries>q-<digest>
     cache_dir: str = ""       # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
     seed: int = 0             # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
-    protocol: str = "alphabets"   # alphabets (the exercise's) | characters (the MAML paper's)
+    protocol: str = "alphabets"   # omniglot: alphabets (the exercise's) | characters (the MAML paper's)
+    split: str = "fractions"  # folder: fractions | lists (train/val/test.txt) | csv (mini-ImageNet's) | folders (train/ val/ test/)
+    split_dir: str = ""       # folder, lists and csv: where train/val/test.txt or .csv are; "" -> data.raw
+    class_depth: int = 1      # folder: a class is a folder this many levels down (Omniglot under its root: 3)
+    test_fraction: float = 0.2    # folder, fractions: share of classes for test (val: data.val_fraction)
+    image_size: int = 28      # images are image_size x image_size after preprocessing
+    channels: int = 1         # 1 (grey) | 3 (RGB)
+    resize: str = "stretch"   # folder: stretch (to a square, as mini-ImageNet's preparation) | crop (shorter side, then centre)
+    invert: bool = False      # folder: x -> 1 - x before resizing (Omniglot-like strokes; omniglot always inverts)
+    small_classes: str = "error"  # folder: a class with fewer than shots + queries images is an error | skip (counted)
     ways: int = 5
     shots: int = 1
     queries: int = 1          # query images per class in every split
@@ -42,7 +53,7 @@ class DataConfig:
     val_episodes: int = 320
     test_episodes: int = 640
     episodes_per_shard: int = 1000
-    val_fraction: float = 0.2     # alphabets protocol: share of background characters held out
+    val_fraction: float = 0.2     # alphabets: share of background characters held out; folder, fractions: share of classes
     task_aug: float = 0.0     # probability of rotating a whole training task by 90 or 270 degrees
     num_workers: int = 0      # DataLoader workers per process for the train stream
     device_cache: str = "auto"    # the train split resident on the device: auto (on GPU, if under 4 GB) | on | off
@@ -123,7 +134,11 @@ class Config:
 
 
 CHOICES = {
+    "data.source": ("omniglot", "folder"),
     "data.protocol": ("alphabets", "characters"),
+    "data.split": ("fractions", "lists", "csv", "folders"),
+    "data.resize": ("stretch", "crop"),
+    "data.small_classes": ("error", "skip"),
     "data.device_cache": ("auto", "on", "off"),
     "algo.strategy": ("auto", "batched", "loop"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
@@ -261,14 +276,22 @@ def validate(cfg: Config) -> None:
     need(d.ways >= 2, "data.ways", "must be at least 2")
     need(d.shots >= 1, "data.shots", "must be at least 1")
     need(d.queries >= 1, "data.queries", "must be at least 1")
-    need(d.shots + d.queries <= 20, "data.queries", "shots + queries must be at most 20 (drawings per character)")
+    if d.source == "omniglot":
+        need(d.shots + d.queries <= 20, "data.queries", "shots + queries must be at most 20 (drawings per character)")
+        need(d.channels == 1, "data.channels", "Omniglot is grey: 1")
+    need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
+    need(d.image_size >= 4, "data.image_size", "must be at least 4 pixels")
+    need(d.class_depth >= 1, "data.class_depth", "must be at least 1")
+    need(0.0 <= d.test_fraction < 1.0 and d.val_fraction + d.test_fraction < 1.0, "data.test_fraction",
+         "must be in [0, 1), and with data.val_fraction leave classes for train")
     for k in ("train_episodes", "val_episodes", "test_episodes", "episodes_per_shard"):
         need(getattr(d, k) >= 1, f"data.{k}", "must be positive")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     need(0.0 <= d.task_aug <= 1.0, "data.task_aug", "is a probability in [0, 1]")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.model.hidden >= 1, "model.hidden", "must be positive")
-    need(1 <= cfg.model.depth <= 4, "model.depth", "must be 1..4 (28x28 input halves per block)")
+    need(cfg.model.depth >= 1 and d.image_size >> cfg.model.depth >= 1, "model.depth",
+         f"each block halves the image: {d.image_size} px allows at most {d.image_size.bit_length() - 1} blocks")
     need(a.inner_steps >= 0, "algo.inner_steps", "must be >= 0")
     need(a.inner_lr >= 0, "algo.inner_lr", "must be >= 0")
     need(a.first_order_steps >= 0, "algo.first_order_steps", "must be >= 0")

@@ -16,8 +16,9 @@ from metadist.algorithms import build as build_algorithm
 from metadist.algorithms.core import adapt_and_predict
 from metadist.config import Config
 from metadist.data.episodes import to_float
-from metadist.data.omniglot import decode_png, preprocess
+from metadist.data.prepare import preprocessing
 from metadist.data.shards import to_batch
+from metadist.data.sources import DataError, decode, preprocess
 from metadist.errors import MetadistError
 from metadist.model import ConvNet
 
@@ -33,7 +34,8 @@ def ci95(accs) -> tuple[float, float]:
 
 def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps: int, device, strategy="batched",
                        rank: int = 0, world: int = 1, gather=None) -> torch.Tensor:
-    """Accuracy of each episode (uint8 (E, ways*(shots+queries), 28, 28)), adapting `steps` steps.
+    """Accuracy of each episode (uint8 (E, ways*(shots+queries), C, H, W): an array, or a shard
+    split's lazily gathered `Episodes`), adapting `steps` steps.
     The episodes are cut into fixed batches of `eval.tasks_per_batch` by their index, whatever the
     world size, and rank r adapts batches r, r+W, ...: every episode is computed in the same batch
     at any world size, so the accuracies are too. `gather` reassembles the batches in order."""
@@ -66,8 +68,9 @@ _NUM = re.compile(r"^\d+$")
 _IMG = re.compile(r"^image_(\d+)\.png$")
 
 
-def read_task_folder(tasks_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """The exercise's layout -> [(task id, support (ways, 28, 28) uint8, query (m, 28, 28) uint8)]."""
+def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The exercise's layout -> [(task id, support (ways, C, H, W) uint8, query (m, C, H, W) uint8)],
+    every image through the training preprocessing `prep` (data.prepare.preprocessing)."""
     tasks_dir = Path(tasks_dir)
     sup, qry = tasks_dir / "support", tasks_dir / "query"
     if not sup.is_dir() or not qry.is_dir():
@@ -83,9 +86,10 @@ def read_task_folder(tasks_dir: Path) -> list[tuple[str, torch.Tensor, torch.Ten
         if [i for i, _ in files] != list(range(len(files))):
             raise EvalError(f"{folder}: images must be image_0.png .. image_{len(files) - 1}.png without gaps")
         try:
-            return torch.cat([preprocess(decode_png(p.read_bytes(), str(p)).unsqueeze(0)) for _, p in files])
-        except OSError as e:
-            raise EvalError(f"{folder}: {e}") from None
+            return torch.cat([preprocess(decode(p, prep["channels"]).unsqueeze(0), prep["size"], prep["resize"],
+                                         prep["invert"]) for _, p in files])
+        except DataError as e:
+            raise EvalError(str(e)) from None
 
     out = []
     for i in ids:
@@ -97,7 +101,7 @@ def read_task_folder(tasks_dir: Path) -> list[tuple[str, torch.Tensor, torch.Ten
 
 def predict(model: ConvNet, cfg: Config, tasks_dir: Path, out_csv: Path, device="cpu", steps: int | None = None) -> int:
     """Adapt to each task's support (image i is class i) and write `id,class` rows in task order."""
-    tasks = read_task_folder(tasks_dir)
+    tasks = read_task_folder(tasks_dir, preprocessing(cfg))
     steps = cfg.eval.inner_steps if steps is None else steps
     inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr)
     params = dict(model.named_parameters())

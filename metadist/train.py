@@ -214,10 +214,10 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
         say(f"torch elastic: run {e['run_id']}, restart {e['restart']} of at most {e['max_restarts']}, "
             f"{e['nodes']} node(s), {dist.world} process(es)")
     root = shards_dir(cfg)
-    image_shape = (1, 28, 28)
+    image_shape = tuple(read_manifest(root, "train")["image_shape"])     # the shape travels from the shards
     device = dist.device
     dist.seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, image_shape).to(device)
     meta_step = MetaStep(cfg, model, dist, local_tasks, say, image_shape)
     ckpt = Checkpointer(run.dir, t.checkpoint_every, t.keep_checkpoints, dist.is_main)
     latest = None if cfg.run.fresh else ckpt.latest()

@@ -42,7 +42,8 @@ def test_verify_checks_every_shard(prepared, tmp_path):
 
     from metadist.data.prepare import shards_dir
     r = run_cli("verify", "--shards", shards_dir(prepared))
-    assert r.returncode == 0 and "train: 6 shards, 96 episodes" in r.stdout and r.stdout.count("sha256 match") == 3
+    assert r.returncode == 0 and "train: 1 pool + 6 episode shards (19 classes, 96 episodes)" in r.stdout
+    assert r.stdout.count("sha256 match") == 3 and "1x28x28 images, data.seed 0" in r.stdout
     bad = tmp_path / "s"
     shutil.copytree(shards_dir(prepared), bad)
     victim = bad / "test" / "test-000001.tar"
@@ -51,3 +52,7 @@ def test_verify_checks_every_shard(prepared, tmp_path):
     victim.write_bytes(bytes(data))
     r = run_cli("verify", "--shards", bad)
     assert r.returncode == 2 and "fails its checksum" in r.stderr and "test-000001.tar" in r.stderr
+    pool = bad / "val" / "pool-000000.tar"
+    pool.write_bytes(pool.read_bytes()[:-512])
+    r = run_cli("verify", "--shards", bad)
+    assert r.returncode == 2 and "pool-000000.tar" in r.stderr and "truncated" in r.stderr

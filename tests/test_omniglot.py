@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metadist import config
-from metadist.data import omniglot
+from metadist.data.sources import omniglot
 from metadist.data.prepare import prepare
 from metadist.data.shards import read_manifest
 from tests.conftest import REAL_OMNIGLOT, run_cli, write_synthetic
@@ -19,17 +19,18 @@ def test_ingest_folder_and_zip_agree(omniglot_dir, omniglot_zips):
     a = omniglot.load(omniglot_dir, "images_background")
     b = omniglot.load(omniglot_zips, "images_background")
     assert a.names == b.names and np.array_equal(a.images, b.images) and a.sha256 == b.sha256
-    assert a.images.shape == (24, 20, 28, 28) and a.images.dtype == np.uint8
+    assert a.images.shape == (24, 20, 1, 28, 28) and a.images.dtype == np.uint8
     # strokes bright on a dark background: the corners are background
-    assert a.images[:, :, 0, 0].max() == 0 and a.images.max() == 255
+    assert a.images[:, :, 0, 0, 0].max() == 0 and a.images.max() == 255
 
 
 def test_preprocess_polarity_and_size():
     png = torch.full((1, 1, 105, 105), 255, dtype=torch.uint8)
     png[..., 40:60, :] = 0                         # a dark horizontal stroke on white
     out = omniglot.preprocess(png)
-    assert out.shape == (1, 28, 28)
-    assert out[0, 0, 0] == 0 and out[0, 13, 14] == 255
+    assert out.shape == (1, 1, 28, 28)
+    assert out[0, 0, 0, 0] == 0 and out[0, 0, 13, 14] == 255
+    assert omniglot.preprocess(png, 56).shape == (1, 1, 56, 56)           # data.image_size
 
 
 @pytest.mark.parametrize("protocol", ["alphabets", "characters"])
@@ -74,7 +75,7 @@ def test_real_omniglot_counts_and_splits(tmp_path):
     assert (len({a for a, _ in bg.names}), len(bg.names)) == (30, 964)
     assert (len({a for a, _ in ev.names}), len(ev.names)) == (20, 659)
     names, images = omniglot.pool(bg, ev)
-    assert images.shape == (1623, 20, 28, 28)
+    assert images.shape == (1623, 20, 1, 28, 28)
     for protocol, sizes in (("alphabets", (771, 193, 659)), ("characters", (1100, 100, 423))):
         s = omniglot.make_splits(names, protocol, seed=0)
         got = tuple(len(s[k].chars) for k in ("train", "val", "test"))
@@ -84,9 +85,9 @@ def test_real_omniglot_counts_and_splits(tmp_path):
                              "data.val_episodes=20", "data.test_episodes=640", "data.protocol=characters"])
     prepare(cfg, **quiet)
     m = read_manifest(tmp_path / "test")
-    src = m["source"]
+    src = m["source_info"]
     assert (src["images_background"]["alphabets"], src["images_background"]["characters"], src["images_background"]["images"]) == (30, 964, 19280)
     assert (src["images_evaluation"]["alphabets"], src["images_evaluation"]["characters"], src["images_evaluation"]["images"]) == (20, 659, 13180)
-    assert m["episodes"] == 640 and len(m["characters"]) == 423 and m["rotations_deg"] == [0, 90, 180, 270]
-    train_chars = set(read_manifest(tmp_path / "train")["characters"])
-    assert not train_chars & set(m["characters"])
+    assert m["episodes"] == 640 and len(m["classes"]) == 423 and m["rotations_deg"] == [0, 90, 180, 270]
+    train_chars = set(read_manifest(tmp_path / "train")["classes"])
+    assert not train_chars & set(m["classes"])

@@ -63,7 +63,7 @@ def test_the_run_seed_does_not_choose_the_episodes(omniglot_dir, tmp_path):
     unnamed = [x for x in base if not x.startswith("data.shards=")]
     a, b = (shards_dir(config.load(None, unnamed + extra)) for extra in ([], ["seed=4"]))
     c = shards_dir(config.load(None, unnamed + ["data.seed=4"]))
-    assert a == b != c and str(a).startswith("data/shards/alphabets-5w1s1q-")
+    assert a == b != c and str(a).startswith("data/shards/omniglot-alphabets-5w1s1q-")
 
 
 def test_interrupted_prepare_leaves_no_split(omniglot_dir, tmp_path, monkeypatch):

@@ -36,3 +36,32 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
     r = run_cli("evaluate", "--run", tmp_path / "runs" / "real" / "checkpoints" / "step_000150", "eval.test_episodes=160")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1])["episodes"] == 160
+
+
+def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path):
+    """The official zips extracted to folders, read by data.source=folder (classes 3 deep under the
+    folder holding both sets: <set>/<alphabet>/<character>; the alphabets split as class lists;
+    1 channel, 28 px, inverted): every pool and episode shard byte-identical to the native path's."""
+    import zipfile
+    from metadist import config
+    from metadist.data.prepare import prepare, shards_dir
+    from metadist.data.shards import read_manifest
+    raw = tmp_path / "omniglot"
+    for name in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(REAL_OMNIGLOT / f"{name}.zip") as z:
+            z.extractall(raw)
+    counts = ["data.train_episodes=2000", "data.val_episodes=320", "data.test_episodes=640"]
+    native = config.load(None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path / 'native'}", *counts])
+    prepare(native, log=lambda *a: None)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for s in ("train", "val", "test"):
+        (lists / f"{s}.txt").write_text("".join(c + "\n" for c in read_manifest(shards_dir(native), s)["classes"]))
+    generic = config.load(None, [f"data.raw={raw}", f"data.shards={tmp_path / 'generic'}", *counts, "data.source=folder",
+                                 "data.split=lists", f"data.split_dir={lists}", "data.class_depth=3", "data.invert=true",
+                                 "data.name=omniglot"])
+    prepare(generic, log=lambda *a: None)
+    for s in ("train", "val", "test"):
+        a, b = read_manifest(shards_dir(native), s), read_manifest(shards_dir(generic), s)
+        assert len(a["classes"]) == {"train": 771, "val": 193, "test": 659}[s] and a["classes"] == b["classes"]
+        assert [p["sha256"] for p in a["pool"] + a["shards"]] == [p["sha256"] for p in b["pool"] + b["shards"]], s

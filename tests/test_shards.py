@@ -1,5 +1,6 @@
-"""Episode shards: manifest and checksums, the world-size-independent reader (1/2/4 processes,
-start-at-step, workers), and damaged or foreign shards stopping the run naming them."""
+"""Episode shards (format 2: a pool of images per split, episodes as records): manifest and
+checksums, the world-size-independent reader (1/2/4 processes, start-at-step, workers, the
+device-resident reader), and damaged or foreign shards stopping the run naming them."""
 import shutil
 
 import pytest
@@ -16,8 +17,10 @@ def test_manifest_counts_and_checksums(prepared):
     for split, n in (("train", 96), ("val", 16), ("test", 24)):
         m = read_manifest(shards_dir(prepared) / split)
         assert m["episodes"] == n == sum(s["episodes"] for s in m["shards"])
-        assert len(m["shards"]) == -(-n // 16) and len(m["characters"]) > 0
-        assert m["metadist_version"] and m["seed"] == 0 and m["protocol"] == "alphabets"
+        assert len(m["shards"]) == -(-n // 16) and len(m["classes"]) == len(m["class_images"]) > 0
+        assert m["metadist_version"] and m["seed"] == 0 and m["protocol"] == "alphabets" and m["format"] == 2
+        assert m["image_shape"] == [1, 28, 28] and sum(p["classes"] for p in m["pool"]) == len(m["classes"])
+        assert m["bytes"] == sum(s["bytes"] for s in m["shards"] + m["pool"])
         verify(shards_dir(prepared) / split)
 
 
@@ -68,25 +71,25 @@ def _copy_prepared(prepared, tmp_path):
     return dst
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "pool"])
 def test_damaged_shard_stops_naming_it(prepared, tmp_path, damage):
     d = _copy_prepared(prepared, tmp_path) / "train"
-    victim = d / "train-000002.tar"
+    victim = d / ("pool-000000.tar" if damage == "pool" else "train-000002.tar")
     data = bytearray(victim.read_bytes())
-    if damage == "flip":
+    if damage in ("flip", "pool"):
         data[2000] ^= 0xFF
         victim.write_bytes(bytes(data))
     elif damage == "truncate":
         victim.write_bytes(bytes(data[:3000]))
     else:
         victim.unlink()
-    with pytest.raises(ShardError, match="train-000002.tar"):
+    with pytest.raises(ShardError, match=victim.name):
         list(meta_batches(d, 0, 8, 0, 1, 0, 12))
     # train itself: manifests match, so no raw data is needed (none is given); 12 steps of 8 read
     # every episode of the epoch, so it must reach the damaged shard and stop naming it
     r = run_cli("train", *small_overrides("/nonexistent", tmp_path), f"data.shards={d.parent}", "train.steps=12")
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "train-000002.tar" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    assert victim.name in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
 
 
 def test_reader_refuses_foreign_members(prepared, tmp_path):
@@ -99,9 +102,25 @@ def test_reader_refuses_foreign_members(prepared, tmp_path):
         info = tarfile.TarInfo("00000000.images.pyd")
         info.size = len(payload)
         t.addfile(info, io.BytesIO(payload))
-    from metadist.data.shards import load_shard
+    from metadist.data.shards import decode_records
     with pytest.raises(ShardError, match="unexpected member"):
-        load_shard(bad, 1)
+        decode_records(str(bad), bad.read_bytes(), 1, 10, [20] * 8)
+
+
+def test_records_pointing_outside_the_pool_are_refused(prepared):
+    import io
+    import numpy as np
+    import webdataset as wds
+    from metadist.data.shards import decode_records
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False) as sink:
+        rec = np.zeros((10, 3), np.int32)
+        rec[4, 1] = 25                                   # image 25 of a class of 20
+        npy = io.BytesIO()
+        np.save(npy, rec, allow_pickle=False)
+        sink.write({"__key__": "00000000", "index.npy": npy.getvalue()})
+    with pytest.raises(ShardError, match="points outside the split's 8 classes"):
+        decode_records("crafted.tar", buf.getvalue(), 1, 10, [20] * 8)
 
 
 def test_training_over_http_equals_training_on_the_folder(prepared, tmp_path, http_server):
@@ -122,7 +141,7 @@ def test_training_over_http_equals_training_on_the_folder(prepared, tmp_path, ht
         assert r.returncode == 0, (name, r.stderr[-2000:])
     w = {n: load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in runs}
     assert all(torch.equal(w["local"][k], w[n][k]) for n in ("http", "cached") for k in w["local"])
-    assert len(list((tmp_path / "cache").iterdir())) == 6 + 1 + 2          # every shard (train, val, test), cached once
+    assert len(list((tmp_path / "cache").iterdir())) == 3 + 6 + 1 + 2     # every shard (3 pools; train, val, test), cached once
     r = run_cli("evaluate", "--run", tmp_path / "runs" / "http", "--shards", url, cwd=tmp_path, env=env)
     assert r.returncode == 0 and '"episodes": 24' in r.stdout, r.stderr[-2000:]
     r = run_cli("export-tasks", *base, f"data.shards={url}", "--out", tmp_path / "tasks", "--limit", "4", cwd=tmp_path, env=env)

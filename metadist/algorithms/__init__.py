@@ -70,6 +70,12 @@ def build(cfg: Config, model: ConvNet, first_order: bool = False) -> Algorithm:
     return Algorithm(a.name, spec, inner)
 
 
-def build_model(cfg: Config) -> ConvNet:
-    return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth, learn_lr=cfg.algo.learn_inner_lr,
-                   lr_init=cfg.algo.inner_lr, steps=cfg.algo.inner_steps, per_step_bn=cfg.algo.per_step_bn)
+def build_model(cfg: Config, image_shape: tuple[int, int, int] | None = None) -> ConvNet:
+    """The model of `cfg` for images of `image_shape` (C, H, W): the shards' manifest says it;
+    by default the config's data.channels and data.image_size (what the manifest must match)."""
+    c, h, w = image_shape or (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    if h != w:
+        raise ValueError(f"square images expected, got {h}x{w}")
+    return ConvNet(cfg.data.ways, cfg.model.hidden, cfg.model.depth, in_channels=c, side=h,
+                   learn_lr=cfg.algo.learn_inner_lr, lr_init=cfg.algo.inner_lr, steps=cfg.algo.inner_steps,
+                   per_step_bn=cfg.algo.per_step_bn)

@@ -3,14 +3,16 @@
 Every random choice comes from a generator named by its parts (seed, split, episode index) or
 (seed, step, task), never from global state, so any episode or augmentation can be recomputed
 alone: that is what makes shards reproducible and resumed or rescaled runs identical.
-Layout of one episode: support first, then query, class-major (labels arange(ways).repeat_interleave(k)).
+An episode is a record of which images it uses: (ways*(shots+queries), 3) int32 rows
+(class within the split, image within the class, quarter turns), support first, then query,
+class-major (labels arange(ways).repeat_interleave(k)); the pixels come from the split's pool.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from metadist.data.omniglot import DRAWINGS, DataError, Split
+from metadist.data.sources import DataError
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _AUG_STREAM = 7   # keeps the augmentation generator apart from the episode generators
@@ -20,25 +22,22 @@ def episode_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_IDS[split], index])
 
 
-def sample_episode(images: np.ndarray, split: Split, ways: int, shots: int, queries: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """One task: `ways` distinct characters of `split`, each with a rotation from the split's set,
-    `shots + queries` distinct drawings per class.
-
-    Returns images (ways*(shots+queries), 28, 28) uint8 and the classes [(char index, k90)].
-    """
-    if ways > len(split.chars):
-        raise DataError(f"{split.name}: {ways}-way episodes need {ways} characters, the split has {len(split.chars)}")
-    chars = rng.choice(split.chars, size=ways, replace=False)
-    rots = rng.choice(split.rotations, size=ways)
+def sample_episode(class_sizes: list[int], rotations: tuple[int, ...], ways: int, shots: int, queries: int,
+                   rng: np.random.Generator, split: str = "") -> np.ndarray:
+    """One task: `ways` distinct classes of the split (class_sizes[c]: images of its class c), each
+    with a rotation from `rotations`, `shots + queries` distinct images per class.
+    Returns (ways*(shots+queries), 3) int32: (class, image, quarter turns) per image."""
+    if ways > len(class_sizes):
+        raise DataError(f"{split}: {ways}-way episodes need {ways} classes, the split has {len(class_sizes)}")
+    classes = rng.choice(len(class_sizes), size=ways, replace=False)
+    rots = rng.choice(rotations, size=ways)
     support, query = [], []
-    for c, k in zip(chars, rots):
-        drawers = rng.choice(DRAWINGS, size=shots + queries, replace=False)
-        imgs = np.rot90(images[c, drawers], k=int(k), axes=(1, 2))
-        support.append(imgs[:shots])
-        query.append(imgs[shots:])
-    out = np.ascontiguousarray(np.concatenate(support + query))   # (ways*(shots+queries), 28, 28)
-    return out, [(int(c), int(k)) for c, k in zip(chars, rots)]
+    for c, k in zip(classes, rots):
+        images = rng.choice(class_sizes[c], size=shots + queries, replace=False)
+        rows = np.stack([np.full(shots + queries, c), images, np.full(shots + queries, k)], 1)
+        support.append(rows[:shots])
+        query.append(rows[shots:])
+    return np.concatenate(support + query).astype(np.int32)
 
 
 def labels(ways: int, per_class: int) -> torch.Tensor:
@@ -55,13 +54,13 @@ def task_rotations(seed: int, step: int, tasks: range, p: float) -> list[int]:
 
 
 def rotate_tasks(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Rotate every image of task i by ks[i] quarter turns. x: (tasks, n, 1, 28, 28)."""
+    """Rotate every image of task i by ks[i] quarter turns. x: (tasks, n, C, H, W)."""
     if not any(ks):
         return x
     return torch.stack([torch.rot90(xi, k, dims=(-2, -1)) if k else xi for xi, k in zip(x, ks)])
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images (..., n, 28, 28) -> float in [0, 1] with a channel axis (..., n, 1, 28, 28).
-    The one conversion every path uses: training batches, evaluation, predict and `show`."""
-    return x.float().div(255).unsqueeze(-3)
+    """uint8 images (..., C, H, W) -> float in [0, 1]. The one conversion every path uses:
+    training batches, evaluation, predict and `show`."""
+    return x.float().div(255)

@@ -1,5 +1,6 @@
-"""Shards for a config: `prepare(cfg)` (the `metadist prepare` command) turns raw Omniglot into
-train/val/test episode shards, re-hashing what is there and rebuilding what is damaged;
+"""Shards for a config: `prepare(cfg)` (the `metadist prepare` command) turns raw images (Omniglot,
+or your own class folders: data.source) into train/val/test episode shards, re-hashing what is
+there and rebuilding what is damaged;
 `ensure(cfg)` (what train does) only reads manifests: a split whose manifest matches the
 requested spec is used as it is, a missing split is prepared from raw data, and a split that
 differs is never rewritten (another run may be reading it): train stops and says what differs.
@@ -16,12 +17,13 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
 from metadist.config import Config
-from metadist.data import omniglot
-from metadist.data.shards import FORMAT, ShardError, is_remote, locate, read_manifest, split_spec, write_split
+from metadist.data.shards import FORMAT, ShardError, is_remote, locate, read_manifest, write_split
+from metadist.data.sources import DataError, folder, omniglot
 
 SPLITS = ("train", "val", "test")
 
@@ -31,14 +33,44 @@ def _counts(cfg: Config) -> dict[str, int]:
     return {"train": d.train_episodes, "val": d.val_episodes, "test": d.test_episodes}
 
 
+def dataset_name(cfg: Config) -> str:
+    """data.name, else `omniglot`, else the folder name of data.raw."""
+    d = cfg.data
+    if d.name:
+        return d.name
+    if d.source == "omniglot":
+        return "omniglot"
+    if not d.raw:
+        raise DataError("data.source=folder needs data.name (a node with only the shards) or data.raw (the dataset's root)")
+    return Path(d.raw).expanduser().resolve().name
+
+
+def image_shape(cfg: Config) -> list[int]:
+    return [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
+
+
+def preprocessing(cfg: Config) -> dict:
+    """How raw images become the model's input (`predict` applies the same to a task's images)."""
+    d = cfg.data
+    if d.source == "omniglot":
+        return {"channels": 1, "size": d.image_size, "resize": "stretch", "invert": True}
+    return {"channels": d.channels, "size": d.image_size, "resize": d.resize, "invert": d.invert}
+
+
 def requested(cfg: Config, split: str) -> dict:
     """What a split's manifest must say to be usable for `cfg` (the keys that decide its episodes).
-    The manifest's `seed` is the data seed (`data.seed`; before it existed, the run's seed did
-    this job, so older manifests read the same way)."""
+    The manifest's `seed` is the data seed (`data.seed`)."""
     d = cfg.data
-    return {"format": FORMAT, "split": split, "protocol": d.protocol, "ways": d.ways, "shots": d.shots,
-            "queries": d.queries, "episodes": _counts(cfg)[split], "episodes_per_shard": d.episodes_per_shard,
-            "seed": d.seed, "val_fraction": d.val_fraction if d.protocol == "alphabets" else None}
+    spec = {"format": FORMAT, "split": split, "dataset": dataset_name(cfg), "source": d.source, "ways": d.ways,
+            "shots": d.shots, "queries": d.queries, "episodes": _counts(cfg)[split],
+            "episodes_per_shard": d.episodes_per_shard, "seed": d.seed, "image_shape": image_shape(cfg),
+            "preprocessing": preprocessing(cfg)}
+    if d.source == "omniglot":
+        spec.update(protocol=d.protocol, val_fraction=d.val_fraction if d.protocol == "alphabets" else None)
+    else:
+        spec.update(layout=d.split, class_depth=d.class_depth, small_classes=d.small_classes,
+                    fractions=[d.val_fraction, d.test_fraction] if d.split == "fractions" else None)
+    return spec
 
 
 def digest(cfg: Config) -> str:
@@ -53,11 +85,15 @@ def shards_dir(cfg: Config) -> str | Path:
     d = cfg.data
     if d.shards and is_remote(d.shards):
         return d.shards
-    return Path(d.shards or f"data/shards/{d.protocol}-{d.ways}w{d.shots}s{d.queries}q-{digest(cfg)}")
+    label = f"omniglot-{d.protocol}" if d.source == "omniglot" else dataset_name(cfg)
+    return Path(d.shards or f"data/shards/{label}-{d.ways}w{d.shots}s{d.queries}q-{digest(cfg)}")
 
 
 _NAMES = {"seed": "data.seed", "protocol": "data.protocol", "ways": "data.ways", "shots": "data.shots",
-          "queries": "data.queries", "episodes_per_shard": "data.episodes_per_shard", "val_fraction": "data.val_fraction"}
+          "queries": "data.queries", "episodes_per_shard": "data.episodes_per_shard", "val_fraction": "data.val_fraction",
+          "dataset": "data.name", "source": "data.source", "image_shape": "data.channels/data.image_size",
+          "layout": "data.split", "class_depth": "data.class_depth", "small_classes": "data.small_classes",
+          "fractions": "data.val_fraction/data.test_fraction", "preprocessing": "data.resize/data.invert"}
 
 
 def _differences(cfg: Config, split: str, m: dict) -> list[str]:
@@ -111,14 +147,17 @@ def ensure(cfg: Config, log=print) -> str | Path:
     if not missing:
         return root
     split, why = next(iter(missing.items()))
-    how = ("run `metadist prepare` with the same data.* settings where the raw Omniglot is, "
+    how = ("run `metadist prepare` with the same data.* settings where the raw data is, "
            "and point data.shards at its output")
     if is_remote(root):
         raise ShardError(f"no usable {split} split at {locate(root, split)} ({why}); {how} (published at {root})")
     try:
-        omniglot.locate(cfg.data.raw, log=log)
-    except omniglot.DataError as e:
-        raise omniglot.DataError(f"no usable {split} split in {root} ({why}); {how}. {e}") from None
+        if cfg.data.source == "omniglot":
+            omniglot.locate(cfg.data.raw, log=log)
+        elif not cfg.data.raw or not Path(cfg.data.raw).expanduser().is_dir():
+            raise DataError(f"data.raw={cfg.data.raw!r} is not the dataset's root folder")
+    except DataError as e:
+        raise DataError(f"no usable {split} split in {root} ({why}); {how}. {e}") from None
     log(f"{root}: preparing {', '.join(missing)} ({why})")
     return prepare(cfg, log=log, splits=tuple(missing))
 
@@ -126,8 +165,21 @@ def ensure(cfg: Config, log=print) -> str | Path:
 @contextlib.contextmanager
 def folder_lock(root: Path, log=print):
     """One writer per shards folder: an exclusive flock on <root>/.prepare.lock, released by the
-    kernel however the holder ends. A second prepare says who holds it and waits."""
+    kernel however the holder ends. A second prepare says who holds it and waits. A folder this
+    call made is removed again if it fails before writing anything (bad input leaves nothing)."""
+    made = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(root, log):
+            yield
+    except BaseException:
+        if made and [p.name for p in root.iterdir()] == [".prepare.lock"]:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(root: Path, log):
     with open(root / ".prepare.lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,7 +198,6 @@ def prepare(cfg: Config, log=print, splits=SPLITS, overwrite: bool = False) -> P
     """Write the splits of cfg under its shards folder. A split already there with the same spec is
     checked (every shard's sha256) and kept, or rebuilt if damaged; one with another spec is
     replaced only with `overwrite` (else SplitDiffers)."""
-    d = cfg.data
     out = shards_dir(cfg)
     if is_remote(out):
         raise ShardError(f"data.shards={out}: prepare writes a local folder; prepare there and publish it at that URL")
@@ -159,17 +210,27 @@ def prepare(cfg: Config, log=print, splits=SPLITS, overwrite: bool = False) -> P
             if (diff := _differences(cfg, s, m)) and not overwrite:
                 raise SplitDiffers(f"{out / s} holds another {s} split ({', '.join(diff)}); runs may be reading it, "
                                    f"so prepare leaves it: {_how_to_separate(cfg)}, or pass --overwrite if none does")
-        raw = omniglot.locate(d.raw, log=log)
-        log(f"reading Omniglot from {raw}")
-        bg, ev = (omniglot.load(raw, s) for s in omniglot.SETS)
-        log(f"{bg.name}: {len({a for a, _ in bg.names})} alphabets, {len(bg.names)} characters; "
-            f"{ev.name}: {len({a for a, _ in ev.names})} alphabets, {len(ev.names)} characters; {omniglot.DRAWINGS} drawings each")
-        names, images = omniglot.pool(bg, ev)
-        parts = omniglot.make_splits(names, d.protocol, d.seed, d.val_fraction)
-        source = {cs.name: {"alphabets": len({a for a, _ in cs.names}), "characters": len(cs.names),
-                            "images": len(cs.names) * omniglot.DRAWINGS, "sha256": cs.sha256} for cs in (bg, ev)}
+        classes = load_classes(cfg, log)
         for name in splits:
-            spec = dict(split_spec(parts[name], names, d.protocol, d.ways, d.shots, d.queries, _counts(cfg)[name],
-                                   d.episodes_per_shard, d.seed, source), **requested(cfg, name))
-            write_split(out, parts[name], images, names, spec, log=log)
+            spec = dict(requested(cfg, name), content_sha256=classes.digest(name))
+            write_split(out, name, classes, spec, log=log, info={"source_info": classes.source})
     return out
+
+
+def load_classes(cfg: Config, log=print):
+    """The configured source's classes and split (metadist.data.sources.ClassSet), checked."""
+    d = cfg.data
+    if d.source == "omniglot":
+        classes = omniglot.class_set(d.raw, d.protocol, d.seed, d.val_fraction, d.image_size, log=log)
+    else:
+        log(f"reading {d.raw} (data.split={d.split}, class depth {d.class_depth})")
+        classes = folder.load(d.raw, d.split, d.split_dir, d.class_depth, d.seed, d.val_fraction, d.test_fraction,
+                              d.channels, d.image_size, d.resize, d.invert, d.shots + d.queries, d.small_classes, log=log)
+        log(", ".join(f"{s}: {len(classes.splits[s])} classes, {sum(len(classes.images[c]) for c in classes.splits[s])} images"
+                      for s in SPLITS))
+    classes.check()
+    for s in SPLITS:
+        if d.ways > len(classes.splits[s]):
+            raise DataError(f"{s}: {d.ways}-way episodes need {d.ways} classes, the split has {len(classes.splits[s])} "
+                            f"(data.ways, or the split's fractions)")
+    return classes

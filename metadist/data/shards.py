@@ -1,18 +1,23 @@
-"""Episode shards: the only webdataset import. Write a split's episodes as tar shards + manifest,
-and stream them back as meta-batches that depend on (seed, step) only, never on the world size.
+"""Episode shards: the only webdataset import. Write a split as tar shards + manifest, and stream
+it back as meta-batches that depend on (seed, step) only, never on the world size.
 
-One sample = one episode: `images.npy` (ways*(shots+queries), 28, 28) uint8, saved without
-pickle, and `classes.json`. A split folder holds `<split>-NNNNNN.tar` and `manifest.json` (with
-every shard's size and sha256); it is written in a temporary folder and renamed when complete.
-Order: epoch e visits the shards in a permutation of (seed, e) and each shard's episodes in a
-permutation of (seed, e, shard); global position p = step * meta_batch + task. Rank r of W takes
-tasks [r*B/W, (r+1)*B/W) of every step, so the global batch is the same for any W.
+Format 2 (chosen by measurement, README "Your own dataset"): a split's images are stored once,
+per class (`pool-NNNNNN.tar`: one sample per class, `images.npy` (n, C, H, W) uint8), and each
+episode is an addressable record of which images it uses (`<split>-NNNNNN.tar`: one sample per
+episode, `index.npy` (ways*(shots+queries), 3) int32: class, image, quarter turns). Arrays are
+saved without pickle. `manifest.json` holds the spec, the class names and image counts, the image
+shape, and every shard's size and sha256. A split is written in a temporary folder and renamed
+when complete. An 84x84 RGB 5-way 1-shot 15-query episode is 1.7 MB of pixels but a 1 KB record.
+
+Order: epoch e visits the episode shards in a permutation of (seed, e) and each shard's episodes
+in a permutation of (seed, e, shard); global position p = step * meta_batch + task. Rank r of W
+takes tasks [r*B/W, (r+1)*B/W) of every step, so the global batch is the same for any W.
 
 Where shards live (`data.shards`): a local folder, or a URL prefix opened by WebDataset's own
 URL openers (`http://`, `https://`, `pipe:COMMAND`; a `{}` in the prefix is replaced by the
 path below it, e.g. `pipe:aws s3 cp s3://bucket/shards/{} -`), optionally through WebDataset's
-file cache (`data.cache_dir`). Every shard is hashed as it is read and checked against the
-manifest before a single episode of it is decoded: altered bytes never reach training.
+file cache (`data.cache_dir`). Every shard (pool or episodes) is hashed as it is read and checked
+against the manifest before a single array of it is decoded: altered bytes never reach training.
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from metadist import __version__
 from metadist.data.episodes import episode_rng, labels, rotate_tasks, sample_episode, task_rotations, to_float
-from metadist.data.omniglot import Split
+from metadist.data.sources import ClassSet
 from metadist.errors import MetadistError
 
-FORMAT = 1
+FORMAT = 2
+POOL_SHARD_BYTES = 256 * 2**20     # a pool shard holds whole classes, up to about this many bytes
 
 
 class ShardError(MetadistError):
@@ -56,17 +62,6 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
-
-
-def split_spec(split: Split, names: list[tuple[str, str, str]], protocol: str, ways: int, shots: int,
-               queries: int, episodes: int, episodes_per_shard: int, seed: int, source: dict) -> dict:
-    """Everything that determines a split's bytes; a manifest whose spec matches can be reused."""
-    return {
-        "format": FORMAT, "split": split.name, "protocol": protocol, "ways": ways, "shots": shots,
-        "queries": queries, "episodes": episodes, "episodes_per_shard": episodes_per_shard, "seed": seed,
-        "rotations_deg": [k * 90 for k in split.rotations], "source": source,
-        "characters": ["/".join(names[c]) for c in split.chars],
-    }
 
 
 def is_remote(location: str | Path) -> bool:
@@ -141,10 +136,11 @@ class ShardReader:
         return locate(self.root, split, name)
 
     def check_sizes(self, split: str, manifest: dict) -> None:
-        """At start: every local shard is there with the manifest's size (remote: checked on read)."""
+        """At start: every local shard (pool and episodes) is there with the manifest's size
+        (remote: checked on read)."""
         if self.remote:
             return
-        for s in manifest["shards"]:
+        for s in manifest.get("pool", []) + manifest["shards"]:
             path = Path(self.url(split, s["name"]))
             if not path.is_file():
                 raise ShardError(f"shard missing: {path}")
@@ -186,99 +182,171 @@ def _checked(url: str, data: bytes, entry: dict) -> bytes:
 
 
 def verify(root: str | Path, split: str | None = None, manifest: dict | None = None, cache_dir: str = "") -> dict:
-    """Read every shard of a split and check it against the manifest; name the first bad one."""
+    """Read every shard of a split (pool and episodes) and check it against the manifest; name
+    the first bad one."""
     if split is None:
         root, split = Path(root).parent, Path(root).name
     manifest = manifest or read_manifest(root, split)
+    check_format(manifest, locate(root, split))
     reader = ShardReader(root, cache_dir)
     reader.check_sizes(split, manifest)
-    for s in manifest["shards"]:
+    for s in manifest.get("pool", []) + manifest["shards"]:
         reader.read(split, s)
     return manifest
 
 
-def write_split(out: Path, split: Split, images: np.ndarray, names: list[tuple[str, str, str]], spec: dict,
-                log=print) -> dict:
-    """Write (or reuse) `out/<split>/`. Returns the manifest. Same spec + data -> same bytes."""
-    final = Path(out) / split.name
+def check_format(manifest: dict, where: str) -> None:
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{where}: shards of format {manifest.get('format')!r} (metadist {manifest.get('metadist_version', '?')}); "
+                         f"this metadist reads format {FORMAT}: prepare the split again into a new folder "
+                         "(`metadist prepare` with data.shards unset picks one)")
+
+
+def _tar_writer(path: Path):
+    return wds.TarWriter(str(path), encoder=False, mtime=0.0, user="metadist", group="metadist", mode=0o444)
+
+
+def _shard_entries(folder: Path, pattern: str, counts: list[int], key: str) -> list[dict]:
+    return [{"name": p.name, key: c, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p, c in zip(sorted(folder.glob(pattern)), counts)]
+
+
+def write_split(out: Path, split: str, classes: ClassSet, spec: dict, log=print, info: dict | None = None) -> dict:
+    """Write (or reuse: same `spec`, every shard intact) `out/<split>/`: the split's classes as
+    pool shards, its episodes as records; `info` goes into the manifest as well, without deciding
+    reuse. Returns the manifest. Same spec + data -> same bytes."""
+    final = Path(out) / split
     if (final / "manifest.json").is_file():
         old = read_manifest(final)
         if {k: old.get(k) for k in spec} == spec:
             try:
-                verify(out, split.name, old)
+                verify(out, split, old)
                 log(f"{final}: up to date ({old['episodes']} episodes, {len(old['shards'])} shards), skipped")
                 return old
             except ShardError as e:
                 log(f"{final}: {e}; rebuilding")
         else:
             log(f"{final}: manifest differs from the requested split; rebuilding")
-    tmp = Path(out) / f".{split.name}.tmp-{os.getpid()}"
+    tmp = Path(out) / f".{split}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    ids = classes.splits[split]
+    sizes = [len(classes.images[c]) for c in ids]
+    shape = list(classes.images[ids[0]].shape[1:])
+    if spec.get("image_shape", shape) != shape:
+        raise ValueError(f"{split}: images are {shape} after preprocessing, the spec says {spec['image_shape']}")
+    # the pool: whole classes per shard, a new shard when the next class would pass POOL_SHARD_BYTES
+    groups, size = [[]], 0
+    for k, c in enumerate(ids):
+        nbytes = classes.images[c].nbytes
+        if groups[-1] and size + nbytes > POOL_SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    for j, group in enumerate(groups):
+        with _tar_writer(tmp / f"pool-{j:06d}.tar") as sink:
+            for k in group:
+                sink.write({"__key__": f"{k:06d}", "images.npy": _npy_bytes(classes.images[ids[k]])})
     ways, shots, queries = spec["ways"], spec["shots"], spec["queries"]
-    pattern = str(tmp / f"{split.name}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=spec["episodes_per_shard"], maxsize=1e12, verbose=0,
+    rotations = classes.rotations[split]
+    with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=spec["episodes_per_shard"], maxsize=1e12, verbose=0,
                          encoder=False, mtime=0.0, user="metadist", group="metadist", mode=0o444) as sink:
         for i in range(spec["episodes"]):
-            x, classes = sample_episode(images, split, ways, shots, queries, episode_rng(spec["seed"], split.name, i))
-            meta = {"index": i, "classes": [{"set": names[c][0], "alphabet": names[c][1], "character": names[c][2],
-                                             "rotation": k * 90} for c, k in classes]}
-            sink.write({"__key__": f"{i:08d}", "images.npy": _npy_bytes(x),
-                        "classes.json": json.dumps(meta, sort_keys=True).encode()})
-    shards = []
-    for j, path in enumerate(sorted(tmp.glob("*.tar"))):
-        count = min(spec["episodes_per_shard"], spec["episodes"] - j * spec["episodes_per_shard"])
-        shards.append({"name": path.name, "episodes": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    manifest = dict(spec, shards=shards, images_per_episode=ways * (shots + queries),
-                    bytes=sum(s["bytes"] for s in shards), metadist_version=__version__)
+            record = sample_episode(sizes, rotations, ways, shots, queries, episode_rng(spec["seed"], split, i), split)
+            sink.write({"__key__": f"{i:08d}", "index.npy": _npy_bytes(record)})
+    per = spec["episodes_per_shard"]
+    counts = [min(per, spec["episodes"] - j * per) for j in range(-(-spec["episodes"] // per))]
+    shards = _shard_entries(tmp, f"{split}-*.tar", counts, "episodes")
+    pool = _shard_entries(tmp, "pool-*.tar", [len(g) for g in groups], "classes")
+    manifest = dict(spec, **(info or {}), image_shape=shape, classes=[classes.names[c] for c in ids], class_images=sizes,
+                    rotations_deg=[k * 90 for k in rotations], pool=pool, shards=shards,
+                    images_per_episode=ways * (shots + queries), pool_bytes=sum(s["bytes"] for s in pool),
+                    bytes=sum(s["bytes"] for s in shards + pool), metadist_version=__version__)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    log(f"{final}: wrote {spec['episodes']} episodes in {len(shards)} shards ({manifest['bytes'] / 1e6:.1f} MB)")
+    log(f"{final}: wrote {len(ids)} classes ({sum(sizes)} images, {manifest['pool_bytes'] / 1e6:.1f} MB) and "
+        f"{spec['episodes']} episodes in {len(shards)} shards ({sum(s['bytes'] for s in shards) / 1e6:.1f} MB)")
     return manifest
 
 
-_ALLOWED = {"__key__", "__url__", "__local_path__", "images.npy", "classes.json"}
-
-
-def _decode(sample: dict) -> dict:
-    """Only the two formats prepare writes; arrays load with allow_pickle=False."""
-    extra = set(sample) - _ALLOWED
-    if extra:
-        raise ShardError(f"{sample.get('__url__')}: unexpected member(s) {sorted(extra)} in sample {sample.get('__key__')}")
+def _samples(url: str, data: bytes, member: str) -> list[tuple[str, np.ndarray]]:
+    """(key, array) of every sample of one (checked) shard, in key order; only `member` (an .npy
+    saved without pickle) may be in a sample."""
     try:
-        x = np.load(io.BytesIO(sample["images.npy"]), allow_pickle=False)
-        meta = json.loads(sample["classes.json"])
-    except (KeyError, ValueError) as e:
-        raise ShardError(f"{sample.get('__url__')}: sample {sample.get('__key__')} cannot be decoded ({e})") from None
-    if x.dtype != np.uint8 or x.ndim != 3:
-        raise ShardError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has {x.dtype} {x.shape}, expected uint8 (n, 28, 28)")
-    return {"key": sample["__key__"], "images": x, "meta": meta}
-
-
-def decode_shard(url: str, data: bytes, expected: int) -> np.ndarray:
-    """All episodes of one (checked) shard's bytes, in key order: (episodes, n, 28, 28) uint8."""
-    try:
-        samples = [_decode(x) for x in group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}]))]
-    except ShardError:
-        raise
+        raw = list(group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])))
     except Exception as e:
         raise ShardError(f"shard unreadable: {url} ({str(e).splitlines()[0][:200]})") from None
+    out = []
+    for sample in raw:
+        extra = set(sample) - {"__key__", "__url__", "__local_path__", member}
+        if extra:
+            raise ShardError(f"{url}: unexpected member(s) {sorted(extra)} in sample {sample.get('__key__')}")
+        try:
+            out.append((sample["__key__"], np.load(io.BytesIO(sample[member]), allow_pickle=False)))
+        except (KeyError, ValueError) as e:
+            raise ShardError(f"{url}: sample {sample.get('__key__')} cannot be decoded ({e})") from None
+    return out
+
+
+def decode_records(url: str, data: bytes, expected: int, n: int, class_images: list[int]) -> np.ndarray:
+    """The episode records of one episode shard: (episodes, n, 3) int32, each checked to point
+    inside the pool (a record that does not is a damaged or foreign shard)."""
+    samples = _samples(url, data, "index.npy")
     if len(samples) != expected:
         raise ShardError(f"shard {url}: {len(samples)} episodes, manifest says {expected}")
-    return np.stack([s["images"] for s in samples])
+    recs = np.stack([a for _, a in samples]) if samples else np.zeros((0, n, 3), np.int32)
+    if recs.dtype != np.int32 or recs.shape[1:] != (n, 3):
+        raise ShardError(f"{url}: episode records are {recs.dtype} {recs.shape[1:]}, expected int32 ({n}, 3)")
+    sizes = np.asarray(class_images)
+    c, m, k = recs[..., 0], recs[..., 1], recs[..., 2]
+    if (c < 0).any() or (c >= len(sizes)).any() or (m < 0).any() or (m >= sizes[np.clip(c, 0, len(sizes) - 1)]).any() \
+            or (k < 0).any() or (k > 3).any():
+        raise ShardError(f"{url}: an episode record points outside the split's {len(sizes)} classes")
+    return recs
 
 
-def load_shard(path: Path, expected: int) -> np.ndarray:
-    """All episodes of one local shard file (no manifest check: `EpisodeSource` does that)."""
-    return decode_shard(str(path), Path(path).read_bytes(), expected)
+def decode_pool(url: str, data: bytes, first: int, class_images: list[int], shape: tuple) -> list[np.ndarray]:
+    """The classes of one pool shard, starting at class `first`, each checked against the manifest."""
+    out = []
+    for i, (key, a) in enumerate(_samples(url, data, "images.npy")):
+        k = first + i
+        want = (class_images[k], *shape) if k < len(class_images) else None
+        if a.dtype != np.uint8 or a.shape != want or key != f"{k:06d}":
+            raise ShardError(f"{url}: class sample {key} is {a.dtype} {a.shape}, the manifest says uint8 {want}")
+        out.append(a)
+    return out
+
+
+class Episodes:
+    """A split's episodes in index order, gathered from the pool on demand (a 640-episode
+    84x84 RGB 15-query test split is 1 GB of pixels: never held at once). len(); [i] or [a:b]
+    -> uint8 (..., n, C, H, W); iterating gives one episode at a time."""
+
+    def __init__(self, source: "EpisodeSource", records: np.ndarray):
+        self.source, self.records = source, records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.source.gather(self.records[i])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), self.records.shape[1], *self.source.image_shape)
 
 
 class EpisodeSource:
-    """Random access to a split's episodes by global position, shard by shard (one cached).
-    `EpisodeSource(root, "train")` for a shards root (folder or URL prefix), or
-    `EpisodeSource(folder)` for a local split folder."""
+    """Random access to a split's episodes by global position, shard by shard (one cached), over
+    its pool of images (read and checked once, on first use). `EpisodeSource(root, "train")` for
+    a shards root (folder or URL prefix), or `EpisodeSource(folder)` for a local split folder."""
 
     def __init__(self, root: str | Path, split: str | None = None, seed: int = 0, cache_dir: str = ""):
         if split is None:
@@ -286,6 +354,7 @@ class EpisodeSource:
         self.root, self.split = root, split
         self.dir = locate(root, split)
         self.manifest = read_manifest(root, split)
+        check_format(self.manifest, self.dir)
         self.reader = ShardReader(root, cache_dir)
         self.reader.check_sizes(split, self.manifest)
         self.seed = seed
@@ -293,14 +362,52 @@ class EpisodeSource:
         self.counts = np.array([s["episodes"] for s in self.shards])
         self.size = int(self.counts.sum())
         self.ways, self.shots, self.queries = (self.manifest[k] for k in ("ways", "shots", "queries"))
+        self.n = self.ways * (self.shots + self.queries)
+        self.image_shape = tuple(self.manifest["image_shape"])
+        self.class_images = self.manifest["class_images"]
+        self.offsets = np.concatenate([[0], np.cumsum(self.class_images)]).astype(np.int64)
+        self._pool: np.ndarray | None = None
         self._cache: tuple[int, np.ndarray] | None = None
 
+    @property
+    def pool(self) -> np.ndarray:
+        """Every image of the split, (images, C, H, W) uint8, class after class."""
+        if self._pool is None:
+            parts, first = [], 0
+            for entry in self.manifest["pool"]:
+                data = self.reader.read(self.split, entry)
+                parts += decode_pool(self.reader.url(self.split, entry["name"]), data, first, self.class_images,
+                                     self.image_shape)
+                first += entry["classes"]
+            if first != len(self.class_images):
+                raise ShardError(f"{self.dir}: the pool holds {first} classes, the manifest lists {len(self.class_images)}")
+            self._pool = np.concatenate(parts)
+        return self._pool
+
     def shard(self, j: int) -> np.ndarray:
+        """The records of episode shard j: (episodes, n, 3) int32."""
         if self._cache is None or self._cache[0] != j:
             entry = self.shards[j]
             data = self.reader.read(self.split, entry)
-            self._cache = (j, decode_shard(self.reader.url(self.split, entry["name"]), data, entry["episodes"]))
+            self._cache = (j, decode_records(self.reader.url(self.split, entry["name"]), data, entry["episodes"], self.n,
+                                             self.class_images))
         return self._cache[1]
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every record in shard order as (pool index, quarter turns), (episodes, n) each, and
+        where each shard starts in it (the device-resident reader's lookup table)."""
+        recs = np.concatenate([self.shard(j) for j in range(len(self.shards))])
+        return self.offsets[recs[..., 0]] + recs[..., 1], recs[..., 2]
+
+    def gather(self, records: np.ndarray) -> np.ndarray:
+        """Records (..., n, 3) -> their images (..., n, C, H, W) uint8, rotated as recorded."""
+        x = self.pool[self.offsets[records[..., 0]] + records[..., 1]]
+        k = records[..., 2]
+        for turns in (1, 2, 3):
+            m = k == turns
+            if m.any():
+                x[m] = np.rot90(x[m], turns, axes=(-2, -1))
+        return x
 
     @lru_cache(maxsize=4)
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -318,29 +425,28 @@ class EpisodeSource:
         return j, int(within[offset - starts[slot]])
 
     def episodes(self, positions) -> np.ndarray:
-        out = []
+        recs = []
         for p in positions:
             j, i = self.locate(p)
-            out.append(self.shard(j)[i])
-        return np.stack(out)
+            recs.append(self.shard(j)[i])
+        return self.gather(np.stack(recs))
 
-    def all(self, limit: int = 0) -> np.ndarray:
-        """The split's episodes in index order (fixed val/test sets): (episodes, n, 28, 28)."""
+    def all(self, limit: int = 0) -> Episodes:
+        """The split's episodes in index order (fixed val/test sets), gathered on demand."""
         n = self.size if not limit else min(limit, self.size)
         out, done = [], 0
         for j in range(len(self.shards)):
             if done >= n:
                 break
-            x = self.shard(j)
-            out.append(x[: n - done])
+            out.append(self.shard(j)[: n - done])
             done += len(out[-1])
-        return np.concatenate(out)
+        return Episodes(self, np.concatenate(out))
 
 
 def to_batch(x, ways: int, shots: int, queries: int) -> dict[str, torch.Tensor]:
-    """uint8 episodes (tasks, ways*(shots+queries), 28, 28), numpy or a tensor on any device ->
+    """uint8 episodes (tasks, ways*(shots+queries), C, H, W), numpy or a tensor on any device ->
     float tensors split into support/query, on the same device."""
-    x = to_float(torch.from_numpy(x) if isinstance(x, np.ndarray) else x)   # (tasks, ways*(shots+queries), 1, 28, 28)
+    x = to_float(torch.from_numpy(x) if isinstance(x, np.ndarray) else x)   # (tasks, ways*(shots+queries), C, H, W)
     tasks, ns = x.shape[0], ways * shots
     return {"x_support": x[:, :ns], "y_support": labels(ways, shots).to(x.device).expand(tasks, -1),
             "x_query": x[:, ns:], "y_query": labels(ways, queries).to(x.device).expand(tasks, -1)}
@@ -386,21 +492,27 @@ class MetaBatches(IterableDataset):
 
 
 class ResidentBatches(MetaBatches):
-    """The same meta-batches as MetaBatches, from the whole split held as one uint8 tensor on
-    `device` (each shard read and checked once): a step is an index gather, and the conversion to
-    float and the task augmentation run on the device. 20,000 5-way 1-shot episodes take 157 MB."""
+    """The same meta-batches as MetaBatches, from the split's pool and records held on `device`
+    (each shard read and checked once): a step is two index gathers and the recorded rotations,
+    and the conversion to float and the task augmentation run on the device."""
 
     def __init__(self, source: EpisodeSource, seed: int, meta_batch_size: int, rank: int, world_size: int,
                  start: int, stop: int, task_aug: float = 0.0, device: torch.device | str = "cpu"):
         super().__init__(source, seed, meta_batch_size, rank, world_size, start, stop, task_aug)
-        self.offsets = np.concatenate([[0], np.cumsum(source.counts)])
-        self.data = torch.cat([torch.from_numpy(source.shard(j)) for j in range(len(source.shards))]).to(device)
+        index, turns = source.table()
+        self.starts = np.concatenate([[0], np.cumsum(source.counts)])
+        self.pool = torch.from_numpy(source.pool).to(device)
+        self.index = torch.from_numpy(index).to(device)
+        self.turns = torch.from_numpy(turns.astype(np.int64)).to(device)[..., None, None, None]
 
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
         tasks = range(self.first, self.first + self.share)
         where = [self.source.locate(step * self.batch + t) for t in tasks]
-        idx = torch.tensor([int(self.offsets[j]) + i for j, i in where]).to(self.data.device, non_blocking=True)
-        return self._finish(self.data[idx], step, tasks)
+        idx = torch.tensor([int(self.starts[j]) + i for j, i in where]).to(self.index.device, non_blocking=True)
+        x, k = self.pool[self.index[idx]], self.turns[idx]                  # (tasks, n, C, H, W), (tasks, n, 1, 1, 1)
+        for turns in (1, 2, 3):                                              # no host sync: a select, not a branch
+            x = torch.where(k == turns, torch.rot90(x, turns, dims=(-2, -1)), x)
+        return self._finish(x, step, tasks)
 
 
 def meta_batches(split_dir, seed: int, meta_batch_size: int, rank: int, world_size: int, start: int, stop: int,
@@ -411,6 +523,7 @@ def meta_batches(split_dir, seed: int, meta_batch_size: int, rank: int, world_si
         split_dir = EpisodeSource(split_dir, None, seed, cache_dir)
     if device is not None:        # the whole split resident on `device` (no workers needed)
         return iter(ResidentBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug, device))
+    split_dir.pool                # read and checked once, before workers fork (they share it)
     ds = MetaBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug)
     if num_workers == 0:
         return iter(ds)

@@ -1,14 +1,14 @@
-"""Raw Omniglot (official zips or their extracted folders) -> 28x28 uint8 arrays per character.
+"""Raw Omniglot (official zips or their extracted folders) -> uint8 images per character.
 
 `locate()` finds the data (data.raw, $OMNIGLOT_DIR, data/raw/omniglot, else downloads the official
-archives); `load()` reads one set; `make_splits()` is the documented train/val/test split.
-Preprocessing: 105x105 1-bit -> invert (strokes bright, 255, on a dark 0 background) -> bilinear
-resize with antialiasing to 28x28 (torchvision) -> round to uint8. Deterministic.
+archives); `load()` reads one set; `make_splits()` is the documented train/val/test split;
+`class_set()` is the source as metadist.data.sources.ClassSet. Preprocessing: 105x105 1-bit ->
+inverted (strokes bright, 255, on a dark 0 background) -> metadist.data.sources.preprocess to
+data.image_size (28 by default) -> (20, 1, size, size) uint8 per character. Deterministic.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import urllib.request
@@ -18,21 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
 
-from metadist.errors import MetadistError
+from metadist.data.sources import ClassSet, DataError, decode
+from metadist.data.sources import preprocess as resize_images
 
 SETS = ("images_background", "images_evaluation")
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 OFFICIAL_COUNTS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
 DRAWINGS = 20
-SIZE = 28
+SIZE = 28          # the default data.image_size
 _ENTRY = re.compile(r"^(?P<set>images_\w+)/(?P<alphabet>[^/]+)/(?P<character>character\d+)/(?P<file>\d{4}_(?P<drawer>\d{2})\.png)$")
-
-
-class DataError(MetadistError):
-    """The Omniglot data is missing or not in the official layout."""
 
 
 def _has_set(d: Path, name: str) -> bool:
@@ -71,21 +66,9 @@ def locate(raw: str = "", download: bool = True, log=print) -> Path:
     return d
 
 
-def preprocess(png: torch.Tensor) -> torch.Tensor:
-    """(n, 1, H, W) uint8 with strokes dark -> (n, 28, 28) uint8 with strokes bright."""
-    x = 1.0 - png.float() / 255.0
-    x = TF.resize(x, [SIZE, SIZE], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
-
-
-def decode_png(data: bytes, where: str = "") -> torch.Tensor:
-    """PNG bytes -> (1, H, W) uint8 grey; a clear error for unreadable bytes.
-    (Pillow, torchvision's own dependency: torchvision 0.29 deprecates its PNG decoder.)"""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return torch.from_numpy(np.array(img.convert("L"), dtype=np.uint8)).unsqueeze(0)
-    except Exception as e:
-        raise DataError(f"cannot decode image {where}: {e}") from None
+def preprocess(png: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """(n, 1, H, W) uint8 with strokes dark -> (n, 1, size, size) uint8 with strokes bright."""
+    return resize_images(png, size, "stretch", invert=True)
 
 
 @dataclass
@@ -93,7 +76,7 @@ class CharacterSet:
     """One Omniglot set: `images[i]` holds the 20 drawings of character `names[i]`."""
     name: str
     names: list[tuple[str, str]]      # (alphabet, characterNN), sorted
-    images: np.ndarray                # (characters, 20, 28, 28) uint8
+    images: np.ndarray                # (characters, 20, 1, size, size) uint8
     sha256: str                       # of the preprocessed arrays (content, not container)
 
 
@@ -109,7 +92,7 @@ def _entries(root: Path, name: str) -> dict[str, callable]:
     return {n: (lambda n=n: zf.read(n)) for n in sorted(zf.namelist()) if n.endswith(".png")}
 
 
-def load(root: Path, name: str) -> CharacterSet:
+def load(root: Path, name: str, size: int = SIZE) -> CharacterSet:
     """Read and preprocess one set, checking the official layout (20 drawings per character)."""
     entries = _entries(Path(root), name)
     chars: dict[tuple[str, str], dict[int, str]] = {}
@@ -121,13 +104,13 @@ def load(root: Path, name: str) -> CharacterSet:
     if not chars:
         raise DataError(f"{root}/{name}: no images found")
     names = sorted(chars)
-    images = np.empty((len(names), DRAWINGS, SIZE, SIZE), np.uint8)
+    images = np.empty((len(names), DRAWINGS, 1, size, size), np.uint8)
     for i, key in enumerate(names):
         drawers = chars[key]
         if sorted(drawers) != list(range(1, DRAWINGS + 1)):
             raise DataError(f"{root}/{name}/{key[0]}/{key[1]}: expected drawers 01..20, found {sorted(drawers)}")
-        pngs = [decode_png(entries[drawers[d]](), drawers[d]) for d in range(1, DRAWINGS + 1)]
-        images[i] = preprocess(torch.stack(pngs)).numpy()
+        pngs = [decode(drawers[d], 1, entries[drawers[d]]()) for d in range(1, DRAWINGS + 1)]
+        images[i] = preprocess(torch.stack(pngs), size).numpy()
     alphabets = {a for a, _ in names}
     official = OFFICIAL_COUNTS.get(name)
     if official and len(alphabets) >= official[0] and (len(alphabets), len(names)) != official:
@@ -179,3 +162,21 @@ def make_splits(names: list[tuple[str, str, str]], protocol: str, seed: int, val
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return {k: Split(k, v, rotations) for k, v in parts.items()}
+
+
+def class_set(raw: str, protocol: str, seed: int, val_fraction: float, size: int = SIZE, log=print) -> ClassSet:
+    """Both sets, pooled (background first, each sorted), with the documented split of `protocol`:
+    class names `<set>/<alphabet>/<character>` (the folders' relative paths)."""
+    root = locate(raw, log=log)
+    log(f"reading Omniglot from {root}")
+    bg, ev = (load(root, s, size) for s in SETS)
+    log(f"{bg.name}: {len({a for a, _ in bg.names})} alphabets, {len(bg.names)} characters; "
+        f"{ev.name}: {len({a for a, _ in ev.names})} alphabets, {len(ev.names)} characters; {DRAWINGS} drawings each")
+    names, images = pool(bg, ev)
+    parts = make_splits(names, protocol, seed, val_fraction)
+    return ClassSet(names=["/".join(n) for n in names], images=list(images),
+                    splits={k: list(v.chars) for k, v in parts.items()},
+                    rotations={k: v.rotations for k, v in parts.items()},
+                    source={"source": "omniglot", "root": str(root), "protocol": protocol,
+                            **{cs.name: {"alphabets": len({a for a, _ in cs.names}), "characters": len(cs.names),
+                                         "images": len(cs.names) * DRAWINGS, "sha256": cs.sha256} for cs in (bg, ev)}})
