@@ -34,7 +34,7 @@ train-maml-multi:      ## strong.yaml on every GPU of this node
 		-m metadist train --config configs/strong.yaml
 
 train-elastic:         ## strong.yaml under torch elastic: run on every node (RDZV_ENDPOINT=head:29400, NNODES=1:4)
-	RDZV_ENDPOINT=$${RDZV_ENDPOINT:-127.0.0.1:29400} bash launch/torchrun/elastic.sh --config configs/strong.yaml
+	RDZV_ENDPOINT=$${RDZV_ENDPOINT:-127.0.0.1:29400} bash launch/torchrun/elastic.sh --config configs/strong.yaml train.reduce=exact
 
 train-debug:
 	$(PY) -m metadist train --config configs/strong.yaml --debug

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import meta_step as reference_step  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
 from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
-from metadist.model import ConvNet  # noqa: E402
+from metadist.models.conv4 import ConvNet  # noqa: E402
 
 STRATEGIES = ("batched", "loop")          # metadist's selectable strategies; "batched" is the default
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadist import config, exact, strategy  # noqa: E402
-from metadist.algorithms import build_model  # noqa: E402
+from metadist.models import build_model  # noqa: E402
 from metadist.step import MetaStep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

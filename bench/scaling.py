@@ -33,7 +33,7 @@ from bench.bench import machine, make_batch, sync  # noqa: E402
 from bench.bench_dist import free_port  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
 from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
-from metadist.model import ConvNet  # noqa: E402
+from metadist.models.conv4 import ConvNet  # noqa: E402
 
 
 def step_time(model, ways: int, tasks: int, device, strategy: str, rounds: int) -> float:

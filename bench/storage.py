@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadist import config, strategy  # noqa: E402
-from metadist.algorithms import build_model  # noqa: E402
+from metadist.models import build_model  # noqa: E402
 from metadist.data.episodes import episode_rng, sample_episode  # noqa: E402
 from metadist.data.sources import decode, folder, preprocess  # noqa: E402
 from metadist.step import MetaStep  # noqa: E402

@@ -96,9 +96,11 @@ def cmd_evaluate(args):
         raise config_mod.ConfigError(f"{split.dir}: images of shape {m['image_shape']}, the model takes {want} "
                                      "(evaluate it on shards of its own dataset)")
     if (m["ways"], m["shots"], m["queries"]) != (cfg.data.ways, cfg.data.shots, cfg.data.queries):
-        cfg.data.shots, cfg.data.queries = m["shots"], m["queries"]
-        if m["ways"] != model.ways:
-            raise config_mod.ConfigError(f"{split.dir}: {m['ways']}-way episodes, the model's head has {model.ways} ways")
+        from metadist.algorithms import head_init
+        if m["ways"] != cfg.data.ways and head_init(cfg) == "learned":
+            raise config_mod.ConfigError(f"{split.dir}: {m['ways']}-way episodes, the model's learned head has "
+                                         f"{cfg.data.ways} ways")
+        cfg.data.ways, cfg.data.shots, cfg.data.queries = m["ways"], m["shots"], m["queries"]
     episodes = split.all(cfg.eval.test_episodes if args.split == "test" else 0)
     result = dict(evaluate(model, cfg, episodes, cfg.eval.inner_steps, device), inner_steps=cfg.eval.inner_steps,
                   split=str(split.dir))

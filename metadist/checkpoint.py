@@ -31,11 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metadist import config as config_mod
-from metadist.algorithms import build_model
 from metadist.errors import MetadistError
-from metadist.model import ConvNet
+from metadist.models import Backbone, build_model, is_lr
 
-FORMAT = "metadist-convnet-1"
+FORMAT = "metadist-weights-1"
 _STEP = re.compile(r"^step_(\d{6,})$")
 
 
@@ -47,12 +46,14 @@ class CheckpointError(MetadistError):
     """A checkpoint or weights file could not be written."""
 
 
-def save_weights(model: torch.nn.Module, path: Path, cfg: config_mod.Config, step: int, val: float | None = None) -> None:
-    """Write the model's weights with their metadata, atomically (a temporary file renamed)."""
+def save_weights(model: torch.nn.Module, path: Path, cfg: config_mod.Config, step: int, val: float | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's weights (or `tensors`, some of them) with their metadata, atomically (a
+    temporary file renamed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     meta = {"config": cfg.to_dict(), "step": step, "val_accuracy": val, "format": FORMAT}
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in (tensors or model.state_dict()).items()}
     try:
         save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
         os.replace(tmp, path)
@@ -69,7 +70,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), meta
 
 
-def load_model(path: str | Path) -> tuple[ConvNet, config_mod.Config]:
+def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
     """A run folder (best.safetensors, else model.safetensors), a checkpoint folder or a weights
     file -> (model with those weights, the config it was trained with)."""
     path = Path(path)
@@ -87,7 +88,10 @@ def load_model(path: str | Path) -> tuple[ConvNet, config_mod.Config]:
     if "config" not in meta:
         raise WeightsError(f"{path}: no config in its metadata (not written by metadist)")
     cfg = config_mod.from_dict(meta["config"])
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg, ways=weights["head.weight"].shape[0] if "head.weight" in weights else None)
+    except config_mod.ConfigError as e:
+        raise WeightsError(f"{path}: its config does not build a model here ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != got:
@@ -95,6 +99,37 @@ def load_model(path: str | Path) -> tuple[ConvNet, config_mod.Config]:
         raise WeightsError(f"{path}: weights do not fit the architecture in its config (first differences: {diff})")
     model.load_state_dict(weights)
     return model, cfg
+
+
+def backbone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The body's weights: no head, no learned inner rates (what a pre-training run hands on)."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith("head.") and not is_lr(k)}
+
+
+def load_init(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """model.init: start from the tensors of the weights file at `path` (same names, same shapes;
+    e.g. a pre-training run's backbone.safetensors, or any run's weights). A tensor of the file
+    the model does not have, or of another shape, is an error naming it; returns the model's
+    tensors the file does not hold (they keep their initialisation: the head, the rates)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"model.init={path}: no such weights file")
+    try:
+        weights, _ = load_weights(path)
+    except Exception as e:
+        raise WeightsError(f"model.init={path}: not a weights file ({e})") from None
+    own = model.state_dict()
+    unknown = sorted(k for k in weights if k not in own)
+    shapes = sorted(f"{k} {tuple(weights[k].shape)} (the model's {tuple(own[k].shape)})"
+                    for k in weights if k in own and weights[k].shape != own[k].shape)
+    if unknown or shapes:
+        what = ([f"not in the model: {', '.join(unknown[:6])}" + (" ..." if len(unknown) > 6 else "")] if unknown else []) + \
+               ([f"other shapes: {', '.join(shapes[:4])}" + (" ..." if len(shapes) > 4 else "")] if shapes else [])
+        raise WeightsError(f"model.init={path}: its tensors do not fit this model ({'; '.join(what)}); "
+                           "model.backbone, model.* and data.channels must be those it was trained with")
+    model.load_state_dict({k: weights[k] for k in weights}, strict=False)
+    return sorted(k for k in own if k not in weights)
 
 
 @dataclass
@@ -111,6 +146,7 @@ class TrainState:
     reduce: str = "fast"          # exact | fast (train.reduce)
     tasks_per_chunk: int = 0      # the chunk size the step used
     threads: int = 0              # intra-op threads per process (float32 rounding on a CPU depends on it)
+    schedule_steps: int = 0       # train.budget_schedule: the step count fixed after the probe (0: not yet)
     world_size: int = 1           # of the launch that wrote the checkpoint
     meta_batch_size: int = 0
     seed: int = 0

@@ -2,8 +2,9 @@
 
 Precedence: dataclass defaults < YAML file (only what differs) < `section.key=value` overrides,
 each parsed by the field's type. `load(path, overrides)` returns a validated Config; every error
-names the key and what is allowed. Algorithm names are checked against the algorithm table
-(`metadist.algorithms.ALGORITHMS`), imported when a config is validated.
+names the key and what is allowed. This module imports nothing of metadist but its errors: the
+names that tables define (algo.name, algo.head_init: metadist.algorithms; model.backbone:
+metadist.models) are checked where those tables build things, and `train` checks them first.
 """
 from __future__ import annotations
 
@@ -61,13 +62,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    hidden: int = 64          # channels of every conv block
-    depth: int = 4            # conv blocks; 28 -> 14 -> 7 -> 3 -> 1 with the default 4
+    backbone: str = "conv4"   # conv4 | resnet12 (metadist/models/)
+    hidden: int = 64          # conv4: channels of every conv block
+    depth: int = 4            # conv4: blocks, each halving the image (28 -> 14 -> 7 -> 3 -> 1 with 4)
+    widths: str = "64,160,320,640"  # resnet12: the four blocks' widths
+    dropblock: float = 0.0    # resnet12: DropBlock drop rate after blocks 3 and 4 in meta-training (0 = off)
+    init: str = ""            # a weights file to start from (same tensor names; e.g. a pretrain run's backbone.safetensors)
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "maml"        # maml | fomaml | anil | transfer
+    name: str = "maml"        # maml | fomaml | anil | transfer | protonet | pretrain (metadist/algorithms/__init__.py)
+    head_init: str = "learned"    # the head a task starts from: learned | zero | shared (UNICORN-MAML) | proto (Proto-MAML)
     inner_steps: int = 1
     inner_lr: float = 0.4
     first_order: bool = False     # maml with first-order inner gradients (fomaml sets it)
@@ -95,6 +101,8 @@ class TrainConfig:
     mixed_precision: str = "no"   # no | bf16 (autocast on GPU; meta-gradient stays float32)
     cuda_graph: str = "auto"      # auto (on for CUDA) | on | off: replay each meta-step as one CUDA graph
     max_minutes: float = 0.0      # 0 = no limit; else stop (and checkpoint) after this wall time
+    budget_schedule: bool = False  # fit the step count (and the cosine) to max_minutes, measured once per machine and shape
+    budget_probe: int = 30        # budget_schedule: steps timed before the count is fixed (the lr holds until then)
     debug: bool = False           # single device, anomaly detection, strategy cross-check
     collective_timeout_s: float = 600.0  # a rank that stops answering fails the launch after this long
     sync_every: int = 0           # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU
@@ -262,9 +270,8 @@ def from_dict(d: dict, check: bool = True) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    from metadist.algorithms import ALGORITHMS
     flat = _flatten(cfg.to_dict())
-    for key, allowed in dict(CHOICES, **{"algo.name": tuple(ALGORITHMS)}).items():
+    for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r}: allowed values are {', '.join(allowed)}")
 
@@ -290,8 +297,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= d.task_aug <= 1.0, "data.task_aug", "is a probability in [0, 1]")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.model.hidden >= 1, "model.hidden", "must be positive")
-    need(cfg.model.depth >= 1 and d.image_size >> cfg.model.depth >= 1, "model.depth",
-         f"each block halves the image: {d.image_size} px allows at most {d.image_size.bit_length() - 1} blocks")
+    need(cfg.model.depth >= 1, "model.depth", "must be positive")
+    need(0.0 <= cfg.model.dropblock < 1.0, "model.dropblock", "is a drop rate in [0, 1)")
     need(a.inner_steps >= 0, "algo.inner_steps", "must be >= 0")
     need(a.inner_lr >= 0, "algo.inner_lr", "must be >= 0")
     need(a.first_order_steps >= 0, "algo.first_order_steps", "must be >= 0")
@@ -305,6 +312,9 @@ def validate(cfg: Config) -> None:
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+    need(not t.budget_schedule or t.max_minutes > 0, "train.budget_schedule",
+         "fits the schedule to train.max_minutes: set a time budget")
+    need(t.budget_probe >= 5, "train.budget_probe", "must be at least 5 (the first steps warm up)")
     need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
     need(t.sync_every >= 0, "train.sync_every", "must be >= 0 (0 = automatic)")
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = the launcher's default)")

@@ -20,7 +20,7 @@ from metadist.data.prepare import preprocessing
 from metadist.data.shards import to_batch
 from metadist.data.sources import DataError, decode, preprocess
 from metadist.errors import MetadistError
-from metadist.model import ConvNet
+from metadist.models import Backbone
 
 
 class EvalError(MetadistError):
@@ -32,7 +32,7 @@ def ci95(accs) -> tuple[float, float]:
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(len(a)))
 
 
-def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps: int, device, strategy="batched",
+def episode_accuracies(model: Backbone, cfg: Config, episodes: np.ndarray, steps: int, device, strategy="batched",
                        rank: int = 0, world: int = 1, gather=None) -> torch.Tensor:
     """Accuracy of each episode (uint8 (E, ways*(shots+queries), C, H, W): an array, or a shard
     split's lazily gathered `Episodes`), adapting `steps` steps.
@@ -40,7 +40,7 @@ def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps:
     world size, and rank r adapts batches r, r+W, ...: every episode is computed in the same batch
     at any world size, so the accuracies are too. `gather` reassembles the batches in order."""
     d, bs = cfg.data, cfg.eval.tasks_per_batch
-    inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr)
+    inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr, model.head_names())
     params = dict(model.named_parameters())
     rows = []
     for s in range(rank * bs, len(episodes), world * bs):
@@ -54,7 +54,7 @@ def episode_accuracies(model: ConvNet, cfg: Config, episodes: np.ndarray, steps:
     return batches.reshape(-1)[:len(episodes)]
 
 
-def evaluate(model: ConvNet, cfg: Config, episodes: np.ndarray, steps: int, device, strategy: str = "batched",
+def evaluate(model: Backbone, cfg: Config, episodes: np.ndarray, steps: int, device, strategy: str = "batched",
              dist=None) -> dict:
     """{accuracy, ci95, episodes}: mean accuracy over the episodes after `steps` inner steps.
     With `dist` (metadist.distributed.Dist) the episodes are shared among its ranks."""
@@ -99,26 +99,27 @@ def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tenso
     return out
 
 
-def predict(model: ConvNet, cfg: Config, tasks_dir: Path, out_csv: Path, device="cpu", steps: int | None = None) -> int:
+def predict(model: Backbone, cfg: Config, tasks_dir: Path, out_csv: Path, device="cpu", steps: int | None = None) -> int:
     """Adapt to each task's support (image i is class i) and write `id,class` rows in task order."""
     tasks = read_task_folder(tasks_dir, preprocessing(cfg))
     steps = cfg.eval.inner_steps if steps is None else steps
-    inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr)
+    inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr, model.head_names())
     params = dict(model.named_parameters())
+    ways = cfg.data.ways
     rows, n = [], 0
     bs = cfg.eval.tasks_per_batch
     for s in range(0, len(tasks), bs):
         group = tasks[s:s + bs]
         for tid, sx, qx in group:
-            if sx.shape[0] != model.ways:
-                raise EvalError(f"task {tid}: {sx.shape[0]} support images (ways), the model's head has {model.ways}")
+            if sx.shape[0] != ways:
+                raise EvalError(f"task {tid}: {sx.shape[0]} support images (ways), the model adapts to {ways}-way tasks")
         shapes = {(sx.shape[0], qx.shape[0]) for _, sx, qx in group}
         # tasks of equal size are adapted together; others one by one
         batches = [group] if len(shapes) == 1 else [[t] for t in group]
         for part in batches:
             xs = to_float(torch.stack([sx for _, sx, _ in part])).to(device)
             xq = to_float(torch.stack([qx for _, _, qx in part])).to(device)
-            ys = torch.arange(model.ways, device=device).expand(len(part), -1)
+            ys = torch.arange(ways, device=device).expand(len(part), -1)
             pred = adapt_and_predict(model, params, xs, ys, xq, inner).argmax(-1).cpu()
             for row in pred:
                 for c in row.tolist():

@@ -18,6 +18,7 @@ import dataclasses
 import math
 from functools import partial
 
+import numpy as np
 import torch
 
 from metadist import exact
@@ -33,16 +34,21 @@ class TrainError(MetadistError):
     pass
 
 
-def lr_lambda(cfg: Config):
-    """The meta learning-rate factor of a step: linear warm-up, then constant or cosine to 0."""
+def lr_lambda(cfg: Config, total=None, hold: int = 0):
+    """The meta learning-rate factor of a step: linear warm-up, then constant or cosine to 0 at
+    step total() (default train.steps). hold: the cosine starts after this step (the budget
+    schedule's probe; the factor before it cannot depend on the total it is about to fix)."""
     t = cfg.train
 
     def f(step: int) -> float:
         if t.warmup_steps and step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.schedule == "cosine":
-            span = max(1, t.steps - t.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - t.warmup_steps) / span)))
+            start = max(t.warmup_steps, hold)
+            if step < start:
+                return 1.0
+            span = max(1, (total() if total else t.steps) - start)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / span)))
         return 1.0
     return f
 
@@ -127,13 +133,16 @@ class MetaStep:
         self.strategy = None
         # on a GPU the fused Adam kernel (one launch for all tensors; eager and graph runs use the same)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr, fused=device.type == "cuda" or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.total_steps = t.steps        # the budget schedule sets it once it has measured (train.py)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, lambda: self.total_steps, t.budget_probe if t.budget_schedule else 0))
         # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
                     if t.mixed_precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
         if t.cuda_graph == "on" and device.type != "cuda":
             raise ConfigError(f"train.cuda_graph=on needs a CUDA device (this process runs on {device})")
-        self.use_graph = device.type == "cuda" and not t.debug and t.cuda_graph != "off"
+        # DropBlock draws its masks on the host each step: no captured graph then
+        self.use_graph = device.type == "cuda" and not t.debug and t.cuda_graph != "off" and not cfg.model.dropblock
         self.graphs = {}     # the captured meta-step of each variant, on CUDA
         self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         if cfg.algo.first_order_steps and self.algorithms[False].second_order:
@@ -148,16 +157,33 @@ class MetaStep:
         self.strategy = strategy
         self.backward = {fo: partial(self._backward, a) for fo, a in self.algorithms.items()}
 
-    def _backward(self, algo, batch: dict) -> tuple:
+    def _dropblock(self, step: int):
+        """DropBlock's generator for each chunk, named by (seed, step, global chunk index): the same
+        masks for a chunk whatever the world size. None when the backbone has no DropBlock."""
+        if not getattr(self.model, "dropblock", 0):
+            return None
+        first = self.first_chunk if self.exact else self.dist.rank * self.local_tasks // self.chunk
+
+        def on_chunk(i: int) -> None:
+            seed = np.random.SeedSequence([self.cfg.seed, 17, step, first + i]).generate_state(1)[0]
+            self.model.rng = torch.Generator().manual_seed(int(seed))
+        return on_chunk
+
+    def _backward(self, algo, batch: dict, step: int = 0) -> tuple:
         """(loss sum, accuracy sum) and, in exact mode, this rank's dyadic block sums of the chunk
         gradients (each with `extra` trailing slots: the stop votes, then padding)."""
-        if not self.exact:
-            return meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
-                                 self.scale, algo.second_order)
-        tree = exact.TreeSum(self.first_chunk)
-        loss_sum, acc_sum = meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
-                                          self.scale, algo.second_order, tree=tree, extra=self.extra)
-        return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
+        on_chunk = self._dropblock(step)
+        try:
+            if not self.exact:
+                return meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
+                                     self.scale, algo.second_order, on_chunk=on_chunk)
+            tree = exact.TreeSum(self.first_chunk)
+            loss_sum, acc_sum = meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
+                                              self.scale, algo.second_order, tree=tree, extra=self.extra, on_chunk=on_chunk)
+            return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
+        finally:
+            if on_chunk is not None:
+                self.model.rng = None          # evaluation never drops
 
     def shape(self) -> dict:
         """What decides a chunk's speed (the strategy cache's key, with the machine)."""
@@ -165,6 +191,7 @@ class MetaStep:
         return {"model": dataclasses.asdict(c.model), "image": list(self.image_shape), "ways": d.ways, "shots": d.shots,
                 "queries": d.queries, "algo": a.name, "second_order": self.second_order, "inner_steps": a.inner_steps,
                 "learn_inner_lr": a.learn_inner_lr, "per_step_bn": a.per_step_bn, "tasks_per_chunk": self.chunk,
+                "head_init": self.algorithms[False].train_inner.head_init,
                 "device": self.dist.device.type}
 
     def chunk_runner(self, tasks: int = 4):
@@ -222,7 +249,7 @@ class MetaStep:
                     out = self.graphs[variant](batch)
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
-                    out = self.backward[first_order](batch=batch)
+                    out = self.backward[first_order](batch=batch, step=step)
         agreed = self._reduce(out, votes(), step + 1)
         loss_sum, acc_sum = out[0], out[1]
         if debug:

@@ -72,32 +72,37 @@ def _locked(path: Path):
         yield
 
 
-def cached_choice(shape: dict, run_chunk, say=print) -> dict:
-    """The measured choice for this machine and shape: from the cache, or measured now and
-    cached (first writer wins; others wait on the lock and read it). Returns the record
-    {strategy, tasks_per_s, key, measured_at, cache}."""
+def cached(kind: str, shape: dict, compute, say=print) -> dict:
+    """A machine fact of `kind` for this machine and `shape`: from the cache, or computed now by
+    `compute() -> dict` and cached (first writer wins; others wait on the lock and read it).
+    Returns the record with `key`, `cache` (its file, or None) and `cached` (read, not computed)."""
     key = dict(machine(), shape=shape)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir()
-    path = folder / f"strategy-{name}.json"
+    path = folder / f"{kind}-{name}.json"
     try:
-        with _locked(folder / "strategy.lock"):
+        with _locked(folder / f"{kind}.lock"):
             if path.is_file():
                 rec = json.loads(path.read_text())
                 if rec.get("key") == key:
                     return dict(rec, cache=str(path), cached=True)
-            speed = measure(run_chunk)
-            rec = {"strategy": max(speed, key=speed.get), "tasks_per_s": speed, "key": key,
-                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            rec = dict(compute(), key=key, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             tmp.write_text(json.dumps(rec, indent=1) + "\n")
             os.replace(tmp, path)
             return dict(rec, cache=str(path), cached=False)
     except OSError as e:         # no writable cache: measure for this run only, and say so
-        say(f"algo.strategy=auto: cannot use the cache {folder} ({e}); measuring for this run only "
+        say(f"{kind}: cannot use the cache {folder} ({e}); measuring for this run only "
             "(set $METADIST_CACHE_DIR to a writable folder so runs on this machine agree)")
+        return dict(compute(), key=key, cache=None, cached=False)
+
+
+def cached_choice(shape: dict, run_chunk, say=print) -> dict:
+    """The measured strategy for this machine and shape (see `cached`)."""
+    def compute():
         speed = measure(run_chunk)
-        return {"strategy": max(speed, key=speed.get), "tasks_per_s": speed, "key": key, "cache": None, "cached": False}
+        return {"strategy": max(speed, key=speed.get), "tasks_per_s": speed}
+    return cached("strategy", shape, compute, say)
 
 
 def choose(requested: str, device: torch.device, shape: dict, run_chunk, say=print) -> dict:

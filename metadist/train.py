@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from metadist import LAUNCHED
 from metadist import config as config_mod
+from metadist import algorithms, models
 from metadist import strategy as strategy_mod
-from metadist.algorithms import build_model
-from metadist.checkpoint import Checkpointer, TrainState, load_weights, save_weights
+from metadist.models import build_model
+from metadist.checkpoint import Checkpointer, TrainState, backbone_weights, load_init, load_weights, save_weights
 from metadist.config import Config, ConfigError
 from metadist.data.prepare import ensure, shards_dir
 from metadist.data.shards import EpisodeSource, meta_batches, read_manifest
@@ -74,15 +75,26 @@ class Progress:
     redrawn with \\r every step makes a log file one unreadable line). Main process only."""
 
     def __init__(self, total: int, initial: int, enabled: bool, say):
-        self.total, self.say, self.enabled = total, say, enabled
+        self._total, self.say, self.enabled = total, say, enabled
         self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr) \
             if enabled and sys.stderr.isatty() else None
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self._total = value
+        if self.bar is not None:
+            self.bar.total = value
+            self.bar.refresh()
 
     def show(self, rec: dict) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}", tps=f"{rec['tasks_per_s']:.0f}")
         elif self.enabled:
-            self.say(f"step {rec['step']}/{self.total}: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} "
+            self.say(f"step {rec['step']}/{self._total}: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} "
                      f"{rec['tasks_per_s']:.1f} tasks/s lr {rec['lr']:.3g} ({rec['elapsed_s'] / 60:.1f} min)")
 
     def write(self, line: str) -> None:
@@ -166,6 +178,56 @@ class Validator:
         return dict(rec or {"step": state.step, "elapsed_s": state.elapsed}, val_accuracy=v)
 
 
+class BudgetSchedule:
+    """train.budget_schedule: lay the step count (and the cosine) over train.max_minutes. The run
+    times its steps from step 3 to `train.budget_probe` (the learning rate holds until then, so the
+    count cannot change them) and one validation on a few val episodes; rank 0 turns these into
+    the steps that fit the budget (3% spare; at most train.steps) and every rank takes that count.
+    The timings are a machine fact, cached like the strategy (per CPU, torch, threads and the
+    run's shape): the same command on the same machine gets the same count, hence the same
+    weights. The count is recorded in <run>/schedule.json and in every checkpoint."""
+
+    WARM = 3
+
+    def __init__(self, cfg: Config, dist: Dist, shape: dict, run_dir: Path, evaluate_some, say):
+        t = cfg.train
+        self.on, self.probe, self.cfg, self.dist, self.say = t.budget_schedule, t.budget_probe, cfg, dist, say
+        self.shape = dict(shape, world=dist.world, meta_batch_size=t.meta_batch_size, val_every=t.val_every)
+        self.path, self.evaluate_some = run_dir / "schedule.json", evaluate_some
+        self.t0 = self.s0 = None
+
+    def maybe_fix(self, state: TrainState) -> int | None:
+        """Call after every step; returns the step count when it is fixed at this step."""
+        if not self.on or state.schedule_steps:
+            return None
+        if self.t0 is None and state.step >= min(self.WARM, self.probe - 1):
+            self.t0, self.s0 = time.perf_counter(), state.step
+        if state.step < self.probe:
+            return None
+        rec = None
+        if self.dist.is_main:
+            timed = time.perf_counter() - self.t0, state.step - self.s0
+
+            def measure():
+                t = time.perf_counter()
+                episodes = self.evaluate_some()
+                val_s = (time.perf_counter() - t) * self.cfg.data.val_episodes / max(1, episodes) / self.dist.world
+                return {"step_s": timed[0] / max(1, timed[1]), "val_s": val_s}
+            rec = strategy_mod.cached("budget", self.shape, measure, self.say)
+        rec = self.dist.broadcast_object(rec)
+        t = self.cfg.train
+        fit = int(60 * t.max_minutes * 0.97 / (rec["step_s"] + rec["val_s"] / t.val_every))
+        steps = max(self.probe + 1, min(t.steps, fit))
+        if self.dist.is_main:
+            self.path.write_text(json.dumps(dict(rec, steps=steps, fits=fit), indent=1) + "\n")
+            where = "cached" if rec.get("cached") else "measured"
+            self.say(f"train.budget_schedule: {rec['step_s']:.3f} s/step and {rec['val_s']:.1f} s per validation ({where}"
+                     f"{', ' + rec['cache'] if rec.get('cache') else ''}): {fit} steps fit "
+                     f"{t.max_minutes:g} min; the schedule ends at step {steps}")
+        state.schedule_steps = steps
+        return steps
+
+
 @dataclass
 class Setup:
     """What set-up made, for the loop and `finish`."""
@@ -180,6 +242,8 @@ class Setup:
 
 
 def train(cfg: Config, log=print) -> dict:
+    algorithms.check(cfg)           # the names the tables define, before anything starts
+    models.check(cfg)
     dist = Dist(cfg.train.collective_timeout_s, cfg.train.threads)
     run = RunFolder(cfg, dist.is_main)
     try:
@@ -214,10 +278,17 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
         say(f"torch elastic: run {e['run_id']}, restart {e['restart']} of at most {e['max_restarts']}, "
             f"{e['nodes']} node(s), {dist.world} process(es)")
     root = shards_dir(cfg)
-    image_shape = tuple(read_manifest(root, "train")["image_shape"])     # the shape travels from the shards
+    train_manifest = read_manifest(root, "train")
+    image_shape = tuple(train_manifest["image_shape"])                    # the shape travels from the shards
+    pretrain = algorithms.ALGORITHMS[cfg.algo.name].pretrain
     device = dist.device
     dist.seed(cfg.seed)
-    model = build_model(cfg, image_shape).to(device)
+    # pre-training: a classifier over every train class; meta-learning: a head of data.ways (or one shared row)
+    model = build_model(cfg, image_shape, ways=len(train_manifest["classes"]) if pretrain else None).to(device)
+    if cfg.model.init:
+        kept = load_init(model, cfg.model.init)
+        say(f"model.init={cfg.model.init}: started from its tensors"
+            + (f"; at their initialisation: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else ""))
     meta_step = MetaStep(cfg, model, dist, local_tasks, say, image_shape)
     ckpt = Checkpointer(run.dir, t.checkpoint_every, t.keep_checkpoints, dist.is_main)
     latest = None if cfg.run.fresh else ckpt.latest()
@@ -239,13 +310,22 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
     resident = d.device_cache == "on" or (d.device_cache == "auto" and device.type == "cuda"
                                           and train_split.manifest["bytes"] < 4 * 2**30)
     stream = meta_batches(train_split, cfg.seed, t.meta_batch_size, dist.rank, dist.world, state.step, t.steps,
-                          d.task_aug, d.num_workers, device=device if resident else None)
+                          d.task_aug, d.num_workers, device=device if resident else None,
+                          pretrain_group=d.ways * (d.shots + d.queries) if pretrain else 0)
     tracker = make_tracker(cfg, run.dir, dist.is_main)
     progress = Progress(t.steps, state.step, dist.is_main, say)
     logger = Logger(t.log_every, t.meta_batch_size, dist, run.metrics_log(state.step if latest else None), tracker,
                     progress, lambda: meta_step.scheduler.get_last_lr()[0])
     validator = Validator(cfg, dist, model, state.strategy, val_episodes, run.dir, progress)
     stop_votes = StopVotes(cfg, signals, dist.is_main, device)
+
+    def evaluate_some() -> int:       # the budget schedule times one validation on a few episodes
+        some = val_episodes[: 2 * cfg.eval.tasks_per_batch]
+        evaluate(model, cfg, some, cfg.eval.val_inner_steps, device, state.strategy)
+        return len(some)
+    budget = BudgetSchedule(cfg, dist, meta_step.shape(), run.dir, evaluate_some, say)
+    total = state.schedule_steps or t.steps
+    meta_step.total_steps = total
     setup = Setup(cfg, dist, model, run.dir, root, tracker, say, state.step)
     say(f"training {cfg.algo.name} ({state.strategy}, reduce={t.reduce}, {meta_step.chunk} task(s) per chunk) on "
         f"{dist.world} process(es), {device}, {dist.threads} thread(s) each: {t.meta_batch_size} tasks/step "
@@ -262,15 +342,17 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
             state.elapsed = stop_votes.clock()
             if state.step == start_step + 1:
                 say(f"first meta-step done {time.time() - LAUNCHED:.1f} s after launch")
+            if (fixed := budget.maybe_fix(state)) is not None:
+                total = meta_step.total_steps = progress.total = fixed
             stop = stop_votes.check(agreed, state.step)
-            last = state.step == t.steps or stop is not None
+            last = state.step >= total or stop is not None
             logger.add(loss_sum, acc_sum, local_tasks)
             logger.write(validator(state, last, logger.record(state, last, grad_norm)))
             if ckpt.due(state.step, last):
                 ckpt.save(state, model, meta_step.optimizer, meta_step.scheduler, cfg)
                 dist.barrier()   # no rank runs ahead of a checkpoint being written
             progress.update()
-            if stop:
+            if last:             # a stop vote, or the step count (the budget schedule's may end before the stream)
                 break
     finally:
         progress.close()
@@ -324,6 +406,9 @@ def finish(setup: Setup, state: TrainState) -> dict:
     best = run_dir / "best.safetensors"
     if best.is_file():
         model.load_state_dict(load_weights(best)[0])
+    if algorithms.ALGORITHMS[cfg.algo.name].pretrain and dist.is_main:     # what `model.init` starts from
+        save_weights(model, run_dir / "backbone.safetensors", cfg, state.best_step or state.step, state.best_val,
+                     tensors=backbone_weights(model))
     test = EpisodeSource(setup.shards, "test", cache_dir=cfg.data.cache_dir).all(cfg.eval.test_episodes)
     r = evaluate(model, cfg, test, cfg.eval.inner_steps, dist.device, state.strategy, dist)
     summary = {"test_accuracy": r["accuracy"], "test_ci95": r["ci95"], "test_episodes": r["episodes"],

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from metadist.algorithms import maml, transfer
 from metadist.algorithms.core import Inner, adapt, adapt_and_predict, make_forward, meta_backward, per_task, per_task_loss
-from metadist.model import ConvNet, is_lr, lr_key
+from metadist.models import is_lr, lr_key
+from metadist.models.conv4 import ConvNet
 
 T, WAYS, SHOTS, QUERIES, SIDE = 4, 3, 2, 2, 8
 
@@ -290,12 +291,14 @@ def test_transfer_loss_is_plain_supervised_training():
         assert torch.allclose(losses[t], F.cross_entropy(reference_forward(params, x[t], model.depth), y[t]))
 
 
-def test_algorithm_table_is_what_config_accepts():
+def test_algorithm_table_is_what_is_accepted():
     from metadist import config
-    from metadist.algorithms import ALGORITHMS, build
-    assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "transfer"}
-    with pytest.raises(config.ConfigError, match="maml, fomaml, anil, transfer"):
-        config.load(None, ["algo.name=reptile"])
+    from metadist.algorithms import ALGORITHMS, build, check
+    assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "transfer", "protonet", "pretrain"}
+    with pytest.raises(config.ConfigError, match="algo.name='reptile': allowed values are maml, fomaml, anil, transfer"):
+        check(config.load(None, ["algo.name=reptile"]))
+    with pytest.raises(config.ConfigError, match="algo.head_init='random': allowed values are learned, zero, shared, proto"):
+        check(config.load(None, ["algo.head_init=random"]))
     model = tiny()
     cfg = config.load(None, ["algo.inner_steps=2"])
     assert build(cfg, model).second_order and not build(cfg, model, first_order=True).second_order

@@ -33,7 +33,6 @@ def test_precedence_yaml_then_overrides(tmp_path):
     (["data.ways=1"], ["data.ways", "at least 2"]),
     (["data.shots=0"], ["data.shots", "at least 1"]),
     (["train.meta_batch_size=0"], ["train.meta_batch_size", "positive"]),
-    (["algo.name=reptile"], ["algo.name", "maml", "fomaml", "anil", "transfer"]),
     (["data.shots=10", "data.queries=15"], ["shots + queries", "20"]),
     (["data.task_aug=1.5"], ["data.task_aug", "probability"]),
     (["train"], ["section.key=value"]),

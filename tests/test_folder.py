@@ -216,3 +216,36 @@ def test_rgb_84_is_world_size_invariant_and_resumes_exactly(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     w = {name: weights(tmp_path / "runs" / name) for name in ("one", "two", "resumed")}
     assert all(w["one"][k].equal(w[n][k]) for n in ("two", "resumed") for k in w["one"])
+
+
+@pytest.mark.slow
+def test_resnet12_at_84_trains_and_two_processes_equal_one(tmp_path):
+    """ResNet-12 (64-160-320-640), second-order MAML, 5-way 1-shot at 84x84 RGB: a step end to end,
+    and `accelerate launch` with 2 processes gives the 1-process weights bit for bit (exact mode,
+    one thread each). With DropBlock (small widths, 32 px) too: its masks are named by seed, step
+    and chunk."""
+    from tests.test_distributed import train, weights
+    root = write_folder_dataset(tmp_path / "raw", "folders", classes=21, images=4, split_counts=(11, 5, 5),
+                                size=84, channels=3, fmt="jpg")
+    common = {"model.backbone": "resnet12", "data.ways": 5, "data.queries": 1, "train.meta_batch_size": 2,
+              "train.steps": 1, "train.val_every": 1, "train.checkpoint_every": 1, "data.val_episodes": 2,
+              "data.test_episodes": 2, "eval.inner_steps": 1, "eval.val_inner_steps": 1, "eval.tasks_per_batch": 2,
+              "train.threads": 1, "algo.inner_lr": 0.01}
+    runs = {"full": folder_args(root, tmp_path, "folders", **common),
+            "db": folder_args(root, tmp_path / "small", "folders", 32, 3, **dict(
+                common, **{"model.widths": "8,12,16,20", "model.dropblock": 0.2, "train.steps": 3}))}
+    for case, args in runs.items():
+        r = run_cli("prepare", *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for n in (1, 2):
+            r = train(n, args + [f"run.name={case}{n}"])
+            assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (weights(tmp_path / "runs" / f"full{n}") for n in (1, 2))
+    assert a["blocks.3.conv3.weight"].shape == (640, 640, 3, 3) and a["head.weight"].shape == (5, 640)
+    assert all(a[k].equal(b[k]) for k in a)
+    a, b = (weights(tmp_path / "small" / "runs" / f"db{n}") for n in (1, 2))
+    assert all(a[k].equal(b[k]) for k in a)
+    r = train(1, runs["db"] + ["run.name=nodb", "model.dropblock=0"])
+    assert r.returncode == 0
+    c = weights(tmp_path / "small" / "runs" / "nodb")
+    assert not all(a[k].equal(c[k]) for k in a)                  # DropBlock did drop something

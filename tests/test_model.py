@@ -1,25 +1,33 @@
-"""The conv net: the folded many-task forward equals the module run with explicit weights, and the
-written-out BatchNorm equals torch's."""
+"""The backbones: the folded many-task forward equals the module run with explicit weights (Conv4
+and ResNet-12), the written-out BatchNorm equals torch's, the table and the pretrained start."""
 import torch
 import torch.nn.functional as F
 
 from metadist.algorithms.core import per_task
-from metadist.model import ConvNet, batch_norm, tasks_forward
+import pytest
+
+from metadist.models.common import batch_norm
+from metadist.models.conv4 import ConvNet
+from metadist.models.resnet12 import ResNet12
 
 
-def test_module_runs_with_explicit_weights_through_functional_call():
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_module_runs_with_explicit_weights_through_functional_call(backbone):
     """The model is a plain nn.Module: functional_call with explicit weights equals the folded
-    per-task forward with those weights."""
+    per-task forward with those weights (and torch's fused batch-norm kernel, what the loop and
+    evaluation use, agrees)."""
     from torch.func import functional_call
     torch.manual_seed(0)
-    model = ConvNet(3, hidden=4, depth=2, side=8).double()
-    x = torch.rand(4, 6, 1, 8, 8, dtype=torch.float64)
-    params = {k: v + 0.01 for k, v in model.named_parameters()}
+    if backbone == "conv4":
+        model, x = ConvNet(3, hidden=4, depth=2, side=8).double(), torch.rand(4, 6, 1, 8, 8, dtype=torch.float64)
+    else:
+        model, x = ResNet12(3, widths=(3, 4, 5, 6), in_channels=3, side=16).double(), torch.rand(4, 6, 3, 16, 16,
+                                                                                                dtype=torch.float64)
+    params = {k: v + 0.01 * torch.randn_like(v) for k, v in model.named_parameters()}
     direct = torch.stack([functional_call(model, params, (x[t],)) for t in range(4)])
-    folded = tasks_forward(per_task(params, 4), x, model.depth)
-    assert torch.allclose(direct, folded, rtol=1e-10, atol=1e-12)
-
-
+    for native in (False, True):
+        folded = model.tasks_forward(per_task(params, 4), x, native_norm=native)
+        assert torch.allclose(direct, folded, rtol=1e-10, atol=1e-12), native
 
 
 def test_written_out_batch_norm_equals_torchs():

@@ -23,7 +23,7 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
     s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
     assert s["steps"] == 150 and s["test_episodes"] == 160
     import torch
-    from metadist.algorithms import build_model
+    from metadist.models import build_model
     from metadist.checkpoint import load_model
     from metadist.data.shards import EpisodeSource
     from metadist.evaluate import evaluate

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metadist import config, exact
-from metadist.algorithms import build_model
+from metadist.models import build_model
 from metadist.step import MetaStep, lr_lambda
 
 

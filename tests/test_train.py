@@ -217,3 +217,85 @@ def test_device_resident_data_trains_the_same_weights(omniglot_dir, tmp_path):
         train(config.load(None, base + [f"data.device_cache={mode}", f"run.name={mode}"]), log=lambda *a: None)
     a, b = (load_weights(tmp_path / "runs" / m / "model.safetensors")[0] for m in ("off", "on"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_then_maml_from_its_backbone(omniglot_dir, tmp_path):
+    """The two documented commands: a classifier over every train class (its head as wide as the
+    train split has classes), whose backbone.safetensors (no head, no rates) starts a MAML run."""
+    from metadist.data.shards import read_manifest
+    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 3, "algo.learn_inner_lr": "layer"})
+    r = run_cli("train", *base, "algo.name=pretrain", "run.name=pre")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "pre"
+    weights, _ = load_weights(run / "model.safetensors")
+    classes = len(read_manifest(tmp_path / "shards", "train")["classes"])
+    assert weights["head.weight"].shape[0] == classes
+    body, _ = load_weights(run / "backbone.safetensors")
+    assert not any(k.startswith("head.") or k.startswith("inner_lr.") for k in body)
+    assert set(body) == {k for k in weights if not k.startswith(("head.", "inner_lr."))}
+    r = run_cli("evaluate", "--run", run)                 # a new head per task, from the prototypes
+    assert r.returncode == 0 and '"episodes": 24' in r.stdout, r.stderr[-2000:]
+    r = run_cli("train", *base, f"model.init={run / 'backbone.safetensors'}", "run.name=maml", "train.steps=1",
+                "train.meta_lr=1e-12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "started from its tensors; at their initialisation: head.bias, head.weight, inner_lr." in r.stdout
+    after, _ = load_weights(tmp_path / "runs" / "maml" / "model.safetensors")
+    assert all(torch.allclose(after[k], body[k], atol=1e-6) for k in body)    # the body started there
+    r = run_cli("train", *base, f"model.init={run / 'model.safetensors'}", "run.name=wide", "train.steps=1")
+    assert r.returncode == 2 and f"head.weight ({classes}, 8) (the model's (5, 8))" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overrides", [["algo.name=protonet"], ["algo.head_init=shared"], ["algo.head_init=proto"],
+                                       ["algo.head_init=zero", "algo.name=anil"]])
+def test_protonet_and_head_inits_train_evaluate_and_predict(omniglot_dir, tmp_path, overrides):
+    args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2})
+    r = run_cli("train", *args, *overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    s = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= s["test_accuracy"] <= 1.0
+    r = run_cli("export-tasks", *args, "--out", tmp_path / "tasks", "--limit", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("predict", "--run", run, "--tasks", tmp_path / "tasks", "--out", tmp_path / "p.csv")
+    assert r.returncode == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 3 * 5, r.stderr[-2000:]
+
+
+def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(omniglot_dir, tmp_path, monkeypatch):
+    """train.budget_schedule: the count is fixed at the probe from the (cached) timings; the same
+    command twice gives that count and the same weights; the learning rate holds until the probe
+    and anneals to 0 at the count; a resume keeps the count."""
+    from metadist.train import train
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
+    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 60, "train.max_minutes": 0.5, "train.budget_schedule": "true",
+                                                      "train.budget_probe": 6, "train.schedule": "cosine",
+                                                      "train.val_every": 5, "train.checkpoint_every": 5,
+                                                      "train.keep_checkpoints": 100})
+    train(config.load(None, base + ["run.name=first", "train.steps=8"]), log=lambda *a: None)
+    rec_file = next((tmp_path / "cache").glob("budget-*.json"))
+    rec = json.loads(rec_file.read_text())
+    assert rec["step_s"] > 0 and rec["val_s"] > 0
+    # pretend this machine is slow, so that fewer steps than train.steps fit the budget
+    rec_file.write_text(json.dumps(dict(rec, step_s=1.0, val_s=2.0)))
+    want = int(30 * 0.97 / (1.0 + 2.0 / 5))                              # 20
+    said = []
+    a = train(config.load(None, base + ["run.name=a"]), log=said.append)
+    assert any(f"the schedule ends at step {want}" in x for x in said)
+    b = train(config.load(None, base + ["run.name=b"]), log=lambda *x: None)
+    assert a["steps"] == b["steps"] == want
+    wa, wb = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert lrs[:6] == [lrs[0]] * 6 and lrs[-1] == 0.0 and lrs[10] < lrs[0]
+    assert json.loads((tmp_path / "runs" / "a" / "schedule.json").read_text())["steps"] == want
+    # resumed from step 10 (after the probe): the count comes from the checkpoint, not the cache
+    import shutil
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "d")
+    for p in (tmp_path / "runs" / "d" / "checkpoints").iterdir():
+        if int(p.name[5:]) > 10:
+            shutil.rmtree(p)
+    rec_file.write_text(json.dumps(dict(rec, step_s=10.0, val_s=2.0)))          # a count of 2, were it asked
+    said = []
+    d = train(config.load(None, base + ["run.name=d"]), log=said.append)
+    assert any("from step_000010" in x for x in said) and not any("schedule ends" in x for x in said)
+    wd = load_weights(tmp_path / "runs" / "d" / "model.safetensors")[0]
+    assert d["steps"] == want and all(torch.equal(wa[k], wd[k]) for k in wa)

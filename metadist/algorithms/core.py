@@ -1,24 +1,31 @@
 """The one inner loop (`adapt`), the task forward of each strategy, and the meta-backward.
 
-Strategies: `batched` runs a chunk of tasks as one folded network (model.tasks_forward), `loop`
-runs tasks one at a time (the reference's way). Both give a forward(params, x) -> (T, n, ways)
-where params carry a leading task dimension, so `adapt` and the algorithms never know which one
-runs. Evaluation calls the same `adapt` with first_order=True on detached weights: no
-second-order graph is ever built there.
+Strategies: `batched` runs a chunk of tasks as one folded network (the backbone's
+tasks_forward), `loop` runs tasks one at a time (the reference's way). Both give a Forward:
+forward(params, x) -> logits (T, n, ways) and forward.features(params, x) -> (T, n, F), where
+params carry a leading task dimension, so `adapt` and the algorithms never know which one runs.
+Evaluation calls the same `adapt` with first_order=True on detached weights: no second-order
+graph is ever built there.
+
+The head each task starts from (`Inner.head_init`): `learned` (MAML: the meta-learned head),
+`zero` (every class starts at 0), `shared` (UNICORN-MAML: one learned row and bias, copied to every
+class, so a task's outcome does not depend on how its classes are numbered), `proto` (Proto-MAML:
+weights 2 c_k and bias -|c_k|^2 from the class prototypes c_k of the support features, where a
+prototypical network ends). The same in training and evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from metadist.model import ConvNet, is_lr, lr_key, tasks_forward
+from metadist.models import Backbone, is_lr, lr_key
 
 Params = dict[str, torch.Tensor]
-Forward = Callable[[Params, torch.Tensor], torch.Tensor]
+HEAD_INITS = ("learned", "zero", "shared", "proto")
 
 
 @dataclass(frozen=True)
@@ -29,25 +36,61 @@ class Inner:
     first_order: bool = False
     adapt_names: tuple[str, ...] | None = None   # None = all parameters (ANIL: the head only)
     checkpoint: bool = False                      # recompute activations of each inner step in backward
+    head_init: str = "learned"                    # the head a task starts from (see the module's docstring)
+    ways: int = 0                                 # classes per task (the head_init=zero/shared/proto head's rows)
 
 
-def make_forward(model: ConvNet, strategy: str, second_order: bool = True) -> Forward:
+class Forward:
     """forward(params, x, step=0): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n, ways);
-    `step` is the inner step (per-step BatchNorm weights).
-    second_order=False lets the batched forward use the native batch-norm kernel (its double
-    backward is never taken then)."""
-    if strategy == "batched":
-        return lambda p, x, step=0: tasks_forward(p, x, model.depth, native_norm=not second_order, step=step)
-    if strategy == "loop":
-        # one task at a time, like the reference; torch's fused batch-norm kernel is exact here
-        # (its double backward is only wrong under vmap) and the fastest per-task choice
-        def loop(p, x, step=0):
-            if x.shape[0] == 1:          # meta-training's loop chunks are single tasks: no slicing, no cat
-                return tasks_forward(p, x, model.depth, native_norm=True, step=step)
-            return torch.cat([tasks_forward({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], model.depth,
-                                            native_norm=True, step=step) for t in range(x.shape[0])])
-        return loop
-    raise ValueError(f"unknown strategy {strategy!r}")
+    forward.features(params, x, step=0) -> (T, n, F). `step` is the inner step (per-step BatchNorm
+    weights). native: torch's fused batch-norm kernel, where no double backward goes through it."""
+
+    def __init__(self, model: Backbone, strategy: str, native: bool):
+        if strategy not in ("batched", "loop"):
+            raise ValueError(f"unknown strategy {strategy!r}")
+        self.model, self.loop, self.native = model, strategy == "loop", native
+
+    def _run(self, fn, p: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.loop or x.shape[0] == 1:     # the loop's meta-training chunks are single tasks: no slicing, no cat
+            return fn(p, x, step, self.native)
+        return torch.cat([fn({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], step, self.native)
+                          for t in range(x.shape[0])])
+
+    def __call__(self, p: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        return self._run(self.model.tasks_forward, p, x, step)
+
+    def features(self, p: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        return self._run(self.model.tasks_features, p, x, step)
+
+
+def make_forward(model: Backbone, strategy: str, second_order: bool = True) -> Forward:
+    """The strategy's Forward. second_order=False lets the batched forward use the native
+    batch-norm kernel (its double backward is never taken then); the loop, one task at a time like
+    the reference, always does: torch's fused kernel is exact there (its double backward is only
+    wrong under vmap) and the fastest per-task choice."""
+    return Forward(model, strategy, native=strategy == "loop" or not second_order)
+
+
+def init_head(forward: Forward, params: Params, x_support: torch.Tensor, inner: Inner) -> Params:
+    """The head each task starts its inner loop from (Inner.head_init); params carry the task axis.
+    The support is class-major (labels arange(ways).repeat_interleave(shots)), so the prototypes
+    are means over consecutive rows."""
+    mode = inner.head_init
+    if mode == "learned":
+        return params
+    w, b = params["head.weight"], params["head.bias"]              # (T, rows, F), (T, rows)
+    T, F_ = w.shape[0], w.shape[-1]
+    ways = inner.ways or w.shape[1]
+    if mode == "zero":
+        w, b = w.new_zeros(T, ways, F_), b.new_zeros(T, ways)
+    elif mode == "shared":
+        w, b = w.expand(T, ways, F_), b.expand(T, ways)
+    elif mode == "proto":
+        c = forward.features(params, x_support, 0).reshape(T, ways, -1, F_).mean(2)   # (T, ways, F)
+        w, b = 2 * c, -(c * c).sum(-1)
+    else:
+        raise ValueError(f"unknown head_init {mode!r}")
+    return dict(params, **{"head.weight": w, "head.bias": b})
 
 
 def per_task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -74,8 +117,8 @@ def step_lr(lr, weight: torch.Tensor, step: int):
 
 def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: torch.Tensor, inner: Inner,
           trajectory: bool = False):
-    """`inner.steps` SGD steps on each task's support loss; returns the fast weights (with
-    trajectory=True, the list of fast weights after each step).
+    """`inner.steps` SGD steps on each task's support loss, from the head `inner.head_init` makes;
+    returns the fast weights (with trajectory=True, the list of fast weights after each step).
 
     Second order (first_order=False): the inner gradients stay in the graph (create_graph), so a
     meta-gradient flows through them. First order: the inner gradients are constants.
@@ -85,17 +128,23 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
     """
     names = adapted(params, inner)
     lrs = {k: params.get(lr_key(k), inner.lr) for k in names}
-    fast, path = dict(params), []
+    fast, path = init_head(forward, dict(params), x_support, inner), []
+    if inner.steps and torch.is_grad_enabled():     # a head made of constants (zero, or detached prototypes) is still adapted
+        fast = dict(fast, **{k: fast[k].detach().requires_grad_() for k in names if not fast[k].requires_grad})
     for i in range(inner.steps):
         def support_loss(*ws):
             return per_task_loss(forward({**fast, **dict(zip(names, ws))}, x_support, i), y_support).sum()
         ws = [fast[k] for k in names]
+        # first order: the inner gradient is a constant, so it is taken on detached copies; the
+        # support forward then never reaches weights the meta-loss still needs (the prototypes of
+        # head_init=proto are made of the body's weights)
+        wrt = [w.detach().requires_grad_() for w in ws] if inner.first_order else ws
         if inner.checkpoint and torch.is_grad_enabled():
-            loss = checkpoint(support_loss, *ws, use_reentrant=False)
+            loss = checkpoint(support_loss, *wrt, use_reentrant=False)
         else:
-            loss = support_loss(*ws)
+            loss = support_loss(*wrt)
         # sum over tasks: each task's slice of the gradient is its own mean-loss gradient
-        grads = torch.autograd.grad(loss, ws, create_graph=not inner.first_order)
+        grads = torch.autograd.grad(loss, wrt, create_graph=not inner.first_order)
         fast = dict(fast, **{k: w - step_lr(lrs[k], w, i) * g for k, w, g in zip(names, ws, grads)})
         path.append(fast)
     return path if trajectory else fast
@@ -113,8 +162,9 @@ def chunks(batch: dict, size: int):
         yield {k: v[s:s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def meta_backward(task_losses, model: ConvNet, params: Params, batch: dict, strategy: str,
-                  tasks_per_chunk: int, scale: float, second_order: bool = True, tree=None, extra: int = 0):
+def meta_backward(task_losses, model: Backbone, params: Params, batch: dict, strategy: str,
+                  tasks_per_chunk: int, scale: float, second_order: bool = True, tree=None, extra: int = 0,
+                  on_chunk=None):
     """scale * d(sum of the tasks' losses)/d(params), chunk by chunk.
 
     `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (tree
@@ -122,13 +172,17 @@ def meta_backward(task_losses, model: ConvNet, params: Params, batch: dict, stra
     reference's memory profile). Exact (tree: a metadist.exact.TreeSum): each chunk of
     `tasks_per_chunk` tasks gives its own flat gradient (`extra` zeros appended), pushed to the
     tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it.
-    Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here).
+    `on_chunk(i)` runs before the i-th chunk of this batch (the meta-step gives DropBlock its
+    generator there). Returns the sums of loss and accuracy over the tasks (detached tensors; no
+    host sync here).
     """
     forward = make_forward(model, strategy, second_order)
     size = 1 if strategy == "loop" and tree is None else tasks_per_chunk
     leaves = list(params.values())
     loss_sum = acc_sum = 0.0
-    for chunk in chunks(batch, size):
+    for i, chunk in enumerate(chunks(batch, size)):
+        if on_chunk is not None:
+            on_chunk(i)
         t = chunk["x_support"].shape[0]
         losses, accs = task_losses(forward, per_task(params, t), chunk)
         total = losses.sum() * scale
@@ -143,7 +197,7 @@ def meta_backward(task_losses, model: ConvNet, params: Params, batch: dict, stra
     return loss_sum, acc_sum
 
 
-def adapt_and_predict(model: ConvNet, params: Params, x_support, y_support, x_query, inner: Inner,
+def adapt_and_predict(model: Backbone, params: Params, x_support, y_support, x_query, inner: Inner,
                       strategy: str = "batched") -> torch.Tensor:
     """Evaluation: adapt detached copies of the weights (first order, no meta-graph), then
     predict the query. Returns query logits (T, n, ways)."""
@@ -153,6 +207,6 @@ def adapt_and_predict(model: ConvNet, params: Params, x_support, y_support, x_qu
     fast = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_(k in names)
             for k, v in params.items()}
     with torch.enable_grad():
-        fast = adapt(forward, fast, x_support, y_support, Inner(inner.steps, inner.lr, True, inner.adapt_names))
+        fast = adapt(forward, fast, x_support, y_support, dataclasses.replace(inner, first_order=True))
     with torch.no_grad():
         return forward({k: v.detach() for k, v in fast.items()}, x_query, max(0, inner.steps - 1))

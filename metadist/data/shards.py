@@ -515,16 +515,48 @@ class ResidentBatches(MetaBatches):
         return self._finish(x, step, tasks)
 
 
+class ClassBatches(MetaBatches):
+    """Supervised pre-training (algo.name=pretrain): each of a step's meta_batch_size "tasks" is a
+    group of `group` images from the whole split, labelled by their class (0 .. classes-1), as
+    y_support (the query is empty). Epoch e visits the split's images in a permutation of
+    (seed, e); group g of the global stream holds images [g*group, (g+1)*group). Like the episode
+    stream, it depends on (seed, step) only: the same for any world size."""
+
+    def __init__(self, source: EpisodeSource, seed: int, meta_batch_size: int, rank: int, world_size: int,
+                 start: int, stop: int, group: int, task_aug: float = 0.0):
+        super().__init__(source, seed, meta_batch_size, rank, world_size, start, stop, task_aug)
+        self.group = group
+        self.labels = np.repeat(np.arange(len(source.class_images)), source.class_images)
+
+    @lru_cache(maxsize=4)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 13, epoch]).permutation(len(self.labels))
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        tasks = range(self.first, self.first + self.share)
+        n = len(self.labels)
+        first = (step * self.batch + self.first) * self.group
+        idx = np.array([self._order(p // n)[p % n] for p in range(first, first + self.share * self.group)])
+        idx = idx.reshape(self.share, self.group)
+        x = to_float(torch.from_numpy(self.source.pool[idx]))                  # (tasks, group, C, H, W)
+        y = torch.from_numpy(self.labels[idx])
+        if self.task_aug > 0:
+            x = rotate_tasks(x, task_rotations(self.seed, step, tasks, self.task_aug))
+        return {"x_support": x, "y_support": y, "x_query": x[:, :0], "y_query": y[:, :0], "step": step}
+
+
 def meta_batches(split_dir, seed: int, meta_batch_size: int, rank: int, world_size: int, start: int, stop: int,
-                 task_aug: float = 0.0, num_workers: int = 0, cache_dir: str = "", device=None):
-    """Iterator over this rank's share of steps start..stop-1 (see MetaBatches). `split_dir`: an
-    EpisodeSource, or a local split folder."""
+                 task_aug: float = 0.0, num_workers: int = 0, cache_dir: str = "", device=None, pretrain_group: int = 0):
+    """Iterator over this rank's share of steps start..stop-1 (see MetaBatches; with
+    `pretrain_group`, ClassBatches of that many images). `split_dir`: an EpisodeSource, or a local
+    split folder."""
     if not isinstance(split_dir, EpisodeSource):
         split_dir = EpisodeSource(split_dir, None, seed, cache_dir)
-    if device is not None:        # the whole split resident on `device` (no workers needed)
+    if device is not None and not pretrain_group:       # the whole split resident on `device` (no workers needed)
         return iter(ResidentBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug, device))
     split_dir.pool                # read and checked once, before workers fork (they share it)
-    ds = MetaBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug)
+    ds = (ClassBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, pretrain_group, task_aug)
+          if pretrain_group else MetaBatches(split_dir, seed, meta_batch_size, rank, world_size, start, stop, task_aug))
     if num_workers == 0:
         return iter(ds)
     return iter(DataLoader(ds, batch_size=None, num_workers=num_workers, prefetch_factor=4,

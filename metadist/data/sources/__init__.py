@@ -5,9 +5,11 @@
   folder    your own class folders and the standard split files (metadist/data/sources/folder.py)
 
 Preprocessing (`preprocess`, deterministic; also what `predict` does to a task's images): decoded
-uint8 -> float in [0, 1] -> inverted (1 - x) if asked -> torchvision's bilinear antialiased resize,
-`stretch`ed to size x size (the aspect ratio is not kept, as the standard mini-ImageNet preparation
-does) or `crop`: the shorter side to size, then the central size x size -> rounded to uint8.
+uint8 -> float in [0, 1] -> inverted (1 - x) if asked -> bilinear antialiased resize (torch's
+interpolate, which is what torchvision's resize runs on float tensors: bit-identical, checked;
+torchvision's import alone would cost every process 2 s), `stretch`ed to size x size (the aspect
+ratio is not kept, as the standard mini-ImageNet preparation does) or `crop`: the shorter side to
+size, then the central size x size (torchvision's rounding) -> rounded to uint8.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from metadist.errors import MetadistError
@@ -33,11 +35,14 @@ def preprocess(x: torch.Tensor, size: int, resize: str = "stretch", invert: bool
     x = x.float() / 255.0
     if invert:
         x = 1.0 - x
+    h, w = x.shape[-2:]
     if resize == "crop":
-        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        x = TF.center_crop(x, [size, size])
+        nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        x = x[..., top:top + size, left:left + size]
     else:
-        x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

@@ -1,0 +1,99 @@
+"""Memory and speed per backbone (make bench-backbones): Conv4 (32 filters) and ResNet-12
+(64-160-320-640) at 84x84 RGB, 5-way 1-shot 15-query, first and second order, 1 and 5 inner steps,
+with and without algo.checkpoint_inner; the bytes the autograd graph holds for one task (saved
+tensors, each storage counted once) and tasks/s on this CPU (one process); and from them a
+projection, stated as one: the largest meta-batch one 80 GB GPU holds in one graph, and how many
+GPUs a meta-batch of 32 needs without chunking (algo.tasks_per_chunk bounds the graph to that many
+tasks at a time, trading the parallelism for memory).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metadist import strategy  # noqa: E402
+from metadist.algorithms import maml  # noqa: E402
+from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
+from metadist.models.conv4 import ConvNet  # noqa: E402
+from metadist.models.resnet12 import ResNet12  # noqa: E402
+
+GPU_BYTES = 80e9 * 0.9          # an 80 GB card, 10% kept for weights, optimizer, workspace and fragmentation
+
+
+def batch(tasks: int):
+    g = torch.Generator().manual_seed(0)
+    return {"x_support": torch.rand(tasks, 5, 3, 84, 84, generator=g), "y_support": torch.arange(5).expand(tasks, -1),
+            "x_query": torch.rand(tasks, 75, 3, 84, 84, generator=g),
+            "y_query": torch.arange(5).repeat_interleave(15).expand(tasks, -1)}
+
+
+def run(model, b, inner: Inner, chunk: int = 0) -> None:
+    params = dict(model.named_parameters())
+    meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, "batched", chunk,
+                  1.0 / b["x_support"].shape[0], not inner.first_order)
+    model.zero_grad(set_to_none=True)
+
+
+def graph_bytes(model, b, inner: Inner) -> int:
+    """Bytes of the storages the autograd graph saves for `b` (all of them alive at once)."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(model, b, inner)
+    return total[0]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=("conv4", "resnet12"))
+    args = p.parse_args()
+    print(f"CPU: {strategy.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          "84x84 RGB, 5-way 1-shot 15-query (80 images a task)")
+    nets = {"conv4": lambda: ConvNet(5, hidden=32, depth=4, in_channels=3, side=84),
+            "resnet12": lambda: ResNet12(5, (64, 160, 320, 640), in_channels=3, side=84)}
+    print(f"\n{'backbone':<9} {'order':>5} {'steps':>5} {'variant':<17} {'MB/task':>8} {'tasks/s':>8} "
+          f"{'per 80 GB':>9} {'GPUs for 32':>11}")
+    one = batch(1)
+    for name, make in nets.items():
+        if args.only and name != args.only:
+            continue
+        torch.manual_seed(0)
+        model = make()
+        run(model, one, Inner(1, 0.01, True))                     # warm-up: allocator, kernels
+        for order in (2, 1):
+            for steps in (1, 5):
+                for ckpt in (False, True):
+                    inner = Inner(steps, 0.01, order == 1, checkpoint=ckpt)
+                    mb = graph_bytes(model, one, inner)
+                    t = time.perf_counter()
+                    run(model, one, inner)
+                    tps = 1 / (time.perf_counter() - t)
+                    per_gpu = int(GPU_BYTES // mb)
+                    gpus = math.ceil(32 / per_gpu) if per_gpu else float("inf")
+                    variant = "checkpoint_inner" if ckpt else "one graph"
+                    print(f"{name:<9} {order:>5} {steps:>5} {variant:<17} {mb / 1e6:>8.0f} {tps:>8.3f} {per_gpu:>9} {gpus:>11}",
+                          flush=True)
+        if name == "conv4":      # chunking: the same per-task bytes, the peak bounded to a chunk, the time on a CPU
+            b = batch(4)
+            for chunk in (0, 1):
+                inner = Inner(5, 0.01, False)
+                t = time.perf_counter()
+                run(model, b, inner, chunk)
+                print(f"  conv4, second order, 5 steps, meta-batch 4, tasks_per_chunk={chunk}: "
+                      f"{4 / (time.perf_counter() - t):.3f} tasks/s, graph of {4 if chunk == 0 else 1} task(s) at a time")
+
+
+if __name__ == "__main__":
+    main()

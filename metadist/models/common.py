@@ -1,0 +1,130 @@
+"""What every backbone shares: BatchNorm on batch statistics (plain and per inner step), the
+learned inner learning rates, the per-task pieces of the batched strategy (tasks folded into
+channels: grouped convolutions, a BatchNorm per task), and `Backbone`, the base that owns the
+head, the learned rates and `tasks_forward`.
+
+BatchNorm is written from mean and variance and never keeps running statistics: the same
+behaviour in training and at test time (as the reference), and a second-order gradient that is
+exact (torch 2.14's vmap over F.batch_norm gets it wrong).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+LR_PREFIX = "inner_lr."
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dims=(0, 2, 3)) -> torch.Tensor:
+    """Normalise with the batch's own statistics over `dims` (biased variance), then scale and shift.
+
+    Folded into one per-channel scale and shift, so the full-size tensor meets a single addcmul:
+    its double backward (most of second-order MAML's time on CPU) touches fewer large tensors.
+    """
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    scale = weight * torch.rsqrt(var + EPS)
+    return torch.addcmul(bias - mean * scale, x, scale)
+
+
+class BatchStatNorm(nn.Module):
+    """steps > 0: MAML++'s per-step BatchNorm weights and biases, (steps, C): inner step i (and the
+    query after its update) uses row i; later steps (test-time adaptation) use the last row."""
+
+    def __init__(self, channels: int, steps: int = 0):
+        super().__init__()
+        shape = (steps, channels) if steps else (channels,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x):
+        w, b = (self.weight[0], self.bias[0]) if self.weight.dim() == 2 else (self.weight, self.bias)
+        return batch_norm(x, w.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
+
+
+def lr_key(name: str) -> str:
+    """The name of the learned inner learning rate of parameter `name`."""
+    return LR_PREFIX + name.replace(".", "_")
+
+
+def is_lr(name: str) -> bool:
+    return name.startswith(LR_PREFIX)
+
+
+def fold(x: torch.Tensor) -> torch.Tensor:
+    """(T, n, C, H, W) -> (n, T*C, H, W): task t's channels are [t*C, (t+1)*C)."""
+    T, n = x.shape[:2]
+    return x.transpose(0, 1).reshape(n, T * x.shape[2], *x.shape[3:])
+
+
+def task_conv(h: torch.Tensor, w: torch.Tensor, padding: int = 1) -> torch.Tensor:
+    """Each task's convolution with its own weights: h (n, T*Cin, H, W), w (T, Cout, Cin, k, k)."""
+    T = w.shape[0]
+    return F.conv2d(h, w.reshape(T * w.shape[1], *w.shape[2:]), None, padding=padding, groups=T)
+
+
+def task_norm(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, step: int = 0, native: bool = False) -> torch.Tensor:
+    """Each task's BatchNorm (its own statistics and weights): h (n, T*C, H, W), g and b (T, C), or
+    (T, steps, C) per inner step (row `step`, the last for later steps). native: torch's fused
+    kernel, right and faster where no second-order graph goes through it."""
+    if g.dim() == 3:
+        row = min(step, g.shape[1] - 1)
+        g, b = g[:, row], b[:, row]
+    if native:
+        return F.batch_norm(h, None, None, g.reshape(-1), b.reshape(-1), training=True, eps=EPS)
+    return batch_norm(h, g.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))
+
+
+class Backbone(nn.Module):
+    """A backbone is a body (`features`, plain; `tasks_features`, many tasks at once, each with
+    its own weights) and a linear head of `ways` outputs, built by `finish()` after the body.
+
+    learn_lr: "none" (one fixed inner lr), "layer" (a learned inner lr per parameter tensor, shared
+    by the inner steps), "layer_step" (one per tensor and inner step, MAML++'s LSLR: shape
+    (steps, 1, ...)) or "element" (one per weight, Meta-SGD). The learned rates are
+    meta-parameters like the weights (`inner_lr.*`), started at `lr_init`; the inner loop uses
+    them in training and at test time (steps past `steps` use the last step's rate). Per-step
+    BatchNorm weights are meta-learned only: they get no rate (`norm_names` says which they are)."""
+
+    feature_dim: int
+
+    def finish(self, ways: int, learn_lr: str = "none", lr_init: float = 0.4, steps: int = 1,
+               per_step_bn: bool = False) -> None:
+        self.ways, self.learn_lr = ways, learn_lr
+        self.head = nn.Linear(self.feature_dim, ways)
+        if learn_lr != "none":
+            def shape(v):
+                if learn_lr == "element":
+                    return v.shape
+                return ((max(1, steps),) if learn_lr == "layer_step" else ()) + (1,) * v.dim()
+            shapes = {k: shape(v) for k, v in self.named_parameters() if not (per_step_bn and self.is_norm(k))}
+            # registered as "inner_lr.<name with _ for .>", i.e. lr_key(name)
+            self.inner_lr = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.full(s, float(lr_init)))
+                                              for k, s in shapes.items()})
+
+    def is_norm(self, name: str) -> bool:
+        """Whether parameter `name` is a BatchNorm weight or bias."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:       # (n, C, H, W) -> (n, feature_dim)
+        raise NotImplementedError
+
+    def forward(self, x):                                         # (n, C, H, W) -> logits (n, ways)
+        return self.head(self.features(x))
+
+    def head_names(self) -> tuple[str, ...]:
+        """The parameters of the head: what ANIL adapts."""
+        return ("head.weight", "head.bias")
+
+    def tasks_features(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
+                       native_norm: bool = False) -> torch.Tensor:
+        """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n, feature_dim)."""
+        raise NotImplementedError
+
+    def tasks_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
+                      native_norm: bool = False) -> torch.Tensor:
+        """Run T tasks at once, task t with its own weights params[k][t]; `step` is the inner step
+        (per-step BatchNorm weights). x: (T, n, C, H, W) -> logits (T, n, ways)."""
+        h = self.tasks_features(params, x, step, native_norm)
+        return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))
