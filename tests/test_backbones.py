@@ -100,7 +100,17 @@ def reference_loss(backbone, model, params, b, steps, lr, first_order, head_init
             wrt = [w.detach().requires_grad_() for w in ws] if first_order else ws
             cur = dict(fast, **dict(zip(names, wrt)))
             logits = F.linear(body(backbone, cur, b["x_support"][t], i), cur["head.weight"], cur["head.bias"])
-            grads = torch.autograd.grad(F.cross_entropy(logits, b["y_support"][t]), wrt, create_graph=not first_order)
+            grads = list(torch.autograd.grad(F.cross_entropy(logits, b["y_support"][t]), wrt, create_graph=not first_order))
+            if head_init == "proto" and i == 0 and not first_order and len(names) > 2:
+                # the inner step treats the head as a parameter of its own: take out of the body's
+                # gradient the part that runs back through the prototypes (a partial derivative)
+                heads = [names.index("head.weight"), names.index("head.bias")]
+                body_at = [j for j in range(len(names)) if j not in heads]
+                through = torch.autograd.grad([wrt[j] for j in heads], [wrt[j] for j in body_at],
+                                              [grads[j] for j in heads], create_graph=True, allow_unused=True)
+                for j, g in zip(body_at, through):
+                    if g is not None:
+                        grads[j] = grads[j] - g
             fast = dict(fast, **{k: fast[k] - rate(k, i) * g for k, g in zip(names, grads)})
         logits = F.linear(body(backbone, fast, b["x_query"][t], max(0, steps - 1)), fast["head.weight"], fast["head.bias"])
         losses.append(F.cross_entropy(logits, b["y_query"][t]))

@@ -11,7 +11,10 @@ The head each task starts from (`Inner.head_init`): `learned` (MAML: the meta-le
 `zero` (every class starts at 0), `shared` (UNICORN-MAML: one learned row and bias, copied to every
 class, so a task's outcome does not depend on how its classes are numbered), `proto` (Proto-MAML:
 weights 2 c_k and bias -|c_k|^2 from the class prototypes c_k of the support features, where a
-prototypical network ends). The same in training and evaluation.
+prototypical network ends). The same in training and evaluation. The proto head is a function
+of the body's weights; the inner loop treats it as a parameter of its own (its gradients are
+partial derivatives, the head held fixed, in both orders), and the meta-gradient flows through
+the prototypes into the body.
 """
 from __future__ import annotations
 
@@ -131,6 +134,11 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
     fast, path = init_head(forward, dict(params), x_support, inner), []
     if inner.steps and torch.is_grad_enabled():     # a head made of constants (zero, or detached prototypes) is still adapted
         fast = dict(fast, **{k: fast[k].detach().requires_grad_() for k in names if not fast[k].requires_grad})
+        if inner.head_init == "proto" and not inner.first_order:
+            # the inner gradient of the body is taken on aliases, so it does not run back through the
+            # prototypes (a partial derivative, as first order's detached copies give); the
+            # meta-gradient reaches the body both ways
+            fast = dict(fast, **{k: fast[k].view_as(fast[k]) for k in names if not k.startswith("head.")})
     for i in range(inner.steps):
         def support_loss(*ws):
             return per_task_loss(forward({**fast, **dict(zip(names, ws))}, x_support, i), y_support).sum()
