@@ -113,24 +113,31 @@ def time_interleaved(model, runs: dict, tasks: int, device, rounds: int) -> dict
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def graph_bytes(run, device) -> int:
+def graph_bytes(run, device, dedup: bool = False) -> int:
     """Peak memory of one meta-step: CUDA allocator peak, or on CPU the largest total of tensors
-    saved for backward (what a second-order graph holds), tracked through pack/unpack hooks."""
+    saved for backward (what a second-order graph holds), tracked through pack/unpack hooks; with
+    `dedup` a storage saved by several operations counts once."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         run()
         return torch.cuda.max_memory_allocated(device)
-    live, peak = [0], [0]
+    live, peak, refs = [0], [0], {}
 
     class Saved:
         def __init__(self, t):
             self.t, self.n = t, t.untyped_storage().nbytes()
-            live[0] += self.n
-            peak[0] = max(peak[0], live[0])
+            self.key = (t.untyped_storage().data_ptr(), self.n) if dedup else id(self)
+            refs[self.key] = refs.get(self.key, 0) + 1
+            if refs[self.key] == 1:
+                live[0] += self.n
+                peak[0] = max(peak[0], live[0])
 
         def __del__(self):
-            live[0] -= self.n
+            refs[self.key] -= 1
+            if refs[self.key] == 0:
+                del refs[self.key]
+                live[0] -= self.n
 
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
         run()
