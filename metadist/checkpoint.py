@@ -79,12 +79,7 @@ def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
         if not found:
             raise WeightsError(f"{path}: no best.safetensors or model.safetensors (has this run trained?)")
         path = found[0]
-    if not path.is_file():
-        raise WeightsError(f"weights not found: {path}")
-    try:
-        weights, meta = load_weights(path)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a metadist weights file ({e})") from None
+    weights, meta = _read_weights(path, "weights not found: {path}", "{path}: not a metadist weights file ({e})")
     if "config" not in meta:
         raise WeightsError(f"{path}: no config in its metadata (not written by metadist)")
     cfg = config_mod.from_dict(meta["config"])
@@ -101,6 +96,17 @@ def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
     return model, cfg
 
 
+def _read_weights(path: Path, missing: str, unreadable: str):
+    """load_weights(path), its failures one WeightsError line (`missing`/`unreadable` name the
+    caller's setting: {path}, {e})."""
+    if not path.is_file():
+        raise WeightsError(missing.format(path=path))
+    try:
+        return load_weights(path)
+    except Exception as e:
+        raise WeightsError(unreadable.format(path=path, e=e)) from None
+
+
 def backbone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The body's weights: no head, no learned inner rates (what a pre-training run hands on)."""
     return {k: v for k, v in model.state_dict().items()
@@ -113,12 +119,7 @@ def load_init(model: torch.nn.Module, path: str | Path) -> list[str]:
     the model does not have, or of another shape, is an error naming it; returns the model's
     tensors the file does not hold (they keep their initialisation: the head, the rates)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"model.init={path}: no such weights file")
-    try:
-        weights, _ = load_weights(path)
-    except Exception as e:
-        raise WeightsError(f"model.init={path}: not a weights file ({e})") from None
+    weights, _ = _read_weights(path, "model.init={path}: no such weights file", "model.init={path}: not a weights file ({e})")
     own = model.state_dict()
     unknown = sorted(k for k in weights if k not in own)
     shapes = sorted(f"{k} {tuple(weights[k].shape)} (the model's {tuple(own[k].shape)})"

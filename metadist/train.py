@@ -29,7 +29,7 @@ from metadist import algorithms, models
 from metadist import strategy as strategy_mod
 from metadist.models import build_model
 from metadist.checkpoint import Checkpointer, TrainState, backbone_weights, load_init, load_weights, save_weights
-from metadist.config import Config, ConfigError
+from metadist.config import Config, ConfigError, TrainConfig
 from metadist.data.prepare import ensure, shards_dir
 from metadist.data.shards import EpisodeSource, meta_batches, read_manifest
 from metadist.distributed import Dist
@@ -189,9 +189,9 @@ class BudgetSchedule:
 
     WARM = 3
 
-    def __init__(self, cfg: Config, dist: Dist, shape: dict, run_dir: Path, evaluate_some, say):
-        t = cfg.train
-        self.on, self.probe, self.cfg, self.dist, self.say = t.budget_schedule, t.budget_probe, cfg, dist, say
+    def __init__(self, t: TrainConfig, val_episodes: int, dist: Dist, shape: dict, run_dir: Path, evaluate_some, say):
+        self.on, self.probe, self.t, self.val_episodes, self.dist, self.say = (
+            t.budget_schedule, t.budget_probe, t, val_episodes, dist, say)
         self.shape = dict(shape, world=dist.world, meta_batch_size=t.meta_batch_size, val_every=t.val_every)
         self.path, self.evaluate_some = run_dir / "schedule.json", evaluate_some
         self.t0 = self.s0 = None
@@ -211,11 +211,11 @@ class BudgetSchedule:
             def measure():
                 t = time.perf_counter()
                 episodes = self.evaluate_some()
-                val_s = (time.perf_counter() - t) * self.cfg.data.val_episodes / max(1, episodes) / self.dist.world
+                val_s = (time.perf_counter() - t) * self.val_episodes / max(1, episodes) / self.dist.world
                 return {"step_s": timed[0] / max(1, timed[1]), "val_s": val_s}
             rec = strategy_mod.cached("budget", self.shape, measure, self.say)
         rec = self.dist.broadcast_object(rec)
-        t = self.cfg.train
+        t = self.t
         fit = int(60 * t.max_minutes * 0.97 / (rec["step_s"] + rec["val_s"] / t.val_every))
         steps = max(self.probe + 1, min(t.steps, fit))
         if self.dist.is_main:
@@ -323,7 +323,7 @@ def _train(cfg: Config, dist: Dist, run: RunFolder, signals: StopSignals, say) -
         some = val_episodes[: 2 * cfg.eval.tasks_per_batch]
         evaluate(model, cfg, some, cfg.eval.val_inner_steps, device, state.strategy)
         return len(some)
-    budget = BudgetSchedule(cfg, dist, meta_step.shape(), run.dir, evaluate_some, say)
+    budget = BudgetSchedule(cfg.train, cfg.data.val_episodes, dist, meta_step.shape(), run.dir, evaluate_some, say)
     total = state.schedule_steps or t.steps
     meta_step.total_steps = total
     setup = Setup(cfg, dist, model, run.dir, root, tracker, say, state.step)

@@ -33,6 +33,16 @@ REAL_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def float64():
+    """torch's default dtype float64 for one test (exactness checks against references)."""
+    import torch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="session")
 def omniglot_dir(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("omniglot"))

@@ -17,11 +17,8 @@ T, WAYS, SHOTS, QUERIES, SIDE = 4, 3, 2, 2, 8
 
 
 @pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+def _float64(float64):
+    """Every test here computes in float64 (conftest's float64 fixture)."""
 
 
 def tiny(depth=2, hidden=4, seed=0, learn_lr="none", steps=1, per_step_bn=False):

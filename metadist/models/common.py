@@ -9,6 +9,8 @@ exact (torch 2.14's vmap over F.batch_norm gets it wrong).
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,7 +78,7 @@ def task_norm(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, step: int = 0, 
     return batch_norm(h, g.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, metaclass=ABCMeta):
     """A backbone is a body (`features`, plain; `tasks_features`, many tasks at once, each with
     its own weights) and a linear head of `ways` outputs, built by `finish()` after the body.
 
@@ -103,12 +105,13 @@ class Backbone(nn.Module):
             self.inner_lr = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.full(s, float(lr_init)))
                                               for k, s in shapes.items()})
 
+    @abstractmethod
     def is_norm(self, name: str) -> bool:
         """Whether parameter `name` is a BatchNorm weight or bias."""
-        raise NotImplementedError
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:       # (n, C, H, W) -> (n, feature_dim)
-        raise NotImplementedError
+    @abstractmethod
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, feature_dim), one set of weights."""
 
     def forward(self, x):                                         # (n, C, H, W) -> logits (n, ways)
         return self.head(self.features(x))
@@ -117,10 +120,10 @@ class Backbone(nn.Module):
         """The parameters of the head: what ANIL adapts."""
         return ("head.weight", "head.bias")
 
+    @abstractmethod
     def tasks_features(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
                        native_norm: bool = False) -> torch.Tensor:
         """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n, feature_dim)."""
-        raise NotImplementedError
 
     def tasks_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
                       native_norm: bool = False) -> torch.Tensor:
