@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import strategy  # noqa: E402
+from metadist import machine  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
+from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
 from metadist.models.conv4 import ConvNet  # noqa: E402
 from metadist.models.resnet12 import ResNet12  # noqa: E402
 from bench.bench import graph_bytes  # noqa: E402
@@ -36,8 +36,8 @@ def batch(tasks: int):
 
 def run(model, b, inner: Inner, chunk: int = 0) -> None:
     params = dict(model.named_parameters())
-    meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, "batched", chunk,
-                  1.0 / b["x_support"].shape[0], not inner.first_order)
+    meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, "batched",
+                  Chunking(chunk, 1.0 / b["x_support"].shape[0]), not inner.first_order)
     model.zero_grad(set_to_none=True)
 
 
@@ -45,7 +45,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=("conv4", "resnet12"))
     args = p.parse_args()
-    print(f"CPU: {strategy.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"CPU: {machine.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "84x84 RGB, 5-way 1-shot 15-query (80 images a task)")
     nets = {"conv4": lambda: ConvNet(5, hidden=32, depth=4, in_channels=3, side=84),
             "resnet12": lambda: ResNet12(5, (64, 160, 320, 640), in_channels=3, side=84)}

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import meta_step as reference_step  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
+from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
 from metadist.models.conv4 import ConvNet  # noqa: E402
 
 STRATEGIES = ("batched", "loop")          # metadist's selectable strategies; "batched" is the default
@@ -70,11 +70,11 @@ def runner(name, model, batch, inner: Inner, chunk=0):
     fn = lambda f, p, c: maml.task_losses(f, p, c, inner)   # noqa: E731
     if name == "graph":     # the batched strategy captured as one CUDA graph (train.cuda_graph)
         from metadist.cuda_graph import GraphedStep
-        step = GraphedStep(lambda b: meta_backward(fn, model, params, b, "batched", chunk, 1.0 / tasks,
+        step = GraphedStep(lambda b: meta_backward(fn, model, params, b, "batched", Chunking(chunk, 1.0 / tasks),
                                                    not inner.first_order), list(params.values()), batch)
         model.zero_grad(set_to_none=True)
         return lambda: step(batch)
-    return lambda: meta_backward(fn, model, params, batch, name, chunk, 1.0 / tasks, not inner.first_order)
+    return lambda: meta_backward(fn, model, params, batch, name, Chunking(chunk, 1.0 / tasks), not inner.first_order)
 
 
 def grads_of(model, run):
@@ -201,7 +201,8 @@ def bench_data(quick: bool) -> list[dict]:
     """Reader episodes/s on a synthetic split written by the real writer, 0/1/2 workers."""
     import tempfile
     import numpy as np
-    from metadist.data.shards import meta_batches, write_split
+    from metadist.data.format import write_split
+    from metadist.data.stream import StreamSpec, meta_batches
     from metadist.data.sources import ClassSet
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +215,7 @@ def bench_data(quick: bool) -> list[dict]:
         write_split(Path(tmp), "train", classes, spec, log=lambda *a: None)
         steps = 40 if quick else 120
         for workers in (0, 1, 2):
-            it = meta_batches(Path(tmp) / "train", 0, 32, 0, 1, 0, steps, task_aug=0.4, num_workers=workers)
+            it = meta_batches(Path(tmp) / "train", StreamSpec(0, 32, 0, 1, 0, steps, task_aug=0.4, num_workers=workers))
             t = time.perf_counter()
             n = sum(b["x_support"].shape[0] for b in it)
             eps = n / (time.perf_counter() - t)

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist.checkpoint import Checkpointer, load_model  # noqa: E402
+from metadist.algorithms import eval_inner  # noqa: E402
+from metadist.checkpoint import CheckpointManager, load_model  # noqa: E402
 from metadist.data.prepare import shards_dir  # noqa: E402
-from metadist.data.shards import EpisodeSource  # noqa: E402
+from metadist.data.stream import EpisodeSource  # noqa: E402
 from metadist.errors import MetadistError  # noqa: E402
 from metadist.evaluate import evaluate  # noqa: E402
 
@@ -44,16 +45,17 @@ def curve(args):
     episodes = {}
     print(f"{'run':<28} {'step':>6} {'minutes':>8} " + " ".join(f"{s:>15}" for s in args.splits.split(",")), flush=True)
     for run in args.runs:
-        for ck in Checkpointer(Path(run), 1, 1, False).complete():
+        for ck in CheckpointManager(Path(run), 1, 1, False, None, {}).complete():
             model, cfg = load_model(ck / "model.safetensors")
             model.to(device)
             meta = json.loads((ck / "meta.json").read_text())
             rec = {"run": Path(run).name, "step": meta["step"], "elapsed_s": meta["elapsed"], "tasks_seen": meta["tasks_seen"]}
             for split in args.splits.split(","):
-                root = args.shards or shards_dir(cfg)
+                root = args.shards or shards_dir(cfg.data)
                 if (str(root), split) not in episodes:
                     episodes[str(root), split] = EpisodeSource(root, split, cache_dir=cfg.data.cache_dir).all()
-                r = evaluate(model, cfg, episodes[str(root), split], args.steps or cfg.eval.inner_steps, device)
+                inner = eval_inner(cfg.algo, model, cfg.data.ways, args.steps or cfg.eval.inner_steps)
+                r = evaluate(model, episodes[str(root), split], inner, cfg.eval.tasks_per_batch, device)
                 rec[split], rec[split + "_ci95"] = r["accuracy"], r["ci95"]
             print(f"{rec['run']:<28} {rec['step']:>6} {rec['elapsed_s'] / 60:>8.2f} "
                   + " ".join(f"{rec[s]:>8.4f}+-{rec[s + '_ci95']:.3f}" for s in args.splits.split(",")), flush=True)

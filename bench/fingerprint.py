@@ -64,10 +64,10 @@ def main() -> None:
     common = [f"run.root={work / 'runs'}", "tracking.mode=disabled"]
     real = [f"data.raw={omniglot}", f"data.shards={work / 'shards' / 'omniglot'}", "data.train_episodes=2000",
             "eval.test_episodes=64"]
-    from metadist.data.synthetic import write_folder_dataset
+    from metadist.data.synthetic import FolderSpec, write_folder_dataset
     folder_raw = work / "folderdata"
     if not folder_raw.exists():
-        write_folder_dataset(folder_raw, "fractions", classes=25, images=12, size=84, channels=3)
+        write_folder_dataset(folder_raw, "fractions", FolderSpec(classes=25, images=12, size=84, channels=3))
     folder = ["data.source=folder", f"data.raw={folder_raw}", "data.image_size=84", "data.channels=3",
               f"data.shards={work / 'shards' / 'folder'}", "data.train_episodes=200", "data.val_episodes=8",
               "data.test_episodes=16", "data.queries=3", "eval.tasks_per_batch=8", "eval.inner_steps=3",

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import config, exact, strategy  # noqa: E402
+from metadist import config, exact, machine  # noqa: E402
 from metadist.models import build_model  # noqa: E402
-from metadist.step import MetaStep  # noqa: E402
+from metadist.step import from_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,13 +73,13 @@ def step_times(rounds: int, quick: bool):
             cfg = config.load(ROOT / "configs/strong.yaml", [f"train.meta_batch_size={tasks}", "algo.strategy=batched",
                                                           f"algo.first_order={first_order}", *extra])
             torch.manual_seed(0)
-            s = MetaStep(cfg, build_model(cfg), OneProcess(), tasks, say=lambda *a: None)
+            s = from_config(cfg, build_model(cfg.model, cfg.algo, (1, 28, 28), 5), OneProcess(), tasks, say=lambda *a: None)
             s.use_strategy("batched")
             steps[name] = s
             chunk = {k: v[:s.chunk] for k, v in batch(tasks).items()}
             grad_buffers = (s.chunk and (tasks // s.chunk).bit_length()) * 4 * sum(p.numel() for p in s.param_list) \
-                if s.exact else 0
-            mem[name] = (saved_bytes(lambda: s.backward[False](batch=chunk)), grad_buffers)
+                if s.s.reduce == "exact" else 0
+            mem[name] = (saved_bytes(lambda: s.backward(False, chunk)), grad_buffers)
         b = batch(tasks)
         best = dict.fromkeys(steps, float("inf"))
         for r in range(rounds + 1):
@@ -150,7 +150,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    print(f"CPU: {strategy.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {machine.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\nmeta-step time and memory, one process (strong.yaml shape, batched):")
     print(f"{'tasks':>5} {'order':>5} {'mode':<22} {'step ms':>9} {'vs fast':>8} {'graph MB':>9} {'grad buffers MB':>16}")
     for r in step_times(args.rounds, args.quick):

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench import machine, make_batch, sync  # noqa: E402
 from bench.bench_dist import free_port  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Inner, meta_backward  # noqa: E402
+from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
+from metadist.models import InnerRates  # noqa: E402
 from metadist.models.conv4 import ConvNet  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def step_time(model, ways: int, tasks: int, device, strategy: str, rounds: int) 
     params = dict(model.named_parameters())
 
     def run():
-        meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, batch, strategy, 0, 1.0 / tasks, True)
+        meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, batch, strategy,
+                      Chunking(0, 1.0 / tasks), True)
         model.zero_grad(set_to_none=True)
     run()
     times = []
@@ -111,7 +113,7 @@ def main():
     result = {"machine": machine(device), "link_gbps": a.link_gbps, "link_us": a.link_us, "ways": {}}
     for ways in (5, 20):
         torch.manual_seed(0)
-        model = ConvNet(ways, learn_lr="layer").to(device)
+        model = ConvNet(ways, rates=InnerRates("layer")).to(device)
         numel = sum(p.numel() for p in model.parameters())
         strategies = ("batched",) if device.type == "cuda" else ("batched", "loop")
         times = {}

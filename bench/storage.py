@@ -29,11 +29,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import config, strategy  # noqa: E402
+from metadist import config, machine  # noqa: E402
 from metadist.models import build_model  # noqa: E402
 from metadist.data.episodes import episode_rng, sample_episode  # noqa: E402
 from metadist.data.sources import decode, folder, preprocess  # noqa: E402
-from metadist.step import MetaStep  # noqa: E402
+from metadist.step import from_config  # noqa: E402
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 84
 IMAGES, EPISODES = 38_400 + 9_600 + 12_000, 20_000 + 320 + 640
@@ -76,7 +76,7 @@ def consumption(steps: int = 2) -> dict:
             def mean_gradients(self, params, votes, step):
                 return votes
         torch.manual_seed(0)
-        s = MetaStep(cfg, build_model(cfg), One(), 4, say=lambda *a: None, image_shape=(3, 84, 84))
+        s = from_config(cfg, build_model(cfg.model, cfg.algo, (3, 84, 84), 5), One(), 4, say=lambda *a: None)
         s.use_strategy("batched")
         g = torch.Generator().manual_seed(0)
         b = {"x_support": torch.rand(4, 5, 3, 84, 84, generator=g), "y_support": torch.arange(5).expand(4, -1),
@@ -96,13 +96,13 @@ def main():
     p.add_argument("--episodes", type=int, default=24)
     args = p.parse_args()
     threads = torch.get_num_threads()
-    print(f"CPU: {strategy.cpu_model()}, torch {torch.__version__}; decoding on 1 core, the meta-step on {threads}")
+    print(f"CPU: {machine.cpu_model()}, torch {torch.__version__}; decoding on 1 core, the meta-step on {threads}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"
-        from metadist.data.synthetic import write_folder_dataset
-        write_folder_dataset(root, "fractions", classes=args.classes, images=args.images, size=400, channels=3, fmt="jpg")
-        cs = folder.load(str(root), "fractions", "", 1, 0, 0.2, 0.2, 3, SIZE, "stretch", False, SHOTS + QUERIES,
-                         log=lambda *a: None, workers=1)
+        from metadist.data.synthetic import FolderSpec, write_folder_dataset
+        write_folder_dataset(root, "fractions", FolderSpec(classes=args.classes, images=args.images, size=400, channels=3, fmt="jpg"))
+        d = config.load(None, ["data.source=folder", f"data.raw={root}", "data.channels=3", f"data.image_size={SIZE}"]).data
+        cs = folder.load(d, SHOTS + QUERIES, log=lambda *a: None, workers=1)
         files = {c: sorted((root / name).iterdir()) for c, name in enumerate(cs.names)}
         sizes = [len(x) for x in cs.images]
         records = [sample_episode(sizes, (0,), WAYS, SHOTS, QUERIES, episode_rng(0, "train", i)) for i in range(args.episodes)]

@@ -25,10 +25,11 @@ def _cfg(args) -> config_mod.Config:
 
 
 def cmd_verify(args):
+    from metadist.data.format import verify
     from metadist.data.prepare import SPLITS, shards_dir
-    from metadist.data.shards import ShardError, read_manifest, verify
+    from metadist.data.store import ShardError, read_manifest
     cfg = _cfg(args)
-    root = args.shards or shards_dir(cfg)
+    root = args.shards or shards_dir(cfg.data)
     found = 0
     for split in SPLITS:
         try:
@@ -47,7 +48,7 @@ def cmd_verify(args):
 
 def cmd_prepare(args):
     from metadist.data.prepare import prepare
-    prepare(_cfg(args), overwrite=args.overwrite)
+    prepare(_cfg(args).data, overwrite=args.overwrite)
 
 
 def cmd_train(args):
@@ -85,32 +86,35 @@ def _model(args):
 
 
 def cmd_evaluate(args):
+    from metadist.algorithms import eval_inner, get
     from metadist.data.prepare import shards_dir
-    from metadist.data.shards import EpisodeSource
+    from metadist.data.stream import EpisodeSource
     from metadist.evaluate import evaluate
     model, cfg, device = _model(args)
-    split = EpisodeSource(args.shards or shards_dir(cfg), args.split, cache_dir=cfg.data.cache_dir)
+    split = EpisodeSource(args.shards or shards_dir(cfg.data), args.split, cache_dir=cfg.data.cache_dir)
     m = split.manifest
     want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
     if m["image_shape"] != want:
         raise config_mod.ConfigError(f"{split.dir}: images of shape {m['image_shape']}, the model takes {want} "
                                      "(evaluate it on shards of its own dataset)")
-    if (m["ways"], m["shots"], m["queries"]) != (cfg.data.ways, cfg.data.shots, cfg.data.queries):
-        from metadist.algorithms import head_init
-        if m["ways"] != cfg.data.ways and head_init(cfg) == "learned":
-            raise config_mod.ConfigError(f"{split.dir}: {m['ways']}-way episodes, the model's learned head has "
-                                         f"{cfg.data.ways} ways")
-        cfg.data.ways, cfg.data.shots, cfg.data.queries = m["ways"], m["shots"], m["queries"]
+    if m["ways"] != cfg.data.ways and get(cfg.algo).head_init(cfg.algo) == "learned":
+        raise config_mod.ConfigError(f"{split.dir}: {m['ways']}-way episodes, the model's learned head has "
+                                     f"{cfg.data.ways} ways")
     episodes = split.all(cfg.eval.test_episodes if args.split == "test" else 0)
-    result = dict(evaluate(model, cfg, episodes, cfg.eval.inner_steps, device), inner_steps=cfg.eval.inner_steps,
-                  split=str(split.dir))
+    inner = eval_inner(cfg.algo, model, m["ways"], cfg.eval.inner_steps)
+    result = dict(evaluate(model, episodes, inner, cfg.eval.tasks_per_batch, device),
+                  inner_steps=cfg.eval.inner_steps, split=str(split.dir))
     print(json.dumps(result))
 
 
 def cmd_predict(args):
-    from metadist.evaluate import predict
+    from metadist.algorithms import eval_inner
+    from metadist.data.prepare import preprocessing
+    from metadist.evaluate import predict, read_task_folder
     model, cfg, device = _model(args)
-    n = predict(model, cfg, Path(args.tasks), Path(args.out), device)
+    tasks = read_task_folder(Path(args.tasks), preprocessing(cfg.data))
+    inner = eval_inner(cfg.algo, model, cfg.data.ways, cfg.eval.inner_steps)
+    n = predict(model, inner, tasks, cfg.data.ways, Path(args.out), device, cfg.eval.tasks_per_batch)
     print(f"wrote predictions for {n} tasks to {args.out}")
 
 
@@ -121,16 +125,17 @@ def cmd_plot(args):
 
 def _split_source(args):
     from metadist.data.prepare import ensure
-    from metadist.data.shards import EpisodeSource
+    from metadist.data.stream import EpisodeSource
     cfg = _cfg(args)
-    return cfg, EpisodeSource(ensure(cfg), args.split, cache_dir=cfg.data.cache_dir)
+    return cfg, EpisodeSource(ensure(cfg.data), args.split, cache_dir=cfg.data.cache_dir)
 
 
 def cmd_export_tasks(args):
     from metadist.data.export import export_tasks
     from metadist.data.prepare import preprocessing
     cfg, src = _split_source(args)
-    n = export_tasks(src.all(args.limit), src.ways, src.shots, src.queries, Path(args.out), preprocessing(cfg)["invert"])
+    n = export_tasks(src.all(args.limit), src.ways, src.shots, src.queries, Path(args.out),
+                     preprocessing(cfg.data)["invert"])
     print(f"wrote {n} tasks of {src.dir} to {args.out}")
 
 
@@ -141,7 +146,8 @@ def cmd_show(args):
     print(show(src.all(args.episodes), src.ways, src.shots, src.queries, Path(args.out), aug, cfg.seed))
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """Every command and its flags (config values come after them, as section.key=value)."""
     p = argparse.ArgumentParser(prog="metadist", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -180,7 +186,11 @@ def main(argv=None):
     s.add_argument("--split", default="train", choices=("train", "val", "test"))
     s.add_argument("--episodes", type=int, default=8)
     s.add_argument("--out", default="episodes.png")
+    return p
 
+
+def main(argv=None):
+    p = parser()
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]
     if bad:

@@ -8,9 +8,10 @@ tensors fit it.
 Checkpoints: <run>/checkpoints/step_NNNNNN/{model.safetensors, optimizer.pt, meta.json}: the
 model, the optimizer and schedule, and the `TrainState` (meta.json, readable): the step, the
 best validation so far, the wall time, and how the run computes (strategy and why, reduction,
-chunk size, threads), with the world size and data position of the launch that wrote it. Every
-way a run continues (a relaunch, preemption, an elastic restart at another world size, after a
-SIGKILL) goes through `Checkpointer.save` and `Checkpointer.restore`. A checkpoint is written in a hidden
+chunk size, threads), with the world size and data position of the launch that wrote it, and the
+schedule's step count. `CheckpointManager` holds these stateful parts: every way a run continues
+(a relaunch, preemption, an elastic restart at another world size, after a SIGKILL) goes through
+its `save(step)` and `restore()`, and nothing else knows the format. A checkpoint is written in a hidden
 temporary folder and renamed when complete; one whose write failed (disk full, no permission)
 or whose process died is never found, the previous one stays complete, and the error names the
 path. `latest()` is found on disk, not remembered.
@@ -32,7 +33,10 @@ from safetensors.torch import load_file, save_file
 
 from metadist import config as config_mod
 from metadist.errors import MetadistError
-from metadist.models import Backbone, build_model, is_lr
+from metadist.models import Backbone, backbone_weights, build_model
+
+__all__ = ["CheckpointManager", "Parts", "TrainState", "backbone_weights", "load_init", "load_model", "load_weights",
+           "save_weights"]
 
 FORMAT = "metadist-weights-1"
 _STEP = re.compile(r"^step_(\d{6,})$")
@@ -46,13 +50,13 @@ class CheckpointError(MetadistError):
     """A checkpoint or weights file could not be written."""
 
 
-def save_weights(model: torch.nn.Module, path: Path, cfg: config_mod.Config, step: int, val: float | None = None,
+def save_weights(model: torch.nn.Module, path: Path, config: dict, step: int, val: float | None = None,
                  tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the model's weights (or `tensors`, some of them) with their metadata, atomically (a
-    temporary file renamed)."""
+    """Write the model's weights (or `tensors`, some of them) with their metadata (`config`: the
+    run's config as a dict), atomically (a temporary file renamed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"config": cfg.to_dict(), "step": step, "val_accuracy": val, "format": FORMAT}
+    meta = {"config": config, "step": step, "val_accuracy": val, "format": FORMAT}
     state = {k: v.detach().float().cpu().contiguous() for k, v in (tensors or model.state_dict()).items()}
     try:
         save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -83,8 +87,10 @@ def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
     if "config" not in meta:
         raise WeightsError(f"{path}: no config in its metadata (not written by metadist)")
     cfg = config_mod.from_dict(meta["config"])
+    d = cfg.data
     try:
-        model = build_model(cfg, ways=weights["head.weight"].shape[0] if "head.weight" in weights else None)
+        model = build_model(cfg.model, cfg.algo, (d.channels, d.image_size, d.image_size),
+                            weights["head.weight"].shape[0] if "head.weight" in weights else d.ways)
     except config_mod.ConfigError as e:
         raise WeightsError(f"{path}: its config does not build a model here ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -105,12 +111,6 @@ def _read_weights(path: Path, missing: str, unreadable: str):
         return load_weights(path)
     except Exception as e:
         raise WeightsError(unreadable.format(path=path, e=e)) from None
-
-
-def backbone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The body's weights: no head, no learned inner rates (what a pre-training run hands on)."""
-    return {k: v for k, v in model.state_dict().items()
-            if not k.startswith("head.") and not is_lr(k)}
 
 
 def load_init(model: torch.nn.Module, path: str | Path) -> list[str]:
@@ -147,7 +147,6 @@ class TrainState:
     reduce: str = "fast"          # exact | fast (train.reduce)
     tasks_per_chunk: int = 0      # the chunk size the step used
     threads: int = 0              # intra-op threads per process (float32 rounding on a CPU depends on it)
-    schedule_steps: int = 0       # train.budget_schedule: the step count fixed after the probe (0: not yet)
     world_size: int = 1           # of the launch that wrote the checkpoint
     meta_batch_size: int = 0
     seed: int = 0
@@ -160,26 +159,35 @@ class TrainState:
     def to_meta(self) -> dict:
         return dict(dataclasses.asdict(self), data_position=self.data_position)
 
-    @classmethod
-    def from_meta(cls, meta: dict) -> "TrainState":
+    def load_meta(self, meta: dict) -> None:
         """From a checkpoint's meta.json (older checkpoints lack the newer fields: defaults)."""
-        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+        fresh = TrainState()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, meta.get(f.name, getattr(fresh, f.name)))
 
 
-class Checkpointer:
-    """Owns <run>/checkpoints: when to save (every `every` steps, at the end, on request), how to
-    save atomically, keeping the last `keep`, and how to restore."""
+@dataclass
+class Parts:
+    """The stateful parts of a run that a checkpoint holds."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object              # metadist.schedule.Schedule (state_dict / load_state_dict)
+    state: TrainState
 
-    def __init__(self, run_dir: Path, every: int, keep: int, is_main: bool):
+
+class CheckpointManager:
+    """Owns <run>/checkpoints and the run's stateful parts: when to save (every `every` steps, at
+    the end, on request), how to save atomically, keeping the last `keep`, and how to restore."""
+
+    def __init__(self, run_dir: Path, every: int, keep: int, is_main: bool, parts: Parts, config: dict):
         self.dir = Path(run_dir) / "checkpoints"
-        self.every, self.keep, self.is_main = every, keep, is_main
+        self.every, self.keep, self.is_main, self.parts, self.config = every, keep, is_main, parts, config
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
 
-    def save(self, state: TrainState, model, optimizer, scheduler, cfg: config_mod.Config) -> Path:
-        """Main process writes step_NNNNNN of `state.step`; every process returns its path."""
-        step = state.step
+    def save(self, step: int) -> Path:
+        """Main process writes step_NNNNNN of every part; every process returns its path."""
         final = self.dir / f"step_{step:06d}"
         if not self.is_main:
             return final
@@ -187,11 +195,7 @@ class Checkpointer:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_weights(model, tmp / "model.safetensors", cfg, step)
-            buf = io.BytesIO()     # serialised in memory: a failing disk then fails a plain write (OSError)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
-            (tmp / "optimizer.pt").write_bytes(buf.getvalue())
-            (tmp / "meta.json").write_text(json.dumps(dict(state.to_meta(), metadist_config=cfg.to_dict()), indent=1) + "\n")
+            self._write(tmp, step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -204,6 +208,16 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _write(self, folder: Path, step: int) -> None:
+        p = self.parts
+        save_weights(p.model, folder / "model.safetensors", self.config, step)
+        schedule = p.schedule.state_dict()
+        buf = io.BytesIO()     # serialised in memory: a failing disk then fails a plain write (OSError)
+        torch.save({"optimizer": p.optimizer.state_dict(), "scheduler": schedule["scheduler"]}, buf)
+        (folder / "optimizer.pt").write_bytes(buf.getvalue())
+        meta = dict(p.state.to_meta(), schedule_steps=schedule["steps"], metadist_config=self.config)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.dir.is_dir():
@@ -215,12 +229,17 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    @staticmethod
-    def restore(path: Path, model, optimizer, scheduler) -> TrainState:
-        """Load a checkpoint into model, optimizer and scheduler; returns its state."""
-        weights, _ = load_weights(path / "model.safetensors")
-        model.load_state_dict(weights)
+    def restore(self, path: Path | None = None) -> Path | None:
+        """Load checkpoint `path` (default: the latest complete one) into every part; returns its
+        path, or None when there is none."""
+        path = path or self.latest()
+        if path is None:
+            return None
+        p = self.parts
+        p.model.load_state_dict(load_weights(path / "model.safetensors")[0])
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
-        return TrainState.from_meta(json.loads((path / "meta.json").read_text()))
+        p.optimizer.load_state_dict(opt_state["optimizer"])
+        meta = json.loads((path / "meta.json").read_text())
+        p.schedule.load_state_dict({"scheduler": opt_state["scheduler"], "steps": meta.get("schedule_steps", 0)})
+        p.state.load_meta(meta)
+        return path

@@ -30,23 +30,29 @@ class RunConfig:
 
 
 @dataclass
+class FolderConfig:
+    """data.source=folder only: how your class folders and split files are read
+    (metadist/data/sources/folder.py)."""
+    split: str = "fractions"  # fractions | lists (train/val/test.txt) | csv (mini-ImageNet's) | folders (train/ val/ test/)
+    split_dir: str = ""       # lists and csv: where train/val/test.txt or .csv are; "" -> data.raw
+    class_depth: int = 1      # a class is a folder this many levels down (Omniglot under its root: 3)
+    test_fraction: float = 0.2    # fractions: share of classes for test (val: data.val_fraction)
+    resize: str = "stretch"   # stretch (to a square, as mini-ImageNet's preparation) | crop (shorter side, then centre)
+    invert: bool = False      # x -> 1 - x before resizing (Omniglot-like strokes; omniglot always inverts)
+    small_classes: str = "error"  # a class with fewer than shots + queries images is an error | skip (counted)
+
+
+@dataclass
 class DataConfig:
-    source: str = "omniglot"  # omniglot | folder (your own class folders and split files: metadist/data/sources/folder.py)
+    source: str = "omniglot"  # omniglot | folder (your own class folders and split files: data.folder.*)
     name: str = ""            # the dataset's name (manifests, the default shards folder); "" -> omniglot, or data.raw's folder name
     raw: str = ""             # omniglot: zips or folders ("" -> $OMNIGLOT_DIR, else data/raw/omniglot); folder: the dataset's root
     shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<name>-<ways>w<shots>s<queries>q-<digest>
     cache_dir: str = ""       # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
     seed: int = 0             # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
     protocol: str = "alphabets"   # omniglot: alphabets (the exercise's) | characters (the MAML paper's)
-    split: str = "fractions"  # folder: fractions | lists (train/val/test.txt) | csv (mini-ImageNet's) | folders (train/ val/ test/)
-    split_dir: str = ""       # folder, lists and csv: where train/val/test.txt or .csv are; "" -> data.raw
-    class_depth: int = 1      # folder: a class is a folder this many levels down (Omniglot under its root: 3)
-    test_fraction: float = 0.2    # folder, fractions: share of classes for test (val: data.val_fraction)
     image_size: int = 28      # images are image_size x image_size after preprocessing
     channels: int = 1         # 1 (grey) | 3 (RGB)
-    resize: str = "stretch"   # folder: stretch (to a square, as mini-ImageNet's preparation) | crop (shorter side, then centre)
-    invert: bool = False      # folder: x -> 1 - x before resizing (Omniglot-like strokes; omniglot always inverts)
-    small_classes: str = "error"  # folder: a class with fewer than shots + queries images is an error | skip (counted)
     ways: int = 5
     shots: int = 1
     queries: int = 1          # query images per class in every split
@@ -58,6 +64,7 @@ class DataConfig:
     task_aug: float = 0.0     # probability of rotating a whole training task by 90 or 270 degrees
     num_workers: int = 0      # DataLoader workers per process for the train stream
     device_cache: str = "auto"    # the train split resident on the device: auto (on GPU, if under 4 GB) | on | off
+    folder: FolderConfig = field(default_factory=FolderConfig)
 
 
 @dataclass
@@ -144,9 +151,9 @@ class Config:
 CHOICES = {
     "data.source": ("omniglot", "folder"),
     "data.protocol": ("alphabets", "characters"),
-    "data.split": ("fractions", "lists", "csv", "folders"),
-    "data.resize": ("stretch", "crop"),
-    "data.small_classes": ("error", "skip"),
+    "data.folder.split": ("fractions", "lists", "csv", "folders"),
+    "data.folder.resize": ("stretch", "crop"),
+    "data.folder.small_classes": ("error", "skip"),
     "data.device_cache": ("auto", "on", "off"),
     "algo.strategy": ("auto", "batched", "loop"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
@@ -156,6 +163,12 @@ CHOICES = {
     "train.reduce": ("exact", "fast"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
+
+
+# keys that moved: a user who sets the old one is told the new one; a saved config (a weights file's
+# metadata, an old run's config.yaml) is read with its keys moved
+MOVED = {f"data.{k}": f"data.folder.{k}" for k in
+         ("split", "split_dir", "class_depth", "test_fraction", "resize", "invert", "small_classes")}
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -193,6 +206,9 @@ def _set(cfg: Config, key: str, value) -> None:
     for i, part in enumerate(parts):
         fields = _fields(obj)
         if part not in fields:
+            if key in MOVED:
+                raise ConfigError(f"{key} is now {MOVED[key]} (the settings of data.source=folder are grouped "
+                                  "under data.folder): set that key instead")
             where = ".".join(parts[:i]) or "top level"
             raise ConfigError(f"unknown key {key!r}: valid keys at {where} are {', '.join(fields)}")
         if i == len(parts) - 1:
@@ -263,13 +279,15 @@ def from_dict(d: dict, check: bool = True) -> Config:
     """Rebuild a Config from `to_dict()` output (a saved config.yaml)."""
     cfg = Config()
     for key, value in _flatten(d).items():
-        _set(cfg, key, value)
+        _set(cfg, MOVED.get(key, key), value)
     if check:
         validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
+    """Every value in range, each section by its own rules; the first problem is a ConfigError
+    naming the key, its value and what is allowed."""
     flat = _flatten(cfg.to_dict())
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
@@ -278,8 +296,12 @@ def validate(cfg: Config) -> None:
     def need(cond: bool, key: str, what: str):
         if not cond:
             raise ConfigError(f"{key}={flat[key]!r}: {what}")
+    for check in (_check_data, _check_model_algo, _check_train, _check_eval):
+        check(cfg, need)
 
-    d, t, a = cfg.data, cfg.train, cfg.algo
+
+def _check_data(cfg: Config, need) -> None:
+    d = cfg.data
     need(d.ways >= 2, "data.ways", "must be at least 2")
     need(d.shots >= 1, "data.shots", "must be at least 1")
     need(d.queries >= 1, "data.queries", "must be at least 1")
@@ -288,22 +310,34 @@ def validate(cfg: Config) -> None:
         need(d.channels == 1, "data.channels", "Omniglot is grey: 1")
     need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
     need(d.image_size >= 4, "data.image_size", "must be at least 4 pixels")
-    need(d.class_depth >= 1, "data.class_depth", "must be at least 1")
-    need(0.0 <= d.test_fraction < 1.0 and d.val_fraction + d.test_fraction < 1.0, "data.test_fraction",
-         "must be in [0, 1), and with data.val_fraction leave classes for train")
+    need(d.folder.class_depth >= 1, "data.folder.class_depth", "must be at least 1")
+    need(0.0 <= d.folder.test_fraction < 1.0 and d.val_fraction + d.folder.test_fraction < 1.0,
+         "data.folder.test_fraction", "must be in [0, 1), and with data.val_fraction leave classes for train")
     for k in ("train_episodes", "val_episodes", "test_episodes", "episodes_per_shard"):
         need(getattr(d, k) >= 1, f"data.{k}", "must be positive")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     need(0.0 <= d.task_aug <= 1.0, "data.task_aug", "is a probability in [0, 1]")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(cfg.model.hidden >= 1, "model.hidden", "must be positive")
-    need(cfg.model.depth >= 1, "model.depth", "must be positive")
-    need(0.0 <= cfg.model.dropblock < 1.0, "model.dropblock", "is a drop rate in [0, 1)")
+
+
+def _check_model_algo(cfg: Config, need) -> None:
+    m, a, t = cfg.model, cfg.algo, cfg.train
+    need(m.hidden >= 1, "model.hidden", "must be positive")
+    need(m.depth >= 1, "model.depth", "must be positive")
+    need(0.0 <= m.dropblock < 1.0, "model.dropblock", "is a drop rate in [0, 1)")
     need(a.inner_steps >= 0, "algo.inner_steps", "must be >= 0")
     need(a.inner_lr >= 0, "algo.inner_lr", "must be >= 0")
     need(a.first_order_steps >= 0, "algo.first_order_steps", "must be >= 0")
     need(a.tasks_per_chunk >= 0, "algo.tasks_per_chunk", "must be >= 0 (0 = no chunking)")
     need(a.multi_step_loss >= 0, "algo.multi_step_loss", "must be >= 0 (meta-steps of annealing; 0 = off)")
+    if t.reduce == "exact" and a.tasks_per_chunk:
+        need(t.meta_batch_size % a.tasks_per_chunk == 0, "algo.tasks_per_chunk",
+             f"train.reduce=exact cuts train.meta_batch_size={t.meta_batch_size} into chunks of this size: "
+             "choose a divisor")
+
+
+def _check_train(cfg: Config, need) -> None:
+    t = cfg.train
     need(t.steps >= 1, "train.steps", "must be positive")
     need(t.meta_batch_size >= 1, "train.meta_batch_size", "must be positive")
     need(t.meta_lr > 0, "train.meta_lr", "must be positive")
@@ -318,9 +352,9 @@ def validate(cfg: Config) -> None:
     need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
     need(t.sync_every >= 0, "train.sync_every", "must be >= 0 (0 = automatic)")
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = the launcher's default)")
-    if t.reduce == "exact" and a.tasks_per_chunk:
-        need(t.meta_batch_size % a.tasks_per_chunk == 0, "algo.tasks_per_chunk",
-             f"train.reduce=exact cuts train.meta_batch_size={t.meta_batch_size} into chunks of this size: choose a divisor")
+
+
+def _check_eval(cfg: Config, need) -> None:
     e = cfg.eval
     need(e.inner_steps >= 0, "eval.inner_steps", "must be >= 0")
     need(e.val_inner_steps >= 0, "eval.val_inner_steps", "must be >= 0")

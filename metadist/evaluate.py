@@ -12,12 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metadist.algorithms import build as build_algorithm
-from metadist.algorithms.core import adapt_and_predict
-from metadist.config import Config
+from metadist.algorithms.core import Inner, adapt_and_predict
 from metadist.data.episodes import to_float
-from metadist.data.prepare import preprocessing
-from metadist.data.shards import to_batch
+from metadist.data.stream import to_batch
 from metadist.data.sources import DataError, decode, preprocess
 from metadist.errors import MetadistError
 from metadist.models import Backbone
@@ -32,34 +29,33 @@ def ci95(accs) -> tuple[float, float]:
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(len(a)))
 
 
-def episode_accuracies(model: Backbone, cfg: Config, episodes: np.ndarray, steps: int, device, strategy="batched",
-                       rank: int = 0, world: int = 1, gather=None) -> torch.Tensor:
-    """Accuracy of each episode (uint8 (E, ways*(shots+queries), C, H, W): an array, or a shard
-    split's lazily gathered `Episodes`), adapting `steps` steps.
-    The episodes are cut into fixed batches of `eval.tasks_per_batch` by their index, whatever the
-    world size, and rank r adapts batches r, r+W, ...: every episode is computed in the same batch
-    at any world size, so the accuracies are too. `gather` reassembles the batches in order."""
-    d, bs = cfg.data, cfg.eval.tasks_per_batch
-    inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr, model.head_names())
+def episode_accuracies(model: Backbone, episodes, inner: Inner, batch: int, device, strategy: str = "batched",
+                       dist=None) -> torch.Tensor:
+    """Accuracy of each episode of `episodes` (a split's Episodes: uint8 (E, n, C, H, W) gathered on
+    demand, with its (ways, shots, queries)), adapting with `inner`.
+    The episodes are cut into fixed batches of `batch` by their index, whatever the world size, and
+    rank r of `dist` adapts batches r, r+W, ...: every episode is computed in the same batch at any
+    world size, so the accuracies are too; the batches are then gathered in order."""
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    ways, shots, queries = episodes.episode
     params = dict(model.named_parameters())
     rows = []
-    for s in range(rank * bs, len(episodes), world * bs):
-        b = {k: v.to(device) for k, v in to_batch(episodes[s:s + bs], d.ways, d.shots, d.queries).items()}
+    for s in range(rank * batch, len(episodes), world * batch):
+        b = {k: v.to(device) for k, v in to_batch(episodes[s:s + batch], ways, shots, queries).items()}
         logits = adapt_and_predict(model, params, b["x_support"], b["y_support"], b["x_query"], inner, strategy)
         acc = (logits.argmax(-1) == b["y_query"]).float().mean(1)
-        rows.append(torch.cat([acc, acc.new_zeros(bs - len(acc))]))
-    mine = torch.stack(rows) if rows else torch.zeros(0, bs, device=device)
-    n_batches = -(-len(episodes) // bs)
-    batches = gather(mine, n_batches) if gather else mine
+        rows.append(torch.cat([acc, acc.new_zeros(batch - len(acc))]))
+    mine = torch.stack(rows) if rows else torch.zeros(0, batch, device=device)
+    batches = dist.gather_rows(mine, -(-len(episodes) // batch)) if dist else mine
     return batches.reshape(-1)[:len(episodes)]
 
 
-def evaluate(model: Backbone, cfg: Config, episodes: np.ndarray, steps: int, device, strategy: str = "batched",
+def evaluate(model: Backbone, episodes, inner: Inner, batch: int, device, strategy: str = "batched",
              dist=None) -> dict:
-    """{accuracy, ci95, episodes}: mean accuracy over the episodes after `steps` inner steps.
-    With `dist` (metadist.distributed.Dist) the episodes are shared among its ranks."""
-    rank, world, gather = (dist.rank, dist.world, dist.gather_rows) if dist else (0, 1, None)
-    accs = episode_accuracies(model, cfg, episodes, steps, device, strategy, rank, world, gather)
+    """{accuracy, ci95, episodes}: mean accuracy over the episodes after adapting with `inner`,
+    `batch` episodes at a time. With `dist` (metadist.distributed.Dist) the episodes are shared
+    among its ranks."""
+    accs = episode_accuracies(model, episodes, inner, batch, device, strategy, dist)
     mean, ci = ci95(accs.cpu().numpy())
     return {"accuracy": mean, "ci95": ci, "episodes": len(episodes)}
 
@@ -70,7 +66,7 @@ _IMG = re.compile(r"^image_(\d+)\.png$")
 
 def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """The exercise's layout -> [(task id, support (ways, C, H, W) uint8, query (m, C, H, W) uint8)],
-    every image through the training preprocessing `prep` (data.prepare.preprocessing)."""
+    every image through the training preprocessing `prep` (metadist.data.prepare.preprocessing)."""
     tasks_dir = Path(tasks_dir)
     sup, qry = tasks_dir / "support", tasks_dir / "query"
     if not sup.is_dir() or not qry.is_dir():
@@ -99,29 +95,24 @@ def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tenso
     return out
 
 
-def predict(model: Backbone, cfg: Config, tasks_dir: Path, out_csv: Path, device="cpu", steps: int | None = None) -> int:
-    """Adapt to each task's support (image i is class i) and write `id,class` rows in task order."""
-    tasks = read_task_folder(tasks_dir, preprocessing(cfg))
-    steps = cfg.eval.inner_steps if steps is None else steps
-    inner = build_algorithm(cfg, model).test_inner(steps, cfg.algo.inner_lr, model.head_names())
+def predict(model: Backbone, inner: Inner, tasks: list, ways: int, out_csv: Path, device="cpu",
+            batch: int = 64) -> int:
+    """Adapt to each task's support (image i is class i; `tasks` from read_task_folder) with
+    `inner` and write `id,class` rows in task order."""
     params = dict(model.named_parameters())
-    ways = cfg.data.ways
     rows, n = [], 0
-    bs = cfg.eval.tasks_per_batch
-    for s in range(0, len(tasks), bs):
-        group = tasks[s:s + bs]
+    for s in range(0, len(tasks), batch):
+        group = tasks[s:s + batch]
         for tid, sx, qx in group:
             if sx.shape[0] != ways:
                 raise EvalError(f"task {tid}: {sx.shape[0]} support images (ways), the model adapts to {ways}-way tasks")
         shapes = {(sx.shape[0], qx.shape[0]) for _, sx, qx in group}
         # tasks of equal size are adapted together; others one by one
-        batches = [group] if len(shapes) == 1 else [[t] for t in group]
-        for part in batches:
+        for part in [group] if len(shapes) == 1 else [[t] for t in group]:
             xs = to_float(torch.stack([sx for _, sx, _ in part])).to(device)
             xq = to_float(torch.stack([qx for _, _, qx in part])).to(device)
             ys = torch.arange(ways, device=device).expand(len(part), -1)
-            pred = adapt_and_predict(model, params, xs, ys, xq, inner).argmax(-1).cpu()
-            for row in pred:
+            for row in adapt_and_predict(model, params, xs, ys, xq, inner).argmax(-1).cpu():
                 for c in row.tolist():
                     rows.append((n, c))
                     n += 1

@@ -1,5 +1,4 @@
-"""The run folder <run.root>/<run.name>: taken by one launch at a time, its config.yaml, its
-metrics log, and where a relaunch resumes.
+"""The run folder <run.root>/<run.name>: taken by one launch at a time, with its config.yaml.
 
 Lock: <run.root>/.<run.name>.lock, held (flock) by the main process while it trains and released
 by the kernel when that process ends however it ends, so a lock left by a dead process is simply
@@ -8,13 +7,11 @@ taken over. A second launch on a busy folder names the process that holds it and
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import socket
 from pathlib import Path
 
-from metadist import config as config_mod
 from metadist.errors import MetadistError
 
 
@@ -33,10 +30,13 @@ def _alive(pid: int) -> bool:
 
 
 class RunFolder:
-    def __init__(self, cfg: config_mod.Config, is_main: bool):
-        self.cfg, self.is_main = cfg, is_main
-        self.dir = Path(cfg.run.root) / cfg.run.name
-        self.lock_path = Path(cfg.run.root) / f".{cfg.run.name}.lock"
+    """run: the run section (root, name, fresh); config_yaml: the resolved config, written as
+    config.yaml by the main process."""
+
+    def __init__(self, run, config_yaml: str, is_main: bool):
+        self.run, self.config_yaml, self.is_main = run, config_yaml, is_main
+        self.dir = Path(run.root) / run.name
+        self.lock_path = Path(run.root) / f".{run.name}.lock"
         self._lock = None
         self.notes: list[str] = []
 
@@ -63,26 +63,12 @@ class RunFolder:
         f.write(f"pid={os.getpid()} host={socket.gethostname()}\n")
         f.flush()
         self._lock = f
-        if self.cfg.run.fresh and self.dir.exists():
+        if self.run.fresh and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
+        (self.dir / "config.yaml").write_text(self.config_yaml)
 
     def close(self) -> None:
         if self._lock is not None:
             self._lock.close()         # releases the flock
             self._lock = None
-
-    def metrics_log(self, resumed_step: int | None):
-        """The metrics file, opened for appending (main process; else None). On resume, records
-        past the checkpoint's step are dropped; a run that never checkpointed starts it anew."""
-        if not self.is_main:
-            return None
-        path = self.dir / "metrics.jsonl"
-        if path.exists():
-            if resumed_step is None:
-                path.unlink()
-            else:
-                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resumed_step]
-                path.write_text("".join(ln + "\n" for ln in kept))
-        return open(path, "a")

@@ -1,9 +1,10 @@
-"""One meta-step, whatever runs it: `MetaStep(step, batch, votes)` computes this rank's share of
-the meta-gradient with the algorithm variant of that step (derivative-order annealing: the first
-`algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of that step), under
-autocast when asked, replayed as a CUDA graph or run eagerly, averages it over ranks (the
-reduction also carries the stop votes), clips it and takes the Adam and schedule step. It
-returns device tensors only: no host sync here.
+"""One meta-step, whatever runs it: `MetaStep(step, batch, votes)` reads top to bottom: adapt and
+query losses (the algorithm variant of that step: derivative-order annealing's first
+`algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of that step), the
+meta-backward, the reduction over ranks (which also carries the stop votes), clipping, Adam and
+the schedule. Two small pieces are swapped, not branched on: the reduction (`ExactReduction`,
+`FastReduction`) and the runner (eager, or replayed as a CUDA graph). It returns device tensors
+only: no host sync here.
 
 `train.reduce=exact` (default): the global meta-batch is cut into chunks of `algo.tasks_per_chunk`
 tasks (0: the largest chunk that 8 processes still split evenly, B/8 for a multiple of 8), each
@@ -14,43 +15,23 @@ tasks in one graph (or its chunks accumulated), one all-reduce.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from functools import partial
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from metadist import exact
-from metadist.algorithms import build as build_algorithm
-from metadist.algorithms.core import meta_backward
+from metadist import algorithms, exact
+from metadist.algorithms.core import Chunking, meta_backward
 from metadist.algorithms.maml import msl_weights
-from metadist.config import Config, ConfigError
+from metadist.config import ConfigError
 from metadist.cuda_graph import GraphedStep
 from metadist.errors import MetadistError
+from metadist.schedule import Schedule
 
 
 class TrainError(MetadistError):
     pass
-
-
-def lr_lambda(cfg: Config, total=None, hold: int = 0):
-    """The meta learning-rate factor of a step: linear warm-up, then constant or cosine to 0 at
-    step total() (default train.steps). hold: the cosine starts after this step (the budget
-    schedule's probe; the factor before it cannot depend on the total it is about to fix)."""
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if t.warmup_steps and step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.schedule == "cosine":
-            start = max(t.warmup_steps, hold)
-            if step < start:
-                return 1.0
-            span = max(1, (total() if total else t.steps) - start)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / span)))
-        return 1.0
-    return f
 
 
 def check_finite(step: int, loss: torch.Tensor, model: torch.nn.Module) -> None:
@@ -73,20 +54,6 @@ def anomaly_guard(step: int, debug: bool):
         raise TrainError(f"step {step}: non-finite value in the meta-backward: {str(e).splitlines()[0]}") from None
 
 
-def cross_check(algo, model, params, batch, chunk: int, scale: float, tol: float = 1e-4) -> float:
-    """Debug: the batched strategy's meta-gradient against the per-task loop's, same batch."""
-    grads = []
-    for strategy in ("batched", "loop"):
-        model.zero_grad(set_to_none=True)
-        meta_backward(algo.task_losses, model, params, batch, strategy, chunk, scale, algo.second_order)
-        grads.append(torch.cat([p.grad.flatten() for p in params.values()]))
-    model.zero_grad(set_to_none=True)
-    err = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max().clamp_min(1e-12)).item()
-    if err > tol:
-        raise TrainError(f"debug cross-check: batched and loop meta-gradients differ by {err:.2e} (relative), over {tol}")
-    return err
-
-
 EXACT_PROCESSES = 8     # exact mode's automatic chunk lets up to this many processes split a meta-batch
 
 
@@ -102,51 +69,131 @@ def chunk_size(reduce: str, tasks_per_chunk: int, local_tasks: int, meta_batch_s
     return tasks_per_chunk or local_tasks
 
 
-class MetaStep:
-    def __init__(self, cfg: Config, model: torch.nn.Module, dist, local_tasks: int, say=print,
-                 image_shape: tuple[int, int, int] = (1, 28, 28)):
-        t, device = cfg.train, dist.device
-        self.cfg, self.model, self.dist, self.say = cfg, model, dist, say
-        self.image_shape = tuple(image_shape)
-        self.params = dict(model.named_parameters())
-        self.param_list = list(self.params.values())
-        self.algorithms = {fo: build_algorithm(cfg, model, first_order=fo) for fo in (False, True)}
-        self.local_tasks = local_tasks
-        self.exact = t.reduce == "exact"
-        self.chunk = chunk_size(t.reduce, cfg.algo.tasks_per_chunk, local_tasks, t.meta_batch_size)
-        if self.exact:
-            if local_tasks % self.chunk:
-                raise ConfigError(
-                    f"train.reduce=exact: {local_tasks} tasks per process (train.meta_batch_size={t.meta_batch_size} over "
-                    f"{dist.world}) do not split into chunks of algo.tasks_per_chunk={self.chunk}; choose a chunk size "
-                    f"that divides {local_tasks}, fewer processes, or train.reduce=fast")
-            chunks = t.meta_batch_size // self.chunk
-            self.layout = exact.layout(chunks, dist.world)
-            self.first_chunk = dist.rank * (chunks // dist.world)
-            self.scale = 1.0 / t.meta_batch_size            # the same for every world size
-            # each chunk's flat gradient carries 2 slots for the stop votes, padded to a multiple of
-            # the world size so the all-to-all sends it as it is (zeros change no sum)
-            self.n_grad = sum(p.numel() for p in self.param_list)
-            self.extra = 2 + (-(self.n_grad + 2)) % dist.world
-        else:
-            self.scale = 1.0 / local_tasks                  # then averaged over ranks by the all-reduce
-        self.strategy = None
-        # on a GPU the fused Adam kernel (one launch for all tensors; eager and graph runs use the same)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr, fused=device.type == "cuda" or None)
-        self.total_steps = t.steps        # the budget schedule sets it once it has measured (train.py)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg, lambda: self.total_steps, t.budget_probe if t.budget_schedule else 0))
-        # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
-        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-                    if t.mixed_precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
+@dataclass(frozen=True)
+class StepSettings:
+    """What a meta-step does besides the algorithm: the reduction (exact | fast) and its chunk, the
+    global and local task counts, clipping, the MAML++ schedules (first-order steps, multi-step
+    loss over `inner_steps`), the seed of random layers, debug checks, bf16 autocast and the CUDA
+    graph. `StepSettings.of(cfg, local_tasks, device)` builds it from a config."""
+    reduce: str = "exact"
+    chunk: int = 1
+    meta_batch_size: int = 1
+    local_tasks: int = 1
+    clip: float = math.inf
+    first_order_steps: int = 0
+    multi_step_loss: int = 0
+    inner_steps: int = 1
+    seed: int = 0
+    debug: bool = False
+    bf16: bool = False
+    graph: bool = False
+
+    @classmethod
+    def of(cls, cfg, local_tasks: int, device: torch.device) -> "StepSettings":
+        t, a = cfg.train, cfg.algo
         if t.cuda_graph == "on" and device.type != "cuda":
             raise ConfigError(f"train.cuda_graph=on needs a CUDA device (this process runs on {device})")
-        # DropBlock draws its masks on the host each step: no captured graph then
-        self.use_graph = device.type == "cuda" and not t.debug and t.cuda_graph != "off" and not cfg.model.dropblock
+        return cls(reduce=t.reduce, chunk=chunk_size(t.reduce, a.tasks_per_chunk, local_tasks, t.meta_batch_size),
+                   meta_batch_size=t.meta_batch_size, local_tasks=local_tasks,
+                   clip=t.grad_clip if t.grad_clip > 0 else math.inf, first_order_steps=a.first_order_steps,
+                   multi_step_loss=a.multi_step_loss, inner_steps=a.inner_steps, seed=cfg.seed, debug=t.debug,
+                   bf16=t.mixed_precision == "bf16" and device.type == "cuda",
+                   # DropBlock draws its masks on the host each step: no captured graph then
+                   graph=device.type == "cuda" and not t.debug and t.cuda_graph != "off" and not cfg.model.dropblock)
+
+
+class FastReduction:
+    """Each rank's tasks in one graph (or its chunks accumulated into .grad), then one all-reduce
+    whose float32 sum order depends on the world size."""
+
+    def __init__(self, s: StepSettings, dist, params: list[torch.Tensor]):
+        self.dist, self.params, self.chunk = dist, params, s.chunk
+        self.scale = 1.0 / s.local_tasks                  # then averaged over ranks by the all-reduce
+        self.first_chunk = dist.rank * s.local_tasks // s.chunk
+
+    def backward(self, run, rng) -> tuple:
+        """(loss sum, accuracy sum); the gradient accumulated in .grad."""
+        return run(Chunking(self.chunk, self.scale, rng=rng))
+
+    def reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
+        """The meta-gradient averaged into .grad; the votes averaged over ranks (> 0: someone voted)."""
+        return self.dist.mean_gradients(self.params, votes, step)
+
+
+class ExactReduction:
+    """Chunk gradients summed by the fixed dyadic tree over global chunk indices: bit-identical for
+    any world size that splits the chunks evenly (metadist/exact.py)."""
+
+    def __init__(self, s: StepSettings, dist, params: list[torch.Tensor]):
+        if s.local_tasks % s.chunk:
+            raise ConfigError(
+                f"train.reduce=exact: {s.local_tasks} tasks per process (train.meta_batch_size={s.meta_batch_size} "
+                f"over {dist.world}) do not split into chunks of algo.tasks_per_chunk={s.chunk}; choose a chunk size "
+                f"that divides {s.local_tasks}, fewer processes, or train.reduce=fast")
+        self.dist, self.params, self.chunk = dist, params, s.chunk
+        chunks = s.meta_batch_size // s.chunk
+        self.layout = exact.layout(chunks, dist.world)
+        self.first_chunk = dist.rank * (chunks // dist.world)
+        self.scale = 1.0 / s.meta_batch_size            # the same for every world size
+        # each chunk's flat gradient carries 2 slots for the stop votes, padded to a multiple of
+        # the world size so the all-to-all sends it as it is (zeros change no sum)
+        self.n_grad = sum(p.numel() for p in params)
+        self.extra = 2 + (-(self.n_grad + 2)) % dist.world
+
+    def backward(self, run, rng) -> tuple:
+        """(loss sum, accuracy sum, this rank's dyadic block sums of the chunk gradients)."""
+        tree = exact.TreeSum(self.first_chunk)
+        loss_sum, acc_sum = run(Chunking(self.chunk, self.scale, tree, self.extra, rng))
+        return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
+
+    def reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
+        """The meta-gradient into params' .grad (views of one flat buffer); the votes summed over ranks."""
+        vectors, n = out[2:], self.n_grad
+        vectors[0][n:n + 2] = votes.to(vectors[0])     # this step's own buffer (or the graph's output): no copy
+        mine = [(a, size, v) for (a, size), v in zip(self.layout[self.dist.rank], vectors)]
+        flat = self.dist.exact_mean(mine, self.layout, step)
+        for p, g in zip(self.params, torch.split(flat[:n], [p.numel() for p in self.params])):
+            p.grad = g.view_as(p)
+        return flat[n:n + 2]
+
+
+def cross_check(algo, model, params, batch, chunk: int, scale: float, tol: float = 1e-4) -> float:
+    """Debug: the batched strategy's meta-gradient against the per-task loop's, same batch."""
+    grads = []
+    for strategy in ("batched", "loop"):
+        model.zero_grad(set_to_none=True)
+        meta_backward(algo.task_losses, model, params, batch, strategy, Chunking(chunk, scale), algo.second_order)
+        grads.append(torch.cat([p.grad.flatten() for p in params.values()]))
+    model.zero_grad(set_to_none=True)
+    err = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max().clamp_min(1e-12)).item()
+    if err > tol:
+        raise TrainError(f"debug cross-check: batched and loop meta-gradients differ by {err:.2e} (relative), over {tol}")
+    return err
+
+
+class MetaStep:
+    """algorithms: {first_order: Algorithm} (the variants derivative-order annealing switches
+    between); optimizer and schedule: what the step takes after the reduction."""
+
+    def __init__(self, model: torch.nn.Module, algorithms: dict, dist, settings: StepSettings, optimizer, schedule,
+                 say=print):
+        self.model, self.algorithms, self.dist, self.s, self.say = model, algorithms, dist, settings, say
+        self.optimizer, self.schedule = optimizer, schedule
+        self.params = dict(model.named_parameters())
+        self.param_list = list(self.params.values())
+        self.reduction = (ExactReduction if settings.reduce == "exact" else FastReduction)(settings, dist, self.param_list)
+        self.run = self._graphed if settings.graph else self._eager
+        self.strategy = None
+        # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if settings.bf16
+                    else contextlib.nullcontext())
         self.graphs = {}     # the captured meta-step of each variant, on CUDA
-        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        if cfg.algo.first_order_steps and self.algorithms[False].second_order:
-            say(f"derivative-order annealing: steps 1..{cfg.algo.first_order_steps} first order, then second order")
+        if settings.first_order_steps and self.second_order:
+            say(f"derivative-order annealing: steps 1..{settings.first_order_steps} first order, then second order")
+
+    @property
+    def chunk(self) -> int:
+        return self.s.chunk
 
     @property
     def second_order(self) -> bool:
@@ -155,106 +202,95 @@ class MetaStep:
     def use_strategy(self, strategy: str) -> None:
         """How this rank's tasks run (batched | loop); set before the first step."""
         self.strategy = strategy
-        self.backward = {fo: partial(self._backward, a) for fo, a in self.algorithms.items()}
 
-    def _dropblock(self, step: int):
+    def _chunk_rng(self, step: int):
         """DropBlock's generator for each chunk, named by (seed, step, global chunk index): the same
         masks for a chunk whatever the world size. None when the backbone has no DropBlock."""
         if not getattr(self.model, "dropblock", 0):
             return None
-        first = self.first_chunk if self.exact else self.dist.rank * self.local_tasks // self.chunk
+        first = self.reduction.first_chunk
 
-        def on_chunk(i: int) -> None:
-            seed = np.random.SeedSequence([self.cfg.seed, 17, step, first + i]).generate_state(1)[0]
-            self.model.rng = torch.Generator().manual_seed(int(seed))
-        return on_chunk
+        def rng(i: int) -> torch.Generator:
+            seed = np.random.SeedSequence([self.s.seed, 17, step, first + i]).generate_state(1)[0]
+            return torch.Generator().manual_seed(int(seed))
+        return rng
 
-    def _backward(self, algo, batch: dict, step: int = 0) -> tuple:
-        """(loss sum, accuracy sum) and, in exact mode, this rank's dyadic block sums of the chunk
-        gradients (each with `extra` trailing slots: the stop votes, then padding)."""
-        on_chunk = self._dropblock(step)
-        try:
-            if not self.exact:
-                return meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
-                                     self.scale, algo.second_order, on_chunk=on_chunk)
-            tree = exact.TreeSum(self.first_chunk)
-            loss_sum, acc_sum = meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, self.chunk,
-                                              self.scale, algo.second_order, tree=tree, extra=self.extra, on_chunk=on_chunk)
-            return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
-        finally:
-            if on_chunk is not None:
-                self.model.rng = None          # evaluation never drops
+    def backward(self, first_order: bool, batch: dict, step: int = 0) -> tuple:
+        """This rank's share of the meta-gradient of `batch` (see the reduction's backward)."""
+        algo = self.algorithms[first_order]
 
-    def shape(self) -> dict:
-        """What decides a chunk's speed (the strategy cache's key, with the machine)."""
-        c, a, d = self.cfg, self.cfg.algo, self.cfg.data
-        return {"model": dataclasses.asdict(c.model), "image": list(self.image_shape), "ways": d.ways, "shots": d.shots,
-                "queries": d.queries, "algo": a.name, "second_order": self.second_order, "inner_steps": a.inner_steps,
-                "learn_inner_lr": a.learn_inner_lr, "per_step_bn": a.per_step_bn, "tasks_per_chunk": self.chunk,
-                "head_init": self.algorithms[False].train_inner.head_init,
-                "device": self.dist.device.type}
+        def run(cut: Chunking):
+            return meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, cut,
+                                 algo.second_order)
+        return self.reduction.backward(run, self._chunk_rng(step))
 
-    def chunk_runner(self, tasks: int = 4):
-        """run(strategy) -> tasks: one meta-backward of up to `tasks` random tasks of this run's
-        shape (the strategy measurement); the weights and their gradients are left as they were."""
-        d, device = self.cfg.data, self.dist.device
-        g = torch.Generator().manual_seed(0)
-        n = min(tasks, self.chunk)
-        batch = {"x_support": torch.rand(n, d.ways * d.shots, *self.image_shape, generator=g),
-                 "y_support": torch.arange(d.ways).repeat_interleave(d.shots).expand(n, -1),
-                 "x_query": torch.rand(n, d.ways * d.queries, *self.image_shape, generator=g),
-                 "y_query": torch.arange(d.ways).repeat_interleave(d.queries).expand(n, -1)}
-        batch = {k: v.to(device) for k, v in batch.items()}
-        algo = self.algorithms[False]
+    def _eager(self, variant: tuple, batch: dict, step: int) -> tuple:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.backward(variant[0], batch, step)
 
-        def run(strategy: str) -> int:
-            meta_backward(algo.task_losses, self.model, self.params, batch, strategy, 0, 1.0 / n, algo.second_order)
-            self.model.zero_grad(set_to_none=True)
-            return n
-        return run
+    def _graphed(self, variant: tuple, batch: dict, step: int) -> tuple:
+        """Fast mode on CUDA: the graph overwrites .grad on every replay, no zeroing."""
+        if variant not in self.graphs:
+            self.graphs[variant] = GraphedStep(lambda b: self.backward(variant[0], b), self.param_list, batch)
+        return self.graphs[variant](batch)
 
-    def _reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
-        """The meta-gradient into params' .grad (views of one flat buffer); returns the votes
-        averaged (fast) or summed (exact) over ranks: > 0 means someone voted."""
-        if not self.exact:
-            return self.dist.mean_gradients(self.param_list, votes, step)
-        vectors, n = out[2:], self.n_grad
-        vectors[0][n:n + 2] = votes.to(vectors[0])     # this step's own buffer (or the graph's output): no copy
-        mine = [(a, size, v) for (a, size), v in zip(self.layout[self.dist.rank], vectors)]
-        flat = self.dist.exact_mean(mine, self.layout, step)
-        for p, g in zip(self.param_list, torch.split(flat[:n], [p.numel() for p in self.param_list])):
-            p.grad = g.view_as(p)
-        return flat[n:n + 2]
+    def _with_msl(self, step: int, batch: dict) -> tuple[dict, bool]:
+        """MAML++'s multi-step loss weights of this step ride in the batch (an input, like the
+        episodes: one captured graph serves every step)."""
+        s = self.s
+        if not (step < s.multi_step_loss and s.inner_steps > 1):
+            return batch, False
+        w = msl_weights(step, s.inner_steps, s.multi_step_loss).to(batch["x_support"])
+        return dict(batch, msl_weights=w.expand(batch["x_support"].shape[0], -1)), True
 
     def __call__(self, step: int, batch: dict, votes) -> tuple[torch.Tensor, ...]:
         """Step `step` (0-based) on this rank's batch; `votes()` gives this rank's stop votes.
         Returns (loss sum, accuracy sum, gradient norm, votes over ranks)."""
-        debug, a = self.cfg.train.debug, self.cfg.algo
-        first_order = step < a.first_order_steps
-        msl = step < a.multi_step_loss and a.inner_steps > 1
-        if msl:      # the weights are an input, like the episodes: one captured graph serves every step
-            w = msl_weights(step, a.inner_steps, a.multi_step_loss).to(batch["x_support"])
-            batch = dict(batch, msl_weights=w.expand(batch["x_support"].shape[0], -1))
-        variant = (first_order, msl)
-        with anomaly_guard(step + 1, debug):
-            if debug and step == 0:
-                err = cross_check(self.algorithms[first_order], self.model, self.params, batch,
-                                  self.cfg.algo.tasks_per_chunk, 1.0 / self.local_tasks)
+        first_order = step < self.s.first_order_steps
+        batch, msl = self._with_msl(step, batch)
+        with anomaly_guard(step + 1, self.s.debug):
+            if self.s.debug and step == 0:
+                err = cross_check(self.algorithms[first_order], self.model, self.params, batch, self.s.chunk,
+                                  1.0 / self.s.local_tasks)
                 self.say(f"debug: batched vs loop meta-gradient agree (max relative difference {err:.1e})")
             with self.amp:
-                if self.use_graph:        # fast mode: the graph overwrites .grad on every replay, no zeroing
-                    if variant not in self.graphs:
-                        self.graphs[variant] = GraphedStep(lambda b: self.backward[first_order](batch=b),
-                                                           self.param_list, batch)
-                    out = self.graphs[variant](batch)
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out = self.backward[first_order](batch=batch, step=step)
-        agreed = self._reduce(out, votes(), step + 1)
-        loss_sum, acc_sum = out[0], out[1]
-        if debug:
-            check_finite(step + 1, loss_sum, self.model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.param_list, self.clip)
+                out = self.run((first_order, msl), batch, step)
+        agreed = self.reduction.reduce(out, votes(), step + 1)
+        if self.s.debug:
+            check_finite(step + 1, out[0], self.model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.param_list, self.s.clip)
         self.optimizer.step()
-        self.scheduler.step()
-        return loss_sum, acc_sum, grad_norm, agreed
+        self.schedule.step()
+        return out[0], out[1], grad_norm, agreed
+
+    def chunk_runner(self, episode: tuple[int, int, int], image_shape: tuple, tasks: int = 4):
+        """run(strategy) -> tasks: one meta-backward of up to `tasks` random tasks of this run's
+        shape (episode: ways, shots, queries), for the strategy measurement; the weights and their
+        gradients are left as they were."""
+        ways, shots, queries = episode
+        g = torch.Generator().manual_seed(0)
+        n = min(tasks, self.s.chunk)
+        batch = {"x_support": torch.rand(n, ways * shots, *image_shape, generator=g),
+                 "y_support": torch.arange(ways).repeat_interleave(shots).expand(n, -1),
+                 "x_query": torch.rand(n, ways * queries, *image_shape, generator=g),
+                 "y_query": torch.arange(ways).repeat_interleave(queries).expand(n, -1)}
+        batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+        algo = self.algorithms[False]
+
+        def run(strategy: str) -> int:
+            meta_backward(algo.task_losses, self.model, self.params, batch, strategy, Chunking(0, 1.0 / n),
+                          algo.second_order)
+            self.model.zero_grad(set_to_none=True)
+            return n
+        return run
+
+
+def from_config(cfg, model: torch.nn.Module, dist, local_tasks: int, say=print) -> MetaStep:
+    """The meta-step a config describes: Adam at train.meta_lr (fused on a GPU: one launch for all
+    tensors), its Schedule, the algorithm in both derivative orders, the step settings."""
+    t = cfg.train
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr, fused=dist.device.type == "cuda" or None)
+    schedule = Schedule(optimizer, t.steps, t.schedule, t.warmup_steps, t.budget_probe if t.budget_schedule else 0)
+    cls = algorithms.get(cfg.algo)
+    variants = {fo: cls.build(cfg.algo, model, cfg.data.ways, first_order=fo) for fo in (False, True)}
+    return MetaStep(model, variants, dist, StepSettings.of(cfg, local_tasks, dist.device), optimizer, schedule, say)

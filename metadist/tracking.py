@@ -1,6 +1,6 @@
 """Experiment tracking: the only module that imports wandb. Main process only.
 
-`make_tracker(cfg, run_dir, is_main)` returns a W&B tracker (offline by default, online when
+`make_tracker(tracking, name, config, run_dir, is_main)` returns a W&B tracker (offline by default, online when
 asked) or a null tracker with the same methods, so the loop never asks `if use_wandb`. The W&B
 run id is kept in <run>/wandb_id, so a resumed run continues the same W&B run. A tracking
 failure is reported once and never stops training.
@@ -21,16 +21,19 @@ class NullTracker:
 
 
 class WandbTracker(NullTracker):
-    def __init__(self, cfg, run_dir: Path):
+    """tracking: the tracking section (mode, project, entity); name: the run's; config: the run's
+    config as a dict."""
+
+    def __init__(self, tracking, name: str, config: dict, run_dir: Path):
         import wandb
         self.wandb, self.broken = wandb, False
         id_file = Path(run_dir) / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity or None, name=cfg.run.name,
-                              id=run_id, resume="allow", mode=cfg.tracking.mode, dir=str(run_dir),
-                              config=cfg.to_dict(), settings=wandb.Settings(console="off", x_disable_stats=True))
+        self.run = wandb.init(project=tracking.project, entity=tracking.entity or None, name=name,
+                              id=run_id, resume="allow", mode=tracking.mode, dir=str(run_dir),
+                              config=config, settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def _guard(self, fn, *args):
         if self.broken:
@@ -58,11 +61,11 @@ class WandbTracker(NullTracker):
         self._guard(self.run.finish)
 
 
-def make_tracker(cfg, run_dir: Path, is_main: bool):
-    if not is_main or cfg.tracking.mode == "disabled":
+def make_tracker(tracking, name: str, config: dict, run_dir: Path, is_main: bool):
+    if not is_main or tracking.mode == "disabled":
         return NullTracker()
     try:
-        return WandbTracker(cfg, run_dir)
+        return WandbTracker(tracking, name, config, run_dir)
     except Exception as e:
         print(f"metadist: W&B tracking could not start ({e}); training goes on without it", file=sys.stderr)
         return NullTracker()

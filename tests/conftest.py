@@ -3,6 +3,7 @@ metadist.data.synthetic), built in tmp, and small configs pointing at it. Nothin
 """
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -14,11 +15,17 @@ import pytest
 from metadist import config
 from metadist.data.synthetic import write_synthetic, zip_sets  # noqa: F401  (tests import them from here)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each (and every process it starts) computes on one
+    # thread, or the workers' thread pools fight over the cores
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
+
 @pytest.fixture(autouse=True, scope="session")
 def strategy_cache(tmp_path_factory):
     """algo.strategy=auto's per-machine cache in a folder of this session (inherited by every
     process the tests start), never the user's ~/.cache/metadist."""
-    import os
     folder = tmp_path_factory.mktemp("metadist-cache")
     old = os.environ.get("METADIST_CACHE_DIR")
     os.environ["METADIST_CACHE_DIR"] = str(folder)
@@ -53,6 +60,31 @@ def omniglot_zips(tmp_path_factory, omniglot_dir) -> Path:
     return zip_sets(omniglot_dir, tmp_path_factory.mktemp("omniglot_zips"))
 
 
+def model_for(cfg: config.Config, image_shape=None):
+    """The model `cfg` describes, for its data.channels and data.image_size (or `image_shape`)."""
+    from metadist.algorithms import get
+    from metadist.models import build_model
+    d = cfg.data
+    rows = get(cfg.algo).head_rows(cfg.algo, d.ways, 0)
+    return build_model(cfg.model, cfg.algo, image_shape or (d.channels, d.image_size, d.image_size), rows)
+
+
+class OneProcess:
+    """What MetaStep needs of metadist.distributed.Dist, for rank `rank` of `world` with no
+    collectives: the reduction is that of one process (or done by the test)."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        import torch
+        self.rank, self.world, self.device = rank, world, torch.device("cpu")
+
+    def mean_gradients(self, params, votes, step):
+        return votes
+
+    def exact_mean(self, mine, layout, step):
+        from metadist import exact
+        return exact.merge(mine)
+
+
 def small_overrides(raw: Path, tmp: Path, **extra) -> list[str]:
     base = {"data.raw": raw, "data.shards": tmp / "shards", "data.train_episodes": 96, "data.val_episodes": 16,
             "data.test_episodes": 24, "data.episodes_per_shard": 16, "run.root": tmp / "runs", "run.name": "t",
@@ -76,8 +108,16 @@ def prepared(tmp_path_factory, omniglot_dir):
     from metadist.data.prepare import prepare
     tmp = tmp_path_factory.mktemp("prepared")
     cfg = config.load(None, small_overrides(omniglot_dir, tmp))
-    prepare(cfg, log=lambda *a: None)
+    prepare(cfg.data, log=lambda *a: None)
     return cfg
+
+
+def copy_prepared(prepared: config.Config, tmp: Path) -> Path:
+    """A copy of the session's prepared shards (to damage or serve): the shards root."""
+    from metadist.data.prepare import shards_dir
+    dst = tmp / "shards"
+    shutil.copytree(shards_dir(prepared.data), dst)
+    return dst
 
 
 def free_port() -> int:

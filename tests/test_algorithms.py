@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from metadist.algorithms import maml, transfer
-from metadist.algorithms.core import Inner, adapt, adapt_and_predict, make_forward, meta_backward, per_task, per_task_loss
-from metadist.models import is_lr, lr_key
+from metadist.algorithms.core import (Chunking, Inner, adapt, adapt_and_predict, make_forward, meta_backward, per_task,
+                                     per_task_loss)
+from metadist.models import InnerRates, is_lr, lr_key
 from metadist.models.conv4 import ConvNet
 
 T, WAYS, SHOTS, QUERIES, SIDE = 4, 3, 2, 2, 8
@@ -23,8 +24,8 @@ def _float64(float64):
 
 def tiny(depth=2, hidden=4, seed=0, learn_lr="none", steps=1, per_step_bn=False):
     torch.manual_seed(seed)
-    model = ConvNet(WAYS, hidden=hidden, depth=depth, side=SIDE, learn_lr=learn_lr, steps=steps,
-                    per_step_bn=per_step_bn).double()
+    model = ConvNet(WAYS, hidden=hidden, depth=depth, side=SIDE,
+                    rates=InnerRates(learn_lr, steps=steps, per_step_bn=per_step_bn)).double()
     with torch.no_grad():          # non-trivial BatchNorm affine parameters
         for n, p in model.named_parameters():
             if "norm" in n or is_lr(n):   # learned rates: different per tensor (and element)
@@ -85,8 +86,8 @@ def reference_meta_loss(model, params, b, steps, lr, first_order, msl=None, froz
 def ours(model, b, inner, strategy="batched", chunk=0):
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
-    loss, _ = meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, strategy, chunk,
-                            1.0 / b["x_support"].shape[0], second_order=not inner.first_order)
+    loss, _ = meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, strategy,
+                            Chunking(chunk, 1.0 / b["x_support"].shape[0]), second_order=not inner.first_order)
     return loss / b["x_support"].shape[0], torch.cat([p.grad.flatten() for p in params.values()])
 
 
@@ -293,15 +294,25 @@ def test_algorithm_table_is_what_is_accepted():
     from metadist.algorithms import ALGORITHMS, build, check
     assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "transfer", "protonet", "pretrain"}
     with pytest.raises(config.ConfigError, match="algo.name='reptile': allowed values are maml, fomaml, anil, transfer"):
-        check(config.load(None, ["algo.name=reptile"]))
+        check(config.load(None, ["algo.name=reptile"]).algo)
     with pytest.raises(config.ConfigError, match="algo.head_init='random': allowed values are learned, zero, shared, proto"):
-        check(config.load(None, ["algo.head_init=random"]))
+        check(config.load(None, ["algo.head_init=random"]).algo)
+    with pytest.raises(config.ConfigError, match="transfer trains no inner loop"):
+        check(config.load(None, ["algo.name=transfer", "algo.head_init=zero"]).algo)
     model = tiny()
-    cfg = config.load(None, ["algo.inner_steps=2"])
-    assert build(cfg, model).second_order and not build(cfg, model, first_order=True).second_order
-    assert build(config.load(None, ["algo.name=fomaml"]), model).train_inner.first_order
-    assert build(config.load(None, ["algo.name=anil"]), model).train_inner.adapt_names == model.head_names()
-    assert build(config.load(None, ["algo.name=transfer"]), model).train_inner.steps == 0
+
+    def algo(*overrides, first_order=False):
+        return build(config.load(None, list(overrides)).algo, model, 5, first_order)
+    assert algo("algo.inner_steps=2").second_order and not algo("algo.inner_steps=2", first_order=True).second_order
+    assert algo("algo.name=fomaml").train_inner.first_order
+    assert algo("algo.name=anil").train_inner.adapt_names == model.head_names()
+    assert algo("algo.name=transfer").train_inner.steps == 0
+    assert algo("algo.name=protonet").train_inner.head_init == "proto"
+    assert algo("algo.name=protonet").test_inner(10, 0.4).steps == 0
+    pre = algo("algo.name=pretrain")
+    assert pre.train_inner.head_init == "proto" and pre.test_inner(3, 0.1, ("head.weight",)).adapt_names == ("head.weight",)
+    assert type(pre).head_rows(pre, 5, 64) == 64 and type(algo()).head_rows(config.Config().algo, 5, 64) == 5
+    assert set(pre.outputs(model)) == {"backbone.safetensors"} and algo().outputs(model) == {}
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from metadist.algorithms import maml
-from metadist.algorithms.core import Inner, adapt_and_predict, meta_backward
-from metadist.models import is_lr, lr_key
+from metadist.algorithms.core import Chunking, Inner, adapt_and_predict, meta_backward
+from metadist.models import InnerRates, is_lr, lr_key
 from metadist.models.conv4 import ConvNet
 from metadist.models.resnet12 import ResNet12
 
@@ -23,10 +23,10 @@ def _float64(float64):
 def make(backbone, learn_lr="none", steps=1, per_step_bn=False, rows=WAYS, seed=0):
     torch.manual_seed(seed)
     if backbone == "conv4":
-        model = ConvNet(rows, hidden=4, depth=2, side=8, learn_lr=learn_lr, steps=steps, per_step_bn=per_step_bn)
+        model = ConvNet(rows, hidden=4, depth=2, side=8, rates=InnerRates(learn_lr, steps=steps, per_step_bn=per_step_bn))
     else:
-        model = ResNet12(rows, widths=(3, 4, 4, 5), in_channels=3, side=16, learn_lr=learn_lr, steps=steps,
-                         per_step_bn=per_step_bn)
+        model = ResNet12(rows, widths=(3, 4, 4, 5), in_channels=3, side=16,
+                         rates=InnerRates(learn_lr, steps=steps, per_step_bn=per_step_bn))
     model = model.double()
     with torch.no_grad():          # non-trivial BatchNorm affine parameters and rates
         for n, p in model.named_parameters():
@@ -117,8 +117,8 @@ def reference_loss(backbone, model, params, b, steps, lr, first_order, head_init
 def ours(model, b, inner, strategy):
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
-    loss, _ = meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, strategy, 0,
-                            1.0 / T, second_order=inner.steps > 0 and not inner.first_order)
+    loss, _ = meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, strategy,
+                            Chunking(0, 1.0 / T), second_order=inner.steps > 0 and not inner.first_order)
     return loss / T, torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params.values()])
 
 
@@ -201,7 +201,7 @@ def test_protonet_loss_is_the_euclidean_prototypical_loss():
     from metadist.algorithms import build
     model, b = make("resnet12"), batch("resnet12")
     cfg = config.load(None, ["algo.name=protonet", f"data.ways={WAYS}"])
-    algo = build(cfg, model)
+    algo = build(cfg.algo, model, WAYS)
     assert algo.train_inner.steps == 0 and algo.train_inner.head_init == "proto" and algo.test_inner(10, 0.4).steps == 0
     params = dict(model.named_parameters())
     loss, g = ours(model, b, algo.train_inner, "batched")

@@ -25,7 +25,7 @@ def test_failed_checkpoint_write_loses_nothing(omniglot_dir, tmp_path):
     import subprocess
     import sys
 
-    from metadist.checkpoint import Checkpointer
+    from metadist.checkpoint import CheckpointManager
     from tests.conftest import ROOT
     args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "model.hidden": 16})
     assert run_cli("train", *args, "run.name=straight").returncode == 0
@@ -44,7 +44,7 @@ def test_failed_checkpoint_write_loses_nothing(omniglot_dir, tmp_path):
     assert "cannot write checkpoint" in line and "step_000004" in line and "step_000002 is intact" in line
     assert "Traceback" not in r.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
-    assert Checkpointer(run, 2, 2, False).latest().name == "step_000002"
+    assert CheckpointManager(run, 2, 2, False, None, {}).latest().name == "step_000002"
     r = run_cli("train", *args, "run.name=t")
     assert r.returncode == 0 and "from step_000002" in r.stdout, r.stderr[-2000:]
     a = load_weights(tmp_path / "runs" / "straight" / "model.safetensors")[0]

@@ -41,11 +41,11 @@ def test_verify_checks_every_shard(prepared, tmp_path):
     import shutil
 
     from metadist.data.prepare import shards_dir
-    r = run_cli("verify", "--shards", shards_dir(prepared))
+    r = run_cli("verify", "--shards", shards_dir(prepared.data))
     assert r.returncode == 0 and "train: 1 pool + 6 episode shards (19 classes, 96 episodes)" in r.stdout
     assert r.stdout.count("sha256 match") == 3 and "1x28x28 images, data.seed 0" in r.stdout
     bad = tmp_path / "s"
-    shutil.copytree(shards_dir(prepared), bad)
+    shutil.copytree(shards_dir(prepared.data), bad)
     victim = bad / "test" / "test-000001.tar"
     data = bytearray(victim.read_bytes())
     data[1000] ^= 1

@@ -67,7 +67,24 @@ def test_round_trip_through_dict():
 
 def test_shipped_configs_load():
     from pathlib import Path
-    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"simple", "medium", "strong", "boss", "maml_paper_5w1s", "maml_paper_20w1s", "debug"}
+    files = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+    assert {f.stem for f in files} >= {"simple", "medium", "strong", "boss", "protonet", "characters_5w1s", "debug",
+                                       "finn2017_maml_omniglot_5w1s", "finn2017_maml_omniglot_20w1s"}
     for f in files:
         config.load(f)
+
+
+def test_folder_keys_moved_under_data_folder():
+    """The folder-only settings live in data.folder; the old key is one line naming the new one,
+    and a config saved with the old keys (older weights files) still reads."""
+    c = config.load(None, ["data.source=folder", "data.folder.split=csv", "data.folder.class_depth=2"])
+    assert c.data.folder.split == "csv" and c.data.folder.class_depth == 2
+    for old in ("split", "split_dir", "class_depth", "test_fraction", "resize", "invert", "small_classes"):
+        with pytest.raises(config.ConfigError, match=rf"^data\.{old} is now data\.folder\.{old} "):
+            config.load(None, [f"data.{old}=1"])
+    saved = config.Config().to_dict()
+    folder = saved["data"].pop("folder")
+    saved["data"].update(split="lists", class_depth=3, invert=True)        # an older run's config.yaml
+    back = config.from_dict(saved)
+    assert (back.data.folder.split, back.data.folder.class_depth, back.data.folder.invert) == ("lists", 3, True)
+    assert back.data.folder.resize == folder["resize"]

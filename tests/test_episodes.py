@@ -6,7 +6,8 @@ import torch
 from metadist.data.sources import omniglot
 from metadist.data.episodes import labels, rotate_tasks, task_rotations
 from metadist.data.prepare import shards_dir
-from metadist.data.shards import EpisodeSource, read_manifest
+from metadist.data.store import read_manifest
+from metadist.data.stream import EpisodeSource
 
 quiet = dict(log=lambda *a: None)
 
@@ -14,7 +15,7 @@ quiet = dict(log=lambda *a: None)
 def test_episode_layout_matches_labels(prepared):
     """Support first, then query, class-major; each class's images are drawings of its character,
     turned as its record says."""
-    d = shards_dir(prepared) / "train"
+    d = shards_dir(prepared.data) / "train"
     m = read_manifest(d)
     src = EpisodeSource(d)
     record = src.shard(0)[3]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from metadist import config, exact
-from metadist.models import build_model
-from metadist.step import MetaStep
+from metadist.step import from_config
+from tests.conftest import OneProcess, model_for
 
 
 def tree_reference(vectors, lo, size):
@@ -62,13 +62,6 @@ def test_blocks_tile_a_range_with_maximal_dyadic_blocks():
             assert sum(s for _, s in b) == hi - lo and all(a % s == 0 for a, s in b)
 
 
-class Rank:
-    """What MetaStep needs of Dist for rank `rank` of `world` (the reduction is done by the test)."""
-
-    def __init__(self, rank, world):
-        self.rank, self.world, self.device = rank, world, torch.device("cpu")
-
-
 @pytest.mark.parametrize("overrides", [[], ["algo.inner_steps=2", "algo.learn_inner_lr=layer"], ["algo.name=fomaml"],
                                        ["algo.tasks_per_chunk=2", "algo.strategy=loop"]])
 def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
@@ -85,12 +78,12 @@ def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
         items = []
         for r in range(world):
             torch.manual_seed(0)
-            step = MetaStep(cfg, build_model(cfg), Rank(r, world), 8 // world, say=lambda *a: None)
+            step = from_config(cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None)
             step.use_strategy(cfg.algo.strategy if cfg.algo.strategy != "auto" else "batched")
             share = {k: v[r * 8 // world:(r + 1) * 8 // world] for k, v in batch.items()}
-            out = step.backward[False](batch=share)
-            items += [(a, s, v) for (a, s), v in zip(step.layout[r], out[2:])]
-        sums[world] = exact.merge(items)[:step.n_grad + 2]      # gradient and votes; the padding varies with W
+            out = step.backward(False, share)
+            items += [(a, s, v) for (a, s), v in zip(step.reduction.layout[r], out[2:])]
+        sums[world] = exact.merge(items)[:step.reduction.n_grad + 2]   # gradient and votes; the padding varies with W
     ref = sums.pop(1)
     assert ref.abs().sum() > 0
     for world, got in sums.items():
@@ -100,6 +93,6 @@ def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
 def test_exact_mode_checks_that_the_chunks_split_over_the_processes():
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=8", "algo.tasks_per_chunk=4"])
     with pytest.raises(config.ConfigError, match="algo.tasks_per_chunk=4"):
-        MetaStep(cfg, build_model(cfg), Rank(0, 4), 2, say=lambda *a: None)
+        from_config(cfg, model_for(cfg), OneProcess(0, 4), 2, say=lambda *a: None)
     with pytest.raises(config.ConfigError, match="choose a divisor"):
         config.load(None, ["train.meta_batch_size=8", "algo.tasks_per_chunk=3"])

@@ -10,8 +10,9 @@ import pytest
 
 from metadist import config
 from metadist.data.prepare import prepare, shards_dir
-from metadist.data.shards import EpisodeSource, read_manifest
-from metadist.data.synthetic import write_folder_dataset
+from metadist.data.store import read_manifest
+from metadist.data.stream import EpisodeSource
+from metadist.data.synthetic import FolderSpec, write_folder_dataset
 from tests.conftest import run_cli
 
 quiet = dict(log=lambda *a: None)
@@ -19,16 +20,16 @@ quiet = dict(log=lambda *a: None)
 
 def folder_args(root, tmp, layout="fractions", size=84, channels=3, **extra):
     """Overrides for a small folder dataset made by write_folder_dataset(root, layout)."""
-    base = {"data.source": "folder", "data.raw": root / "images" if layout == "csv" else root, "data.split": layout,
+    base = {"data.source": "folder", "data.raw": root / "images" if layout == "csv" else root, "data.folder.split": layout,
             "data.image_size": size, "data.channels": channels, "data.ways": 3, "data.shots": 1, "data.queries": 2,
             "data.shards": tmp / "shards", "data.train_episodes": 24, "data.val_episodes": 6, "data.test_episodes": 6,
             "data.episodes_per_shard": 8, "run.root": tmp / "runs", "run.name": "t", "tracking.mode": "disabled",
             "model.hidden": 8, "train.meta_batch_size": 4, "train.steps": 3, "train.val_every": 3, "train.log_every": 1,
             "train.checkpoint_every": 3, "eval.tasks_per_batch": 4, "algo.strategy": "batched"}
     if layout == "lists":
-        base["data.split_dir"] = root / "splits"
+        base["data.folder.split_dir"] = root / "splits"
     if layout == "csv":
-        base["data.split_dir"] = root
+        base["data.folder.split_dir"] = root
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -36,17 +37,17 @@ def folder_args(root, tmp, layout="fractions", size=84, channels=3, **extra):
 @pytest.mark.parametrize("layout", ["fractions", "lists", "csv", "folders"])
 @pytest.mark.parametrize("size,channels", [(28, 1), (84, 3)])
 def test_every_layout_prepares_disjoint_splits_of_the_right_shape(tmp_path, layout, size, channels):
-    root = write_folder_dataset(tmp_path / "raw", layout, size=size, channels=channels, fmt="jpg" if channels == 3 else "png")
+    root = write_folder_dataset(tmp_path / "raw", layout, FolderSpec(size=size, channels=channels, fmt="jpg" if channels == 3 else "png"))
     cfg = config.load(None, folder_args(root, tmp_path, layout, size, channels))
-    prepare(cfg, **quiet)
-    ms = {s: read_manifest(shards_dir(cfg), s) for s in ("train", "val", "test")}
+    prepare(cfg.data, **quiet)
+    ms = {s: read_manifest(shards_dir(cfg.data), s) for s in ("train", "val", "test")}
     classes = {s: set(m["classes"]) for s, m in ms.items()}
     assert not (classes["train"] & classes["val"]) and not (classes["train"] & classes["test"]) \
         and not (classes["val"] & classes["test"])
     assert sum(map(len, classes.values())) == 15 and all(m["image_shape"] == [channels, size, size] for m in ms.values())
     if layout != "fractions":      # the layout's own split
         assert [len(classes[s]) for s in ("train", "val", "test")] == [9, 3, 3]
-    x = EpisodeSource(shards_dir(cfg), "test").all()[:]
+    x = EpisodeSource(shards_dir(cfg.data), "test").all()[:]
     assert x.shape == (6, 9, channels, size, size) and x.dtype == np.uint8 and x.std() > 10
 
 
@@ -54,10 +55,10 @@ def test_the_same_data_in_every_layout_gives_the_same_shards(tmp_path):
     """lists, csv and folders name the same split of the same images: equal pools and episodes."""
     sums = {}
     for layout in ("lists", "csv", "folders"):
-        root = write_folder_dataset(tmp_path / layout, layout, size=32, channels=3)
+        root = write_folder_dataset(tmp_path / layout, layout, FolderSpec(size=32, channels=3))
         cfg = config.load(None, folder_args(root, tmp_path / layout, layout, 32, 3, **{"data.name": "same"}))
-        prepare(cfg, **quiet)
-        sums[layout] = [(p["sha256"] for p in read_manifest(shards_dir(cfg), s)["pool"] + read_manifest(shards_dir(cfg), s)["shards"])
+        prepare(cfg.data, **quiet)
+        sums[layout] = [(p["sha256"] for p in read_manifest(shards_dir(cfg.data), s)["pool"] + read_manifest(shards_dir(cfg.data), s)["shards"])
                         for s in ("train", "val", "test")]
         sums[layout] = [list(x) for x in sums[layout]]
     assert sums["lists"] == sums["csv"] == sums["folders"]
@@ -67,7 +68,7 @@ def _omniglot_lists(native_cfg, folder):
     """The native split's classes, as one list file per split."""
     folder.mkdir(parents=True)
     for s in ("train", "val", "test"):
-        (folder / f"{s}.txt").write_text("".join(c + "\n" for c in read_manifest(shards_dir(native_cfg), s)["classes"]))
+        (folder / f"{s}.txt").write_text("".join(c + "\n" for c in read_manifest(shards_dir(native_cfg.data), s)["classes"]))
     return folder
 
 
@@ -77,14 +78,15 @@ def test_omniglot_through_the_folder_path_equals_the_native_path(omniglot_dir, t
     pool and episode shards to data.source=omniglot."""
     from tests.conftest import small_overrides
     native = config.load(None, small_overrides(omniglot_dir, tmp_path / "native"))
-    prepare(native, **quiet)
+    prepare(native.data, **quiet)
     lists = _omniglot_lists(native, tmp_path / "lists")
     generic = config.load(None, small_overrides(omniglot_dir, tmp_path / "generic") + [
-        "data.source=folder", "data.split=lists", f"data.split_dir={lists}", "data.class_depth=3", "data.invert=true",
+        "data.source=folder", "data.folder.split=lists", f"data.folder.split_dir={lists}", "data.folder.class_depth=3",
+        "data.folder.invert=true",
         "data.image_size=28", "data.channels=1"])
-    prepare(generic, **quiet)
+    prepare(generic.data, **quiet)
     for s in ("train", "val", "test"):
-        a, b = read_manifest(shards_dir(native), s), read_manifest(shards_dir(generic), s)
+        a, b = read_manifest(shards_dir(native.data), s), read_manifest(shards_dir(generic.data), s)
         assert a["classes"] == b["classes"] and a["class_images"] == b["class_images"]
         assert [p["sha256"] for p in a["pool"] + a["shards"]] == [p["sha256"] for p in b["pool"] + b["shards"]], s
 
@@ -96,7 +98,7 @@ def _cli_prepare(args):
 
 
 def _bad(tmp_path, layout="fractions", **extra):
-    root = write_folder_dataset(tmp_path / "raw", layout, size=28, channels=3)
+    root = write_folder_dataset(tmp_path / "raw", layout, FolderSpec(size=28, channels=3))
     return root, folder_args(root, tmp_path, layout, 28, 3, **extra)
 
 
@@ -114,7 +116,7 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path):
 
 
 def test_a_truncated_image_is_one_line_naming_it(tmp_path):
-    root = write_folder_dataset(tmp_path / "raw", "fractions", size=28, channels=3, fmt="jpg")
+    root = write_folder_dataset(tmp_path / "raw", "fractions", FolderSpec(size=28, channels=3, fmt="jpg"))
     args = folder_args(root, tmp_path, "fractions", 28, 3)
     bad = root / "n00000007" / "n0000000700000001.jpg"
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
@@ -130,7 +132,7 @@ def test_a_class_too_small_for_an_episode_names_the_class_and_both_counts(tmp_pa
     r, last = _cli_prepare(args)
     assert r.returncode == 2 and _nothing_written(tmp_path)
     assert "class 'n00000003'" in last and "has 3 images" in last and "shots + queries = 6" in last
-    r, _ = _cli_prepare(args + ["data.small_classes=skip"])
+    r, _ = _cli_prepare(args + ["data.folder.small_classes=skip"])
     assert r.returncode == 0 and "1 class(es) with fewer than 6 images left out" in r.stdout
 
 
@@ -169,7 +171,7 @@ def test_a_class_in_two_splits_is_one_line(tmp_path):
 
 
 def test_rgb_84_trains_evaluates_exports_and_predicts(tmp_path):
-    root = write_folder_dataset(tmp_path / "raw", "csv", size=84, channels=3, fmt="jpg")
+    root = write_folder_dataset(tmp_path / "raw", "csv", FolderSpec(size=84, channels=3, fmt="jpg"))
     args = folder_args(root, tmp_path, "csv")
     r = run_cli("train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -177,7 +179,7 @@ def test_rgb_84_trains_evaluates_exports_and_predicts(tmp_path):
     assert s["steps"] == 3 and s["test_episodes"] == 6
     r = run_cli("evaluate", "--run", tmp_path / "runs" / "t")
     assert r.returncode == 0 and '"episodes": 6' in r.stdout, r.stderr[-2000:]
-    shards = shards_dir(config.load(None, args))
+    shards = shards_dir(config.load(None, args).data)
     r = run_cli("export-tasks", *args, "--out", tmp_path / "tasks", "--limit", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     from PIL import Image
@@ -195,9 +197,11 @@ def test_rgb_84_trains_evaluates_exports_and_predicts(tmp_path):
 
 def test_parallel_decoding_gives_the_same_images(tmp_path):
     from metadist.data.sources import folder
-    root = write_folder_dataset(tmp_path / "raw", "fractions", classes=6, images=4, size=40, channels=3, fmt="jpg")
-    a = folder.load(str(root), "fractions", "", 1, 0, 0.2, 0.2, 3, 32, "crop", False, 2, log=lambda *x: None, workers=1)
-    b = folder.load(str(root), "fractions", "", 1, 0, 0.2, 0.2, 3, 32, "crop", False, 2, log=lambda *x: None, workers=2)
+    root = write_folder_dataset(tmp_path / "raw", "fractions", FolderSpec(classes=6, images=4, size=40, channels=3, fmt="jpg"))
+    d = config.load(None, [f"data.raw={root}", "data.source=folder", "data.channels=3", "data.image_size=32",
+                           "data.folder.resize=crop"]).data
+    a = folder.load(d, 2, log=lambda *x: None, workers=1)
+    b = folder.load(d, 2, log=lambda *x: None, workers=2)
     assert a.names == b.names and all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
     assert a.images[0].shape == (4, 3, 32, 32)
 
@@ -207,7 +211,7 @@ def test_rgb_84_is_world_size_invariant_and_resumes_exactly(tmp_path):
     """84x84 RGB episodes from the pool format: 1 and 2 processes give the same weights bit for bit
     (exact mode, one thread each), and a 2-process run stopped at step 3 and resumed equals them."""
     from tests.test_distributed import train, weights
-    root = write_folder_dataset(tmp_path / "raw", "folders", size=84, channels=3, fmt="jpg")
+    root = write_folder_dataset(tmp_path / "raw", "folders", FolderSpec(size=84, channels=3, fmt="jpg"))
     args = folder_args(root, tmp_path, "folders", **{"train.steps": 6, "train.threads": 1, "data.task_aug": 0.5})
     r = run_cli("prepare", *args)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -225,8 +229,7 @@ def test_resnet12_at_84_trains_and_two_processes_equal_one(tmp_path):
     one thread each). With DropBlock (small widths, 32 px) too: its masks are named by seed, step
     and chunk."""
     from tests.test_distributed import train, weights
-    root = write_folder_dataset(tmp_path / "raw", "folders", classes=21, images=4, split_counts=(11, 5, 5),
-                                size=84, channels=3, fmt="jpg")
+    root = write_folder_dataset(tmp_path / "raw", "folders", FolderSpec(classes=21, images=4, split_counts=(11, 5, 5), size=84, channels=3, fmt="jpg"))
     common = {"model.backbone": "resnet12", "data.ways": 5, "data.queries": 1, "train.meta_batch_size": 2,
               "train.steps": 1, "train.val_every": 1, "train.checkpoint_every": 1, "data.val_episodes": 2,
               "data.test_episodes": 2, "eval.inner_steps": 1, "eval.val_inner_steps": 1, "eval.tasks_per_batch": 2,

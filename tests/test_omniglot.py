@@ -9,7 +9,7 @@ import torch
 from metadist import config
 from metadist.data.sources import omniglot
 from metadist.data.prepare import prepare
-from metadist.data.shards import read_manifest
+from metadist.data.store import read_manifest
 from tests.conftest import REAL_OMNIGLOT, run_cli, write_synthetic
 
 quiet = dict(log=lambda *a: None)
@@ -83,7 +83,7 @@ def test_real_omniglot_counts_and_splits(tmp_path):
         assert len(set(s["train"].chars) | set(s["val"].chars) | set(s["test"].chars)) == sum(sizes)
     cfg = config.load(None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path}", "data.train_episodes=50",
                              "data.val_episodes=20", "data.test_episodes=640", "data.protocol=characters"])
-    prepare(cfg, **quiet)
+    prepare(cfg.data, **quiet)
     m = read_manifest(tmp_path / "test")
     src = m["source_info"]
     assert (src["images_background"]["alphabets"], src["images_background"]["characters"], src["images_background"]["images"]) == (30, 964, 19280)

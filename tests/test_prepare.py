@@ -9,7 +9,8 @@ import pytest
 
 from metadist import config
 from metadist.data.prepare import SplitDiffers, prepare, shards_dir
-from metadist.data.shards import read_manifest, verify
+from metadist.data.format import verify
+from metadist.data.store import read_manifest
 from tests.conftest import run_cli, small_overrides
 
 quiet = dict(log=lambda *a: None)
@@ -18,27 +19,27 @@ quiet = dict(log=lambda *a: None)
 def test_same_seed_same_bytes_and_rerun_skips(omniglot_zips, tmp_path):
     cfg_a = config.load(None, small_overrides(omniglot_zips, tmp_path / "a"))
     cfg_b = config.load(None, small_overrides(omniglot_zips, tmp_path / "b"))
-    prepare(cfg_a, **quiet)
-    prepare(cfg_b, **quiet)
+    prepare(cfg_a.data, **quiet)
+    prepare(cfg_b.data, **quiet)
     for split in ("train", "val", "test"):
-        fa = sorted((shards_dir(cfg_a) / split).iterdir())
-        fb = sorted((shards_dir(cfg_b) / split).iterdir())
+        fa = sorted((shards_dir(cfg_a.data) / split).iterdir())
+        fb = sorted((shards_dir(cfg_b.data) / split).iterdir())
         assert [p.name for p in fa] == [p.name for p in fb]
         assert all(p.read_bytes() == q.read_bytes() for p, q in zip(fa, fb))
-    mtimes = shard_files(shards_dir(cfg_a))
+    mtimes = shard_files(shards_dir(cfg_a.data))
     said = []
-    prepare(cfg_a, log=said.append)
-    assert shard_files(shards_dir(cfg_a)) == mtimes
+    prepare(cfg_a.data, log=said.append)
+    assert shard_files(shards_dir(cfg_a.data)) == mtimes
     assert sum("skipped" in s for s in said) == 3
     # another data seed gives other episodes: prepare leaves the folder as it is, unless told to replace it
     cfg_c = config.load(None, small_overrides(omniglot_zips, tmp_path / "a", **{"data.seed": 1}))
     with pytest.raises(SplitDiffers, match=r"data.seed=0 there, 1 asked.*--overwrite"):
-        prepare(cfg_c, **quiet)
-    assert shard_files(shards_dir(cfg_a)) == mtimes
+        prepare(cfg_c.data, **quiet)
+    assert shard_files(shards_dir(cfg_a.data)) == mtimes
     said = []
-    prepare(cfg_c, log=said.append, overwrite=True)
+    prepare(cfg_c.data, log=said.append, overwrite=True)
     assert any("rebuilding" in s for s in said)
-    assert (shards_dir(cfg_c) / "val" / "val-000000.tar").read_bytes() != (shards_dir(cfg_b) / "val" / "val-000000.tar").read_bytes()
+    assert (shards_dir(cfg_c.data) / "val" / "val-000000.tar").read_bytes() != (shards_dir(cfg_b.data) / "val" / "val-000000.tar").read_bytes()
 
 
 def shard_files(root):
@@ -54,31 +55,31 @@ def test_the_run_seed_does_not_choose_the_episodes(omniglot_dir, tmp_path):
     from metadist.data.prepare import ensure
     base = small_overrides(omniglot_dir, tmp_path)
     cfg = config.load(None, base)
-    prepare(cfg, **quiet)
-    files = shard_files(shards_dir(cfg))
+    prepare(cfg.data, **quiet)
+    files = shard_files(shards_dir(cfg.data))
     for seed in (1, 2, 3):
         other = config.load(None, base + [f"seed={seed}"])
-        assert ensure(other, log=lambda s: pytest.fail(f"ensure said {s!r}")) == shards_dir(cfg)
-    assert shard_files(shards_dir(cfg)) == files
+        assert ensure(other.data, log=lambda s: pytest.fail(f"ensure said {s!r}")) == shards_dir(cfg.data)
+    assert shard_files(shards_dir(cfg.data)) == files
     unnamed = [x for x in base if not x.startswith("data.shards=")]
-    a, b = (shards_dir(config.load(None, unnamed + extra)) for extra in ([], ["seed=4"]))
-    c = shards_dir(config.load(None, unnamed + ["data.seed=4"]))
+    a, b = (shards_dir(config.load(None, unnamed + extra).data) for extra in ([], ["seed=4"]))
+    c = shards_dir(config.load(None, unnamed + ["data.seed=4"]).data)
     assert a == b != c and str(a).startswith("data/shards/omniglot-alphabets-5w1s1q-")
 
 
 def test_interrupted_prepare_leaves_no_split(omniglot_dir, tmp_path, monkeypatch):
     cfg = config.load(None, small_overrides(omniglot_dir, tmp_path))
-    import metadist.data.shards as shards
+    import metadist.data.format as fmt
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(shards, "sha256_file", boom)     # dies after the tars, before the manifest
+    monkeypatch.setattr(fmt, "sha256_file", boom)     # dies after the tars, before the manifest
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg, **quiet)
-    assert not (shards_dir(cfg) / "train").exists()
+        prepare(cfg.data, **quiet)
+    assert not (shards_dir(cfg.data) / "train").exists()
     monkeypatch.undo()
-    prepare(cfg, **quiet)
-    verify(shards_dir(cfg) / "train")
+    prepare(cfg.data, **quiet)
+    verify(shards_dir(cfg.data) / "train")
 
 
 def test_train_needs_only_the_shards_and_prepares_only_what_is_missing(omniglot_dir, tmp_path):
@@ -87,21 +88,21 @@ def test_train_needs_only_the_shards_and_prepares_only_what_is_missing(omniglot_
     import shutil
     from metadist.data.prepare import ensure, mismatch
     cfg = config.load(None, small_overrides(omniglot_dir, tmp_path))
-    prepare(cfg, **quiet)
+    prepare(cfg.data, **quiet)
     said = []
     no_raw = config.load(None, small_overrides(tmp_path / "nowhere", tmp_path))
-    assert ensure(no_raw, log=said.append) == shards_dir(cfg) and said == []
+    assert ensure(no_raw.data, log=said.append) == shards_dir(cfg.data) and said == []
     more = config.load(None, small_overrides(omniglot_dir, tmp_path, **{"data.val_episodes": 32}))
-    assert "data.val_episodes=16 there, 32 asked" in mismatch(more, "val")
-    files = shard_files(shards_dir(cfg))
+    assert "data.val_episodes=16 there, 32 asked" in mismatch(more.data, "val")
+    files = shard_files(shards_dir(cfg.data))
     with pytest.raises(SplitDiffers, match=r"holds another val split \(data.val_episodes=16 there, 32 asked\).*data.shards"):
-        ensure(more, log=said.append)
-    assert shard_files(shards_dir(cfg)) == files and said == []
-    shutil.rmtree(shards_dir(cfg) / "val")
+        ensure(more.data, log=said.append)
+    assert shard_files(shards_dir(cfg.data)) == files and said == []
+    shutil.rmtree(shards_dir(cfg.data) / "val")
     train_files = {p: v for p, v in files.items() if p.parent.name == "train"}
-    ensure(more, log=said.append)
-    assert any("preparing val" in s for s in said) and read_manifest(shards_dir(cfg) / "val")["episodes"] == 32
-    assert {p: v for p, v in shard_files(shards_dir(cfg)).items() if p.parent.name == "train"} == train_files
+    ensure(more.data, log=said.append)
+    assert any("preparing val" in s for s in said) and read_manifest(shards_dir(cfg.data) / "val")["episodes"] == 32
+    assert {p: v for p, v in shard_files(shards_dir(cfg.data)).items() if p.parent.name == "train"} == train_files
 
 
 def _line_within(proc, seconds):
@@ -117,7 +118,7 @@ def test_two_prepares_on_one_folder_do_not_interleave(omniglot_dir, tmp_path):
     """The second waits for the first (the lock names it), then finds every split up to date."""
     import fcntl
     args = small_overrides(omniglot_dir, tmp_path)
-    root = shards_dir(config.load(None, args))
+    root = shards_dir(config.load(None, args).data)
     root.mkdir(parents=True)
     with open(root / ".prepare.lock", "a+") as held:          # a first prepare, busy
         fcntl.flock(held, fcntl.LOCK_EX)

@@ -23,14 +23,18 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
     s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
     assert s["steps"] == 150 and s["test_episodes"] == 160
     import torch
-    from metadist.models import build_model
+
+    from metadist.algorithms import eval_inner
     from metadist.checkpoint import load_model
-    from metadist.data.shards import EpisodeSource
+    from metadist.data.stream import EpisodeSource
     from metadist.evaluate import evaluate
+    from tests.conftest import model_for
     _, cfg = load_model(tmp_path / "runs" / "real")
     torch.manual_seed(cfg.seed)                       # the run's own initialisation, untrained
-    untrained = evaluate(build_model(cfg), cfg, EpisodeSource(tmp_path / "shards", "test").all(160),
-                         cfg.eval.inner_steps, "cpu")["accuracy"]
+    model = model_for(cfg)
+    untrained = evaluate(model, EpisodeSource(tmp_path / "shards", "test").all(160),
+                         eval_inner(cfg.algo, model, 5, cfg.eval.inner_steps), cfg.eval.tasks_per_batch,
+                         "cpu")["accuracy"]
     assert s["test_accuracy"] >= max(0.70, untrained + 0.06), (s, untrained)
     # the final checkpoint is self-describing and evaluates like the run's own summary did
     r = run_cli("evaluate", "--run", tmp_path / "runs" / "real" / "checkpoints" / "step_000150", "eval.test_episodes=160")
@@ -45,23 +49,24 @@ def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path)
     import zipfile
     from metadist import config
     from metadist.data.prepare import prepare, shards_dir
-    from metadist.data.shards import read_manifest
+    from metadist.data.store import read_manifest
     raw = tmp_path / "omniglot"
     for name in ("images_background", "images_evaluation"):
         with zipfile.ZipFile(REAL_OMNIGLOT / f"{name}.zip") as z:
             z.extractall(raw)
     counts = ["data.train_episodes=2000", "data.val_episodes=320", "data.test_episodes=640"]
     native = config.load(None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path / 'native'}", *counts])
-    prepare(native, log=lambda *a: None)
+    prepare(native.data, log=lambda *a: None)
     lists = tmp_path / "lists"
     lists.mkdir()
     for s in ("train", "val", "test"):
-        (lists / f"{s}.txt").write_text("".join(c + "\n" for c in read_manifest(shards_dir(native), s)["classes"]))
+        (lists / f"{s}.txt").write_text("".join(c + "\n" for c in read_manifest(shards_dir(native.data), s)["classes"]))
     generic = config.load(None, [f"data.raw={raw}", f"data.shards={tmp_path / 'generic'}", *counts, "data.source=folder",
-                                 "data.split=lists", f"data.split_dir={lists}", "data.class_depth=3", "data.invert=true",
+                                 "data.folder.split=lists", f"data.folder.split_dir={lists}", "data.folder.class_depth=3",
+                                 "data.folder.invert=true",
                                  "data.name=omniglot"])
-    prepare(generic, log=lambda *a: None)
+    prepare(generic.data, log=lambda *a: None)
     for s in ("train", "val", "test"):
-        a, b = read_manifest(shards_dir(native), s), read_manifest(shards_dir(generic), s)
+        a, b = read_manifest(shards_dir(native.data), s), read_manifest(shards_dir(generic.data), s)
         assert len(a["classes"]) == {"train": 771, "val": 193, "test": 659}[s] and a["classes"] == b["classes"]
         assert [p["sha256"] for p in a["pool"] + a["shards"]] == [p["sha256"] for p in b["pool"] + b["shards"]], s

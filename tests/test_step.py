@@ -4,30 +4,28 @@ import math
 import pytest
 import torch
 
-from metadist import config, exact
-from metadist.models import build_model
-from metadist.step import MetaStep, lr_lambda
+from metadist import config
+from metadist.schedule import Schedule
+from metadist.step import from_config
+from tests.conftest import OneProcess, model_for
 
 
-class OneProcess:
-    """What MetaStep needs of metadist.distributed.Dist, for one process (no all-reduce)."""
-    world, rank, device = 1, 0, torch.device("cpu")
-
-    def mean_gradients(self, params, votes, step):
-        return votes
-
-    def exact_mean(self, mine, layout, step):
-        return exact.merge(mine)
-
-
-def test_warmup_then_cosine_schedule():
-    cfg = config.load(None, ["train.steps=10", "train.warmup_steps=4", "train.schedule=cosine"])
-    f = lr_lambda(cfg)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0 and f(10) == pytest.approx(0.0, abs=1e-12)
-    assert f(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
-    const = lr_lambda(config.load(None, ["train.steps=10", "train.warmup_steps=2"]))
-    assert [const(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+def test_warmup_then_cosine_schedule_owns_the_step_count():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = Schedule(opt, 10, "cosine", warmup=4)
+    assert [s.factor(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s.factor(4) == 1.0 and s.factor(10) == pytest.approx(0.0, abs=1e-12)
+    assert s.factor(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    const = Schedule(opt, 10, "constant", warmup=2)
+    assert [const.factor(i) for i in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    # a budget fixes another count: the cosine (after the held probe) ends there, and the state keeps it
+    held = Schedule(opt, 100, "cosine", hold=5)
+    assert held.total == 100 and held.factor(5) == 1.0
+    held.fix(25)
+    assert held.total == 25 and held.factor(25) == pytest.approx(0.0, abs=1e-12) and held.factor(3) == 1.0
+    again = Schedule(opt, 100, "cosine", hold=5)
+    again.load_state_dict(held.state_dict())
+    assert again.total == 25
 
 
 def _batch(tasks=4, ways=5):
@@ -39,8 +37,8 @@ def _batch(tasks=4, ways=5):
 def _step(*overrides):
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=4", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg)
-    step = MetaStep(cfg, model, OneProcess(), 4, say=lambda *a: None)
+    model = model_for(cfg)
+    step = from_config(cfg, model, OneProcess(), 4, say=lambda *a: None)
     step.use_strategy("batched")
     return step, model
 

@@ -186,7 +186,7 @@ def test_concurrent_runs_measure_once_and_agree(omniglot_dir, tmp_path):
     import sys
     from metadist.data.prepare import prepare
     base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 1})
-    prepare(config.load(None, base), log=lambda *a: None)
+    prepare(config.load(None, base).data, log=lambda *a: None)
     env = dict(os.environ, METADIST_CACHE_DIR=str(tmp_path / "cache"))
     procs = [subprocess.Popen([sys.executable, "-m", "metadist", "train", *base, f"run.name=c{i}"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -222,7 +222,7 @@ def test_device_resident_data_trains_the_same_weights(omniglot_dir, tmp_path):
 def test_pretrain_then_maml_from_its_backbone(omniglot_dir, tmp_path):
     """The two documented commands: a classifier over every train class (its head as wide as the
     train split has classes), whose backbone.safetensors (no head, no rates) starts a MAML run."""
-    from metadist.data.shards import read_manifest
+    from metadist.data.store import read_manifest
     base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 3, "algo.learn_inner_lr": "layer"})
     r = run_cli("train", *base, "algo.name=pretrain", "run.name=pre")
     assert r.returncode == 0, r.stderr[-3000:]

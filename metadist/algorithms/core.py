@@ -46,17 +46,18 @@ class Inner:
 class Forward:
     """forward(params, x, step=0): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n, ways);
     forward.features(params, x, step=0) -> (T, n, F). `step` is the inner step (per-step BatchNorm
-    weights). native: torch's fused batch-norm kernel, where no double backward goes through it."""
+    weights). native: torch's fused batch-norm kernel, where no double backward goes through it.
+    rng: the generator of the backbone's random layers (DropBlock), None in evaluation."""
 
-    def __init__(self, model: Backbone, strategy: str, native: bool):
+    def __init__(self, model: Backbone, strategy: str, native: bool, rng: torch.Generator | None = None):
         if strategy not in ("batched", "loop"):
             raise ValueError(f"unknown strategy {strategy!r}")
-        self.model, self.loop, self.native = model, strategy == "loop", native
+        self.model, self.loop, self.native, self.rng = model, strategy == "loop", native, rng
 
     def _run(self, fn, p: Params, x: torch.Tensor, step: int) -> torch.Tensor:
         if not self.loop or x.shape[0] == 1:     # the loop's meta-training chunks are single tasks: no slicing, no cat
-            return fn(p, x, step, self.native)
-        return torch.cat([fn({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], step, self.native)
+            return fn(p, x, step, self.native, self.rng)
+        return torch.cat([fn({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], step, self.native, self.rng)
                           for t in range(x.shape[0])])
 
     def __call__(self, p: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
@@ -66,12 +67,12 @@ class Forward:
         return self._run(self.model.tasks_features, p, x, step)
 
 
-def make_forward(model: Backbone, strategy: str, second_order: bool = True) -> Forward:
+def make_forward(model: Backbone, strategy: str, second_order: bool = True, rng=None) -> Forward:
     """The strategy's Forward. second_order=False lets the batched forward use the native
     batch-norm kernel (its double backward is never taken then); the loop, one task at a time like
     the reference, always does: torch's fused kernel is exact there (its double backward is only
     wrong under vmap) and the fastest per-task choice."""
-    return Forward(model, strategy, native=strategy == "loop" or not second_order)
+    return Forward(model, strategy, native=strategy == "loop" or not second_order, rng=rng)
 
 
 def init_head(forward: Forward, params: Params, x_support: torch.Tensor, inner: Inner) -> Params:
@@ -170,36 +171,43 @@ def chunks(batch: dict, size: int):
         yield {k: v[s:s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def meta_backward(task_losses, model: Backbone, params: Params, batch: dict, strategy: str,
-                  tasks_per_chunk: int, scale: float, second_order: bool = True, tree=None, extra: int = 0,
-                  on_chunk=None):
-    """scale * d(sum of the tasks' losses)/d(params), chunk by chunk.
+@dataclass(frozen=True)
+class Chunking:
+    """How a meta-backward cuts a rank's tasks: chunks of `size` tasks (0: all at once; the loop
+    strategy's fast mode: one task each), `scale` times each task's loss; `tree` (a
+    metadist.exact.TreeSum) takes each chunk's flat gradient with `extra` zeros appended instead of
+    accumulating; `rng(i)`: the generator of chunk i's random layers (DropBlock), or None."""
+    size: int = 0
+    scale: float = 1.0
+    tree: object = None
+    extra: int = 0
+    rng: object = None
 
-    `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (tree
-    None): accumulated into params' .grad; with the loop strategy every task is its own chunk (the
-    reference's memory profile). Exact (tree: a metadist.exact.TreeSum): each chunk of
-    `tasks_per_chunk` tasks gives its own flat gradient (`extra` zeros appended), pushed to the
-    tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it.
-    `on_chunk(i)` runs before the i-th chunk of this batch (the meta-step gives DropBlock its
-    generator there). Returns the sums of loss and accuracy over the tasks (detached tensors; no
-    host sync here).
+
+def meta_backward(task_losses, model: Backbone, params: Params, batch: dict, strategy: str, cut: Chunking,
+                  second_order: bool = True):
+    """cut.scale * d(sum of the tasks' losses)/d(params), chunk by chunk (see Chunking).
+
+    `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (no
+    tree): accumulated into params' .grad; with the loop strategy every task is its own chunk (the
+    reference's memory profile). Exact (a tree): each chunk gives its own flat gradient, pushed to
+    the tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it.
+    Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here).
     """
-    forward = make_forward(model, strategy, second_order)
-    size = 1 if strategy == "loop" and tree is None else tasks_per_chunk
+    size = 1 if strategy == "loop" and cut.tree is None else cut.size
     leaves = list(params.values())
     loss_sum = acc_sum = 0.0
     for i, chunk in enumerate(chunks(batch, size)):
-        if on_chunk is not None:
-            on_chunk(i)
+        forward = make_forward(model, strategy, second_order, cut.rng(i) if cut.rng else None)
         t = chunk["x_support"].shape[0]
         losses, accs = task_losses(forward, per_task(params, t), chunk)
-        total = losses.sum() * scale
-        if tree is None:
+        total = losses.sum() * cut.scale
+        if cut.tree is None:
             total.backward()
         else:
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
-            tree.push(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, leaves)]
-                                + [leaves[0].new_zeros(extra)]))
+            cut.tree.push(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                     for g, p in zip(grads, leaves)] + [leaves[0].new_zeros(cut.extra)]))
         loss_sum = loss_sum + losses.detach().sum()
         acc_sum = acc_sum + accs.detach().sum()
     return loss_sum, acc_sum

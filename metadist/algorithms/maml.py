@@ -1,11 +1,12 @@
 """MAML (second order), first-order MAML and ANIL: one `adapt` with different settings.
 
-task_losses(forward, params, batch, inner) -> (query loss per task, query accuracy per task).
-With `batch["msl_weights"]` (tasks, steps), MAML++'s multi-step loss: the query loss after every
-inner step, weighted; the accuracy is the last step's.
+task_losses -> (query loss per task, query accuracy per task). With `batch["msl_weights"]`
+(tasks, steps), MAML++'s multi-step loss: the query loss after every inner step, weighted; the
+accuracy is the last step's.
 """
 from __future__ import annotations
 
+from metadist.algorithms.base import Algorithm
 from metadist.algorithms.core import Inner, adapt, per_task_accuracy, per_task_loss
 
 
@@ -32,3 +33,20 @@ def msl_weights(step: int, steps: int, anneal: int):
     w = torch.full((steps,), max(1.0 / steps - progress / steps, floor), dtype=torch.float64)
     w[-1] = min(1.0 / steps + progress * (steps - 1) / steps, 1.0 - (steps - 1) * floor)
     return w
+
+
+class MAML(Algorithm):
+    """Second-order MAML (Finn et al. 2017): the query loss after adapting every weight."""
+
+    def task_losses(self, forward, params, batch):
+        return task_losses(forward, params, batch, self.train_inner)
+
+
+class FOMAML(MAML):
+    """First-order MAML: the inner gradients are constants."""
+    first_order = True
+
+
+class ANIL(MAML):
+    """ANIL (Raghu et al. 2020): only the head adapts in the inner loop."""
+    head_only = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from metadist.algorithms.base import Algorithm
 from metadist.algorithms.core import per_task_accuracy, per_task_loss
 
 
@@ -14,3 +15,10 @@ def task_losses(forward, params, batch, inner=None):
     y = torch.cat([batch["y_support"], batch["y_query"]], 1)
     logits = forward(params, x)
     return per_task_loss(logits, y), per_task_accuracy(logits, y)
+
+
+class Transfer(Algorithm):
+    inner_loop = False
+
+    def task_losses(self, forward, params, batch):
+        return task_losses(forward, params, batch)

@@ -1,1 +1,2 @@
-"""Data: raw Omniglot -> documented splits -> episode shards (WebDataset) -> streamed meta-batches."""
+"""Data: raw images (data/sources/) -> episode shards (data/format.py, written by data/prepare.py)
+-> bytes from a folder or URL, checked (data/store.py) -> meta-batches (data/stream.py)."""

@@ -1,7 +1,7 @@
-"""Shards for a config: `prepare(cfg)` (the `metadist prepare` command) turns raw images (Omniglot,
+"""Shards for a data section: `prepare(d)` (the `metadist prepare` command) turns raw images (Omniglot,
 or your own class folders: data.source) into train/val/test episode shards, re-hashing what is
 there and rebuilding what is damaged;
-`ensure(cfg)` (what train does) only reads manifests: a split whose manifest matches the
+`ensure(d)` (what train does) only reads manifests: a split whose manifest matches the
 requested spec is used as it is, a missing split is prepared from raw data, and a split that
 differs is never rewritten (another run may be reading it): train stops and says what differs.
 A node that has only the shards (a folder, or a URL prefix) trains without raw data.
@@ -21,21 +21,20 @@ import shutil
 import socket
 from pathlib import Path
 
-from metadist.config import Config
-from metadist.data.shards import FORMAT, ShardError, is_remote, locate, read_manifest, write_split
+from metadist.config import DataConfig
+from metadist.data.format import FORMAT, write_split
+from metadist.data.store import ShardError, is_remote, locate, read_manifest
 from metadist.data.sources import DataError, folder, omniglot
 
 SPLITS = ("train", "val", "test")
 
 
-def _counts(cfg: Config) -> dict[str, int]:
-    d = cfg.data
+def _counts(d: DataConfig) -> dict[str, int]:
     return {"train": d.train_episodes, "val": d.val_episodes, "test": d.test_episodes}
 
 
-def dataset_name(cfg: Config) -> str:
+def dataset_name(d: DataConfig) -> str:
     """data.name, else `omniglot`, else the folder name of data.raw."""
-    d = cfg.data
     if d.name:
         return d.name
     if d.source == "omniglot":
@@ -45,59 +44,58 @@ def dataset_name(cfg: Config) -> str:
     return Path(d.raw).expanduser().resolve().name
 
 
-def image_shape(cfg: Config) -> list[int]:
-    return [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
+def image_shape(d: DataConfig) -> list[int]:
+    return [d.channels, d.image_size, d.image_size]
 
 
-def preprocessing(cfg: Config) -> dict:
+def preprocessing(d: DataConfig) -> dict:
     """How raw images become the model's input (`predict` applies the same to a task's images)."""
-    d = cfg.data
     if d.source == "omniglot":
         return {"channels": 1, "size": d.image_size, "resize": "stretch", "invert": True}
-    return {"channels": d.channels, "size": d.image_size, "resize": d.resize, "invert": d.invert}
+    return {"channels": d.channels, "size": d.image_size, "resize": d.folder.resize, "invert": d.folder.invert}
 
 
-def requested(cfg: Config, split: str) -> dict:
-    """What a split's manifest must say to be usable for `cfg` (the keys that decide its episodes).
+def requested(d: DataConfig, split: str) -> dict:
+    """What a split's manifest must say to be usable for `d` (the keys that decide its episodes).
     The manifest's `seed` is the data seed (`data.seed`)."""
-    d = cfg.data
-    spec = {"format": FORMAT, "split": split, "dataset": dataset_name(cfg), "source": d.source, "ways": d.ways,
-            "shots": d.shots, "queries": d.queries, "episodes": _counts(cfg)[split],
-            "episodes_per_shard": d.episodes_per_shard, "seed": d.seed, "image_shape": image_shape(cfg),
-            "preprocessing": preprocessing(cfg)}
+    spec = {"format": FORMAT, "split": split, "dataset": dataset_name(d), "source": d.source, "ways": d.ways,
+            "shots": d.shots, "queries": d.queries, "episodes": _counts(d)[split],
+            "episodes_per_shard": d.episodes_per_shard, "seed": d.seed, "image_shape": image_shape(d),
+            "preprocessing": preprocessing(d)}
     if d.source == "omniglot":
         spec.update(protocol=d.protocol, val_fraction=d.val_fraction if d.protocol == "alphabets" else None)
     else:
-        spec.update(layout=d.split, class_depth=d.class_depth, small_classes=d.small_classes,
-                    fractions=[d.val_fraction, d.test_fraction] if d.split == "fractions" else None)
+        f = d.folder
+        spec.update(layout=f.split, class_depth=f.class_depth, small_classes=f.small_classes,
+                    fractions=[d.val_fraction, f.test_fraction] if f.split == "fractions" else None)
     return spec
 
 
-def digest(cfg: Config) -> str:
+def digest(d: DataConfig) -> str:
     """8 hex digits naming the whole shard set (every split's requested spec)."""
-    spec = json.dumps([requested(cfg, s) for s in SPLITS], sort_keys=True)
+    spec = json.dumps([requested(d, s) for s in SPLITS], sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
-def shards_dir(cfg: Config) -> str | Path:
+def shards_dir(d: DataConfig) -> str | Path:
     """The shards root: data.shards (a local folder, or a URL prefix), else a folder named by
     what it holds, so configs that differ in their data never share (or rewrite) one folder."""
-    d = cfg.data
     if d.shards and is_remote(d.shards):
         return d.shards
-    label = f"omniglot-{d.protocol}" if d.source == "omniglot" else dataset_name(cfg)
-    return Path(d.shards or f"data/shards/{label}-{d.ways}w{d.shots}s{d.queries}q-{digest(cfg)}")
+    label = f"omniglot-{d.protocol}" if d.source == "omniglot" else dataset_name(d)
+    return Path(d.shards or f"data/shards/{label}-{d.ways}w{d.shots}s{d.queries}q-{digest(d)}")
 
 
 _NAMES = {"seed": "data.seed", "protocol": "data.protocol", "ways": "data.ways", "shots": "data.shots",
           "queries": "data.queries", "episodes_per_shard": "data.episodes_per_shard", "val_fraction": "data.val_fraction",
           "dataset": "data.name", "source": "data.source", "image_shape": "data.channels/data.image_size",
-          "layout": "data.split", "class_depth": "data.class_depth", "small_classes": "data.small_classes",
-          "fractions": "data.val_fraction/data.test_fraction", "preprocessing": "data.resize/data.invert"}
+          "layout": "data.folder.split", "class_depth": "data.folder.class_depth",
+          "small_classes": "data.folder.small_classes", "fractions": "data.val_fraction/data.folder.test_fraction",
+          "preprocessing": "data.folder.resize/data.folder.invert"}
 
 
-def _differences(cfg: Config, split: str, m: dict) -> list[str]:
-    want = requested(cfg, split)
+def _differences(d: DataConfig, split: str, m: dict) -> list[str]:
+    want = requested(d, split)
     out = []
     for k, v in want.items():
         if m.get(k) != v:
@@ -106,14 +104,14 @@ def _differences(cfg: Config, split: str, m: dict) -> list[str]:
     return out
 
 
-def mismatch(cfg: Config, split: str, root=None) -> str | None:
-    """None when `root/split` holds a usable split for cfg; else why not."""
-    root = shards_dir(cfg) if root is None else root
+def mismatch(d: DataConfig, split: str, root=None) -> str | None:
+    """None when `root/split` holds a usable split for `d`; else why not."""
+    root = shards_dir(d) if root is None else root
     try:
         m = read_manifest(root, split)
     except ShardError as e:
         return str(e)
-    diff = _differences(cfg, split, m)
+    diff = _differences(d, split, m)
     return f"{locate(root, split)}: its manifest differs: {', '.join(diff)}" if diff else None
 
 
@@ -121,16 +119,16 @@ class SplitDiffers(ShardError):
     """A shards folder holds another split than the one asked for; it is left as it is."""
 
 
-def _how_to_separate(cfg: Config) -> str:
+def _how_to_separate(d: DataConfig) -> str:
     return ("point data.shards at another folder (`metadist prepare` writes it; leaving data.shards unset "
             "picks a folder named after the data settings) or set the data.* keys to the folder's values")
 
 
-def ensure(cfg: Config, log=print) -> str | Path:
-    """The shards root for cfg. Splits whose manifest matches are used as they are; missing splits
+def ensure(d: DataConfig, log=print) -> str | Path:
+    """The shards root for `d`. Splits whose manifest matches are used as they are; missing splits
     are prepared from raw data (main process, under the folder's lock); a split that differs stops
     the run: it is never rewritten here."""
-    root = shards_dir(cfg)
+    root = shards_dir(d)
     missing, differ = {}, {}
     for s in SPLITS:
         try:
@@ -138,12 +136,12 @@ def ensure(cfg: Config, log=print) -> str | Path:
         except ShardError as e:
             missing[s] = str(e)
             continue
-        if diff := _differences(cfg, s, m):
+        if diff := _differences(d, s, m):
             differ[s] = diff
     if differ:
         split, diff = next(iter(differ.items()))
         raise SplitDiffers(f"{locate(root, split)} holds another {split} split ({', '.join(diff)}); "
-                           f"train never rewrites shards another run may read: {_how_to_separate(cfg)}")
+                           f"train never rewrites shards another run may read: {_how_to_separate(d)}")
     if not missing:
         return root
     split, why = next(iter(missing.items()))
@@ -152,14 +150,14 @@ def ensure(cfg: Config, log=print) -> str | Path:
     if is_remote(root):
         raise ShardError(f"no usable {split} split at {locate(root, split)} ({why}); {how} (published at {root})")
     try:
-        if cfg.data.source == "omniglot":
-            omniglot.locate(cfg.data.raw, log=log)
-        elif not cfg.data.raw or not Path(cfg.data.raw).expanduser().is_dir():
-            raise DataError(f"data.raw={cfg.data.raw!r} is not the dataset's root folder")
+        if d.source == "omniglot":
+            omniglot.locate(d.raw, log=log)
+        elif not d.raw or not Path(d.raw).expanduser().is_dir():
+            raise DataError(f"data.raw={d.raw!r} is not the dataset's root folder")
     except DataError as e:
         raise DataError(f"no usable {split} split in {root} ({why}); {how}. {e}") from None
     log(f"{root}: preparing {', '.join(missing)} ({why})")
-    return prepare(cfg, log=log, splits=tuple(missing))
+    return prepare(d, log=log, splits=tuple(missing))
 
 
 @contextlib.contextmanager
@@ -194,11 +192,11 @@ def _locked(root: Path, log):
         yield
 
 
-def prepare(cfg: Config, log=print, splits=SPLITS, overwrite: bool = False) -> Path:
-    """Write the splits of cfg under its shards folder. A split already there with the same spec is
+def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) -> Path:
+    """Write the splits of `d` under its shards folder. A split already there with the same spec is
     checked (every shard's sha256) and kept, or rebuilt if damaged; one with another spec is
     replaced only with `overwrite` (else SplitDiffers)."""
-    out = shards_dir(cfg)
+    out = shards_dir(d)
     if is_remote(out):
         raise ShardError(f"data.shards={out}: prepare writes a local folder; prepare there and publish it at that URL")
     with folder_lock(out, log):
@@ -207,25 +205,23 @@ def prepare(cfg: Config, log=print, splits=SPLITS, overwrite: bool = False) -> P
                 m = read_manifest(out, s)
             except ShardError:
                 continue
-            if (diff := _differences(cfg, s, m)) and not overwrite:
+            if (diff := _differences(d, s, m)) and not overwrite:
                 raise SplitDiffers(f"{out / s} holds another {s} split ({', '.join(diff)}); runs may be reading it, "
-                                   f"so prepare leaves it: {_how_to_separate(cfg)}, or pass --overwrite if none does")
-        classes = load_classes(cfg, log)
+                                   f"so prepare leaves it: {_how_to_separate(d)}, or pass --overwrite if none does")
+        classes = load_classes(d, log)
         for name in splits:
-            spec = dict(requested(cfg, name), content_sha256=classes.digest(name))
+            spec = dict(requested(d, name), content_sha256=classes.digest(name))
             write_split(out, name, classes, spec, log=log, info={"source_info": classes.source})
     return out
 
 
-def load_classes(cfg: Config, log=print):
+def load_classes(d: DataConfig, log=print):
     """The configured source's classes and split (metadist.data.sources.ClassSet), checked."""
-    d = cfg.data
     if d.source == "omniglot":
         classes = omniglot.class_set(d.raw, d.protocol, d.seed, d.val_fraction, d.image_size, log=log)
     else:
-        log(f"reading {d.raw} (data.split={d.split}, class depth {d.class_depth})")
-        classes = folder.load(d.raw, d.split, d.split_dir, d.class_depth, d.seed, d.val_fraction, d.test_fraction,
-                              d.channels, d.image_size, d.resize, d.invert, d.shots + d.queries, d.small_classes, log=log)
+        log(f"reading {d.raw} (data.folder.split={d.folder.split}, class depth {d.folder.class_depth})")
+        classes = folder.load(d, d.shots + d.queries, log=log)
         log(", ".join(f"{s}: {len(classes.splits[s])} classes, {sum(len(classes.images[c]) for c in classes.splits[s])} images"
                       for s in SPLITS))
     classes.check()

@@ -5,6 +5,7 @@ fixed random pattern of strokes, its 20 drawings jittered, so it is learnable; a
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +67,28 @@ def _pattern_image(rng: np.random.Generator, base: list, size: int, channels: in
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode)
 
 
-def write_folder_dataset(root: Path, layout: str = "fractions", classes: int = 15, images: int = 6, size: int = 84,
-                         channels: int = 3, fmt: str = "png", seed: int = 0, split_counts=(9, 3, 3)) -> Path:
-    """A small learnable dataset in one of the layouts data.source=folder reads (LAYOUTS):
+@dataclass(frozen=True)
+class FolderSpec:
+    """A synthetic folder dataset: `classes` classes of `images` images each, near `size` px,
+    grey (1) or RGB (3) `channels`, saved as `fmt`; `split_counts` classes for train, val, test."""
+    classes: int = 15
+    images: int = 6
+    size: int = 84
+    channels: int = 3
+    fmt: str = "png"
+    seed: int = 0
+    split_counts: tuple = (9, 3, 3)
+
+
+def write_folder_dataset(root: Path, layout: str = "fractions", spec: FolderSpec = FolderSpec()) -> Path:
+    """A small learnable dataset (FolderSpec) in one of the layouts data.source=folder reads (LAYOUTS):
     fractions: <root>/<class>/<image>; lists: the same and <root>/splits/{train,val,test}.txt;
     csv: <root>/images/<file> and <root>/{train,val,test}.csv (filename,label, mini-ImageNet's);
     folders: <root>/{train,val,test}/<class>/<image>. Class names look like WordNet ids
     (n0000k); `split_counts` classes go to train, val, test (fractions: all in one folder)."""
-    rng = np.random.default_rng(seed)
+    classes, images, size, channels, fmt = spec.classes, spec.images, spec.size, spec.channels, spec.fmt
+    split_counts = spec.split_counts
+    rng = np.random.default_rng(spec.seed)
     root = Path(root)
     names = [f"n{k:08d}" for k in range(classes)]
     split_of = {}

@@ -4,8 +4,8 @@ at once with per-task weights (`tasks_features`), which parameters are its Batch
 inner rate when they are per step) and which form the head (what ANIL adapts). Adding a backbone
 is one file and one line in this table.
 
-`build_model(cfg, image_shape)` is the model a config describes; `load_init(model, path)` starts it
-from a weights file (model.init: a pre-trained start).
+`build_model(model_cfg, algo_cfg, image_shape, ways)` is the model a config describes;
+`checkpoint.load_init(model, path)` starts it from a weights file (model.init: a pre-trained start).
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 from metadist.config import ConfigError
 from metadist.models import conv4, resnet12
-from metadist.models.common import Backbone, is_lr, lr_key
+from metadist.models.common import Backbone, InnerRates, is_lr, lr_key
 
 if TYPE_CHECKING:
-    from metadist.config import Config
+    import torch
+
+    from metadist.config import AlgoConfig, ModelConfig
 
 BACKBONES = {
     "conv4": conv4.build,
@@ -24,23 +26,26 @@ BACKBONES = {
 }
 
 
-def check(cfg: Config) -> None:
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: allowed values are {', '.join(BACKBONES)}")
+def check(m: ModelConfig) -> None:
+    if m.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={m.backbone!r}: allowed values are {', '.join(BACKBONES)}")
 
 
-def build_model(cfg: Config, image_shape: tuple[int, int, int] | None = None, ways: int | None = None) -> Backbone:
-    """The model of `cfg` for images of `image_shape` (C, H, W): the shards' manifest says it;
-    by default the config's data.channels and data.image_size (what the manifest must match).
-    `ways`: the head's rows (default: data.ways, or 1 for algo.head_init=shared's one shared row)."""
-    check(cfg)
-    c, h, w = image_shape or (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+def build_model(m: ModelConfig, a: AlgoConfig, image_shape: tuple[int, int, int], ways: int) -> Backbone:
+    """The model of section `m` for images of `image_shape` (C, H, W: the shards' manifest says
+    it) with a head of `ways` rows; algo section `a` says which inner learning rates it learns and
+    whether its BatchNorm weights are per inner step."""
+    check(m)
+    c, h, w = image_shape
     if h != w:
         raise ValueError(f"square images expected, got {h}x{w}")
-    a = cfg.algo
-    rows = ways or (1 if a.head_init == "shared" else cfg.data.ways)
-    return BACKBONES[cfg.model.backbone](rows, (c, h, w), cfg.model, learn_lr=a.learn_inner_lr,
-                                         lr_init=a.inner_lr, steps=a.inner_steps, per_step_bn=a.per_step_bn)
+    return BACKBONES[m.backbone](ways, (c, h, w), m, InnerRates(a.learn_inner_lr, a.inner_lr, a.inner_steps,
+                                                                a.per_step_bn))
 
 
-__all__ = ["BACKBONES", "Backbone", "build_model", "check", "is_lr", "lr_key"]
+def backbone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The body's weights: no head, no learned inner rates (what a pre-training run hands on)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.") and not is_lr(k)}
+
+
+__all__ = ["BACKBONES", "Backbone", "InnerRates", "backbone_weights", "build_model", "check", "is_lr", "lr_key"]

@@ -10,6 +10,7 @@ exact (torch 2.14's vmap over F.batch_norm gets it wrong).
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,21 +79,37 @@ def task_norm(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, step: int = 0, 
     return batch_norm(h, g.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))
 
 
+@dataclass(frozen=True)
+class InnerRates:
+    """The inner learning rates a backbone carries as meta-parameters: `learn` none | layer |
+    layer_step | element (see Backbone), started at `init`; `steps` inner steps (the per-step
+    rates' and BatchNorm weights' rows); `per_step_bn`: MAML++'s per-step BatchNorm weights."""
+    learn: str = "none"
+    init: float = 0.4
+    steps: int = 1
+    per_step_bn: bool = False
+
+    @property
+    def bn_steps(self) -> int:
+        """Rows of each BatchNorm weight: the inner steps with per-step BatchNorm, else 0 (one row)."""
+        return max(1, self.steps) if self.per_step_bn else 0
+
+
 class Backbone(nn.Module, metaclass=ABCMeta):
     """A backbone is a body (`features`, plain; `tasks_features`, many tasks at once, each with
     its own weights) and a linear head of `ways` outputs, built by `finish()` after the body.
 
-    learn_lr: "none" (one fixed inner lr), "layer" (a learned inner lr per parameter tensor, shared
+    rates.learn: "none" (one fixed inner lr), "layer" (a learned inner lr per parameter tensor, shared
     by the inner steps), "layer_step" (one per tensor and inner step, MAML++'s LSLR: shape
     (steps, 1, ...)) or "element" (one per weight, Meta-SGD). The learned rates are
-    meta-parameters like the weights (`inner_lr.*`), started at `lr_init`; the inner loop uses
+    meta-parameters like the weights (`inner_lr.*`), started at `rates.init`; the inner loop uses
     them in training and at test time (steps past `steps` use the last step's rate). Per-step
     BatchNorm weights are meta-learned only: they get no rate (`norm_names` says which they are)."""
 
     feature_dim: int
 
-    def finish(self, ways: int, learn_lr: str = "none", lr_init: float = 0.4, steps: int = 1,
-               per_step_bn: bool = False) -> None:
+    def finish(self, ways: int, rates: InnerRates = InnerRates()) -> None:
+        learn_lr, lr_init, steps, per_step_bn = rates.learn, rates.init, rates.steps, rates.per_step_bn
         self.ways, self.learn_lr = ways, learn_lr
         self.head = nn.Linear(self.feature_dim, ways)
         if learn_lr != "none":
@@ -122,12 +139,13 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def tasks_features(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
-                       native_norm: bool = False) -> torch.Tensor:
-        """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n, feature_dim)."""
+                       native_norm: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
+        """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n, feature_dim).
+        rng: the generator of random layers (DropBlock) in meta-training; None: none drop."""
 
     def tasks_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
-                      native_norm: bool = False) -> torch.Tensor:
+                      native_norm: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
         """Run T tasks at once, task t with its own weights params[k][t]; `step` is the inner step
         (per-step BatchNorm weights). x: (T, n, C, H, W) -> logits (T, n, ways)."""
-        h = self.tasks_features(params, x, step, native_norm)
+        h = self.tasks_features(params, x, step, native_norm, rng)
         return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))

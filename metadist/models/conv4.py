@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metadist.config import ConfigError
-from metadist.models.common import Backbone, BatchStatNorm, fold, task_conv, task_norm
+from metadist.models.common import Backbone, BatchStatNorm, InnerRates, fold, task_conv, task_norm
 
 
 class Block(nn.Module):
@@ -33,13 +33,13 @@ def feature_side(depth: int, side: int = 28) -> int:
 
 class ConvNet(Backbone):
     def __init__(self, ways: int, hidden: int = 64, depth: int = 4, in_channels: int = 1, side: int = 28,
-                 learn_lr: str = "none", lr_init: float = 0.4, steps: int = 1, per_step_bn: bool = False):
+                 rates: InnerRates = InnerRates()):
         super().__init__()
         self.hidden, self.depth = hidden, depth
-        bn_steps = max(1, steps) if per_step_bn else 0
-        self.blocks = nn.Sequential(*[Block(in_channels if i == 0 else hidden, hidden, bn_steps) for i in range(depth)])
+        self.blocks = nn.Sequential(*[Block(in_channels if i == 0 else hidden, hidden, rates.bn_steps)
+                                      for i in range(depth)])
         self.feature_dim = hidden * feature_side(depth, side) ** 2
-        self.finish(ways, learn_lr, lr_init, steps, per_step_bn)
+        self.finish(ways, rates)
 
     def is_norm(self, name: str) -> bool:
         return ".norm." in name
@@ -47,7 +47,7 @@ class ConvNet(Backbone):
     def features(self, x):
         return self.blocks(x).flatten(1)
 
-    def tasks_features(self, params, x, step=0, native_norm=False):
+    def tasks_features(self, params, x, step=0, native_norm=False, rng=None):
         """Tasks folded into channels: (n, T*C, H, W) with grouped convolutions, so each task keeps
         its own BatchNorm statistics."""
         T, n = x.shape[:2]
@@ -59,10 +59,10 @@ class ConvNet(Backbone):
         return h.reshape(n, T, -1).transpose(0, 1)                          # (T, n, features)
 
 
-def build(ways: int, image_shape: tuple[int, int, int], model, **inner) -> ConvNet:
+def build(ways: int, image_shape: tuple[int, int, int], model, rates: InnerRates) -> ConvNet:
     c, side, _ = image_shape
     if side >> model.depth < 1:
         raise ConfigError(f"model.depth={model.depth}: each block halves the image, {side} px allows at most "
                           f"{side.bit_length() - 1} blocks")
-    return ConvNet(ways, model.hidden, model.depth, in_channels=c, side=side, **inner)
+    return ConvNet(ways, model.hidden, model.depth, in_channels=c, side=side, rates=rates)
 

@@ -4,7 +4,7 @@ ReLU 0.1, a 1x1 convolution + BatchNorm on the shortcut, then leaky ReLU and a 2
 widths `model.widths` (64-160-320-640); global average pooling gives the features of the linear
 head (640). DropBlock (Ghiasi et al. 2018) after blocks 3 and 4 when `model.dropblock` > 0 (the
 drop rate; block size 5 at 84 px), in meta-training only, its masks drawn from the generator the
-meta-step gives each chunk of tasks (`self.rng`), so runs stay reproducible.
+meta-step gives each chunk of tasks (the forward's `rng`), so runs stay reproducible.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metadist.config import ConfigError
-from metadist.models.common import Backbone, BatchStatNorm, fold, task_conv, task_norm
+from metadist.models.common import Backbone, BatchStatNorm, InnerRates, fold, task_conv, task_norm
 
 SLOPE = 0.1
 
@@ -39,17 +39,14 @@ class ResBlock(nn.Module):
 
 class ResNet12(Backbone):
     def __init__(self, ways: int, widths=(64, 160, 320, 640), in_channels: int = 3, side: int = 84,
-                 learn_lr: str = "none", lr_init: float = 0.4, steps: int = 1, per_step_bn: bool = False,
-                 dropblock: float = 0.0):
+                 rates: InnerRates = InnerRates(), dropblock: float = 0.0):
         super().__init__()
-        bn_steps = max(1, steps) if per_step_bn else 0
         self.widths, self.dropblock = tuple(widths), dropblock
-        self.blocks = nn.Sequential(*[ResBlock(in_channels if i == 0 else widths[i - 1], w, bn_steps)
+        self.blocks = nn.Sequential(*[ResBlock(in_channels if i == 0 else widths[i - 1], w, rates.bn_steps)
                                       for i, w in enumerate(widths)])
         self.feature_dim = widths[-1]
         self.block_size = max(1, min(5, side // 16))     # 5 at 84 px (the feature maps there are 10 and 5 wide)
-        self.rng: torch.Generator | None = None           # set by the meta-step for each chunk: DropBlock on
-        self.finish(ways, learn_lr, lr_init, steps, per_step_bn)
+        self.finish(ways, rates)
 
     def is_norm(self, name: str) -> bool:
         return ".bn" in name
@@ -57,14 +54,14 @@ class ResNet12(Backbone):
     def features(self, x):
         return self.blocks(x).mean((2, 3))
 
-    def _drop(self, h: torch.Tensor, i: int, T: int) -> torch.Tensor:
+    def _drop(self, h: torch.Tensor, i: int, T: int, rng: torch.Generator | None) -> torch.Tensor:
         """DropBlock on (n, T*C, H, W), each task's mask rescaled by its own kept fraction."""
-        if not self.dropblock or self.rng is None or i < 2:
+        if not self.dropblock or rng is None or i < 2:
             return h
         n, tc, H, W = h.shape
         bs = min(self.block_size, H, W)
         gamma = self.dropblock / bs ** 2 * (H * W) / ((H - bs + 1) * (W - bs + 1))
-        seeds = (torch.rand((n, tc, H - bs + 1, W - bs + 1), generator=self.rng, device="cpu") < gamma).to(h)
+        seeds = (torch.rand((n, tc, H - bs + 1, W - bs + 1), generator=rng, device="cpu") < gamma).to(h)
         pad = bs - 1
         blocks = F.max_pool2d(F.pad(seeds, (pad, pad, pad, pad)), bs, stride=1)[..., :H, :W]
         keep = 1.0 - blocks
@@ -72,7 +69,7 @@ class ResNet12(Backbone):
         scale = (keep.numel() / T) / kept
         return h * keep * scale.repeat_interleave(tc // T).view(1, tc, 1, 1)
 
-    def tasks_features(self, params, x, step=0, native_norm=False):
+    def tasks_features(self, params, x, step=0, native_norm=False, rng=None):
         T, n = x.shape[:2]
         h = fold(x)
         for i in range(len(self.widths)):
@@ -85,11 +82,11 @@ class ResNet12(Backbone):
             out = F.leaky_relu(conv_norm(out, "conv2", "bn2"), SLOPE)
             out = conv_norm(out, "conv3", "bn3")
             h = F.max_pool2d(F.leaky_relu(out + conv_norm(h, "shortcut", "bn_sc", padding=0), SLOPE), 2)
-            h = self._drop(h, i, T)
+            h = self._drop(h, i, T, rng)
         return h.mean((2, 3)).reshape(n, T, -1).transpose(0, 1)             # (T, n, widths[-1])
 
 
-def build(ways: int, image_shape: tuple[int, int, int], model, **inner) -> ResNet12:
+def build(ways: int, image_shape: tuple[int, int, int], model, rates: InnerRates) -> ResNet12:
     c, side, _ = image_shape
     try:
         widths = tuple(int(w) for w in model.widths.split(","))
@@ -99,4 +96,4 @@ def build(ways: int, image_shape: tuple[int, int, int], model, **inner) -> ResNe
         raise ConfigError(f"model.widths={model.widths!r}: four positive widths, e.g. 64,160,320,640")
     if side < 16:
         raise ConfigError(f"data.image_size={side}: ResNet-12 halves the image four times; use at least 16 px")
-    return ResNet12(ways, widths, in_channels=c, side=side, dropblock=model.dropblock, **inner)
+    return ResNet12(ways, widths, in_channels=c, side=side, rates=rates, dropblock=model.dropblock)

@@ -1,15 +1,15 @@
 """Your own few-shot dataset: a root of class folders (or the standard split files) -> uint8 images
 per class and the train/val/test class lists.
 
-Layouts (`data.split`):
-  fractions  <root>/<class>/<image>; classes split by `data.test_fraction` and `data.val_fraction`
+Layouts (`data.folder.split`, a table of readers: LAYOUTS):
+  fractions  <root>/<class>/<image>; classes split by `data.folder.test_fraction` and `data.val_fraction`
              with numpy's default_rng(data.seed) (test first, then val, the rest train)
   lists      <root>/<class>/<image> and <split_dir>/{train,val,test}.txt, one class per line (as
              CIFAR-FS and CUB splits are distributed; blank lines and # comments skipped)
   csv        <root>/<filename> and <split_dir>/{train,val,test}.csv with the columns filename,label
              (Ravi & Larochelle's mini-ImageNet split: every image in one folder)
   folders    <root>/{train,val,test}/<class>/<image> (FC100 style)
-A class is a folder `data.class_depth` levels below its root (Omniglot's <alphabet>/<character> is
+A class is a folder `data.folder.class_depth` levels below its root (Omniglot's <alphabet>/<character> is
 depth 2 under each of its sets, depth 3 under the folder holding both); its images are the files
 in it that PIL reads (by extension; other files are ignored), sorted by name. Classes are ordered
 by their path components. Every image goes through metadist.data.sources.preprocess: per class
@@ -56,7 +56,7 @@ def scan_classes(root: Path, depth: int) -> dict[str, list[str]]:
             dirnames[:] = []            # a class's subfolders are not classes
     if not found:
         raise DataError(f"data.raw={root}: no class folders with images {depth} level(s) down "
-                        f"(data.class_depth={depth}; images are {', '.join(sorted(IMAGE_EXTENSIONS))})")
+                        f"(data.folder.class_depth={depth}; images are {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
 
 
@@ -69,13 +69,13 @@ def _read_lists(split_dir: Path, depth: int) -> dict[str, list[str]]:
     for split in SPLITS:
         path = split_dir / f"{split}.txt"
         if not path.is_file():
-            raise DataError(f"data.split=lists: {path} is missing (one class per line, for each of train, val, test)")
+            raise DataError(f"data.folder.split=lists: {path} is missing (one class per line, for each of train, val, test)")
         names = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             line = line.strip().strip("/")
             if line and not line.startswith("#"):
                 if len(line.split("/")) != depth:
-                    raise DataError(f"{path}:{n}: class {line!r} is not {depth} folder(s) deep (data.class_depth={depth})")
+                    raise DataError(f"{path}:{n}: class {line!r} is not {depth} folder(s) deep (data.folder.class_depth={depth})")
                 names.append(line)
         out[split] = names
     return out
@@ -86,7 +86,7 @@ def _read_csvs(root: Path, split_dir: Path) -> dict[str, dict[str, list[str]]]:
     for split in SPLITS:
         path = split_dir / f"{split}.csv"
         if not path.is_file():
-            raise DataError(f"data.split=csv: {path} is missing (columns filename,label, for each of train, val, test)")
+            raise DataError(f"data.folder.split=csv: {path} is missing (columns filename,label, for each of train, val, test)")
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             cols = [c.strip() for c in reader.fieldnames or []]
@@ -116,87 +116,115 @@ def _check_disjoint(splits: dict[str, list[str]], where: str) -> None:
             seen[c] = split
 
 
-def load(raw: str, split: str, split_dir: str, depth: int, seed: int, val_fraction: float, test_fraction: float,
-         channels: int, size: int, resize: str, invert: bool, need: int, small: str = "error", log=print,
-         workers: int = 0) -> ClassSet:
-    """The dataset at `raw` in layout `split`, preprocessed: every class with at least `need`
-    images (shots + queries); fewer is an error naming the class, or (small="skip") the class is
-    left out and counted."""
-    root = Path(raw).expanduser()
-    if not raw or not root.is_dir():
-        raise DataError(f"data.raw={raw!r}: the dataset's root folder does not exist (data.source=folder)")
-    sdir = Path(split_dir).expanduser() if split_dir else root
+def _layout_fractions(root: Path, sdir: Path, f, seed: int, val_fraction: float, log):
+    paths = scan_classes(root, f.class_depth)
+    names = sorted(paths, key=class_order)
+    perm = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    n_test, n_val = round(f.test_fraction * len(names)), round(val_fraction * len(names))
+    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    return paths, {s: sorted(v, key=class_order) for s, v in parts.items()}
+
+
+def _layout_lists(root: Path, sdir: Path, f, seed: int, val_fraction: float, log):
+    paths = scan_classes(root, f.class_depth)
+    parts = _read_lists(sdir, f.class_depth)
+    _check_disjoint(parts, f"the class lists in {sdir}")
+    for s in SPLITS:
+        for c in parts[s]:
+            if c not in paths:
+                raise DataError(f"{sdir / (s + '.txt')}: class {c!r} does not exist under {root} "
+                                f"(no folder with images there)")
+        parts[s] = sorted(parts[s], key=class_order)
+    unused = len(paths) - sum(len(v) for v in parts.values())
+    if unused:
+        log(f"{root}: {unused} class folder(s) in no split list, left out")
+    return paths, parts
+
+
+def _layout_csv(root: Path, sdir: Path, f, seed: int, val_fraction: float, log):
+    by_split = _read_csvs(root, sdir)
+    parts = {s: sorted(by_split[s], key=class_order) for s in SPLITS}
+    _check_disjoint(parts, f"the CSVs in {sdir}")
     paths: dict[str, list[str]] = {}
-    parts: dict[str, list[str]]
-    if split == "csv":
-        by_split = _read_csvs(root, sdir)
-        parts = {s: sorted(by_split[s], key=class_order) for s in SPLITS}
-        _check_disjoint(parts, f"the CSVs in {sdir}")
-        for s in SPLITS:
-            paths.update(by_split[s])
-    elif split == "folders":
-        parts = {}
-        for s in SPLITS:
-            if not (root / s).is_dir():
-                raise DataError(f"data.split=folders: {root / s} is missing (expected train/, val/ and test/ under {root})")
-            found = scan_classes(root / s, depth)
-            parts[s] = sorted(found, key=class_order)
-            for c in found:
-                if c in paths:
-                    raise DataError(f"{root}: class {c!r} is in more than one of train/, val/, test/; a class belongs to one split")
-            paths.update(found)
-    else:
-        paths = scan_classes(root, depth)
-        if split == "lists":
-            parts = _read_lists(sdir, depth)
-            _check_disjoint(parts, f"the class lists in {sdir}")
-            for s in SPLITS:
-                for n, c in enumerate(parts[s]):
-                    if c not in paths:
-                        raise DataError(f"{sdir / (s + '.txt')}: class {c!r} does not exist under {root} "
-                                        f"(no folder with images there)")
-                parts[s] = sorted(parts[s], key=class_order)
-            unused = len(paths) - sum(len(v) for v in parts.values())
-            if unused:
-                log(f"{root}: {unused} class folder(s) in no split list, left out")
-        elif split == "fractions":
-            names = sorted(paths, key=class_order)
-            perm = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-            n_test, n_val = round(test_fraction * len(names)), round(val_fraction * len(names))
-            parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
-            parts = {s: sorted(v, key=class_order) for s, v in parts.items()}
-        else:
-            raise DataError(f"data.split={split!r}: allowed values are fractions, lists, csv, folders")
+    for s in SPLITS:
+        paths.update(by_split[s])
+    return paths, parts
+
+
+def _layout_folders(root: Path, sdir: Path, f, seed: int, val_fraction: float, log):
+    paths: dict[str, list[str]] = {}
+    parts = {}
+    for s in SPLITS:
+        if not (root / s).is_dir():
+            raise DataError(f"data.folder.split=folders: {root / s} is missing (expected train/, val/ and test/ "
+                            f"under {root})")
+        found = scan_classes(root / s, f.class_depth)
+        parts[s] = sorted(found, key=class_order)
+        for c in found:
+            if c in paths:
+                raise DataError(f"{root}: class {c!r} is in more than one of train/, val/, test/; "
+                                "a class belongs to one split")
+        paths.update(found)
+    return paths, parts
+
+
+# data.folder.split -> reader(root, split_dir, folder settings, data seed, val fraction, log) ->
+# (class -> its image files, split -> its classes)
+LAYOUTS = {"fractions": _layout_fractions, "lists": _layout_lists, "csv": _layout_csv, "folders": _layout_folders}
+
+
+def _keep_large_enough(paths: dict, parts: dict, need: int, small: str, root: Path, layout: str, log) -> dict:
+    """Each split's classes with at least `need` images (small="skip": the others left out, counted)."""
     for s in SPLITS:
         kept = []
         for c in parts[s]:
             if len(paths[c]) < need:
                 if small == "skip":
                     continue
-                raise DataError(f"class {c!r} ({s}) has {len(paths[c])} images, an episode needs shots + queries = {need}; "
-                                f"remove it, lower data.queries, or set data.small_classes=skip")
+                raise DataError(f"class {c!r} ({s}) has {len(paths[c])} images, an episode needs shots + queries = "
+                                f"{need}; remove it, lower data.queries, or set data.folder.small_classes=skip")
             kept.append(c)
         if len(kept) < len(parts[s]):
-            log(f"{s}: {len(parts[s]) - len(kept)} class(es) with fewer than {need} images left out (data.small_classes=skip)")
+            log(f"{s}: {len(parts[s]) - len(kept)} class(es) with fewer than {need} images left out "
+                "(data.folder.small_classes=skip)")
         parts[s] = kept
         if not kept:
-            raise DataError(f"data.raw={root}: the {s} split has no classes (data.split={split})")
+            raise DataError(f"data.raw={root}: the {s} split has no classes (data.folder.split={layout})")
+    return parts
+
+
+def load(d, need: int, log=print, workers: int = 0) -> ClassSet:
+    """The dataset of data section `d` (data.raw in layout data.folder.split), preprocessed: every
+    class with at least `need` images (shots + queries); fewer is an error naming the class, or
+    (data.folder.small_classes=skip) the class is left out and counted."""
+    f = d.folder
+    root = Path(d.raw).expanduser()
+    if not d.raw or not root.is_dir():
+        raise DataError(f"data.raw={d.raw!r}: the dataset's root folder does not exist (data.source=folder)")
+    if f.split not in LAYOUTS:
+        raise DataError(f"data.folder.split={f.split!r}: allowed values are {', '.join(LAYOUTS)}")
+    sdir = Path(f.split_dir).expanduser() if f.split_dir else root
+    paths, parts = LAYOUTS[f.split](root, sdir, f, d.seed, d.val_fraction, log)
+    parts = _keep_large_enough(paths, parts, need, f.small_classes, root, f.split, log)
     names = [c for s in SPLITS for c in parts[s]]
-    jobs = [(paths[c], channels, size, resize, invert) for c in names]
-    # worker processes pay off from a few thousand images (each starts by importing torch)
-    workers = workers or (min(8, os.cpu_count() or 1) if sum(len(j[0]) for j in jobs) >= 2000 else 1)
-    if workers > 1 and len(jobs) > 1:
-        # spawn, not fork: a process forked after torch started its OpenMP threads can hang in them
-        import multiprocessing
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
-            images = list(pool.map(_load_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    else:
-        images = [_load_job(j) for j in jobs]
+    images = _decode_all([(paths[c], d.channels, d.image_size, f.resize, f.invert) for c in names], workers)
     index = {c: i for i, c in enumerate(names)}
     return ClassSet(names=names, images=images, splits={s: [index[c] for c in parts[s]] for s in SPLITS},
                     rotations={s: (0,) for s in SPLITS},
-                    source={"source": "folder", "root": str(root), "split": split, "classes": len(names),
+                    source={"source": "folder", "root": str(root), "split": f.split, "classes": len(names),
                             "images": sum(len(x) for x in images)})
+
+
+def _decode_all(jobs: list, workers: int = 0) -> list[np.ndarray]:
+    """Every class's images decoded and preprocessed, in worker processes (up to 8, spawned) from a
+    few thousand images on (each worker starts by importing torch)."""
+    workers = workers or (min(8, os.cpu_count() or 1) if sum(len(j[0]) for j in jobs) >= 2000 else 1)
+    if workers <= 1 or len(jobs) <= 1:
+        return [_load_job(j) for j in jobs]
+    # spawn, not fork: a process forked after torch started its OpenMP threads can hang in them
+    import multiprocessing
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        return list(pool.map(_load_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
 
 def _load_job(job) -> np.ndarray:

@@ -1,0 +1,59 @@
+"""The codebase's own rules, checked on its source: short functions with few parameters, and
+imports that point one way (models/ and algorithms/ import no accelerate, torch.distributed,
+wandb or webdataset; config.py imports nothing of metadist but its errors)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "metadist"
+MAX_LINES, MAX_PARAMS = 50, 7
+
+
+def functions():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(PACKAGE.parent), node
+
+
+def params(fn: ast.FunctionDef) -> int:
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return len([n for n in names if n not in ("self", "cls")]) + bool(a.vararg) + bool(a.kwarg)
+
+
+def test_no_function_is_longer_than_50_lines_or_takes_more_than_7_parameters():
+    long = [f"{p}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)" for p, fn in functions()
+            if fn.end_lineno - fn.lineno + 1 > MAX_LINES]
+    wide = [f"{p}:{fn.lineno} {fn.name} ({params(fn)} parameters)" for p, fn in functions() if params(fn) > MAX_PARAMS]
+    assert not long and not wide, "\n".join(long + wide)
+
+
+def test_the_checks_see_a_long_function():
+    src = "def f(a, b, c, d, e, f, g, h):\n" + "    x = 1\n" * 60
+    fn = ast.parse(src).body[0]
+    assert params(fn) == 8 and fn.end_lineno - fn.lineno + 1 == 61
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+@pytest.mark.parametrize("package", ["models", "algorithms"])
+def test_models_and_algorithms_import_no_distribution_tracking_or_shards(package):
+    banned = ("accelerate", "torch.distributed", "wandb", "webdataset")
+    for path in (PACKAGE / package).rglob("*.py"):
+        bad = [m for m in imports(path) if m.startswith(banned)]
+        assert not bad, (path, bad)
+
+
+def test_config_imports_nothing_of_metadist_but_errors():
+    assert {m for m in imports(PACKAGE / "config.py") if m.startswith("metadist")} == {"metadist.errors"}
