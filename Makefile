@@ -12,16 +12,17 @@ install:               ## .venv with the pinned requirements and metadist (edita
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 
-test:                  ## fast suite (a few minutes, CPU)
-	$(PY) -m pytest -q
+test:                  ## fast suite (a few minutes, CPU; one worker per core)
+	$(PY) -m pytest -q -n auto
 
 test-slow:             ## multi-process, resume, multi-node, tracking, real-data training
 	$(PY) -m pytest -q -m slow
 
 test-all: test test-slow
 
-lint:
-	$(PY) -m compileall -q metadist tests bench
+lint:                  ## ruff: lint rules and the format check (pyproject.toml)
+	$(PY) -m ruff check metadist tests bench launch
+	$(PY) -m ruff format --check metadist tests bench launch
 
 data:                  ## episode shards for the default (alphabets, 5-way 1-shot) run
 	$(PY) -m metadist prepare

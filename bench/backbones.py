@@ -4,8 +4,10 @@ with and without algo.checkpoint_inner: the memory one task's meta-step holds (t
 tensors saved for backward, each storage counted once, recomputation included) and tasks/s on this
 CPU (one process); and from them a projection, stated as one: the largest meta-batch one 80 GB GPU
 holds in one graph, and how many GPUs a meta-batch of 32 needs without chunking
-(algo.tasks_per_chunk bounds the graph to that many tasks at a time, trading parallelism for memory).
+(algo.tasks_per_chunk bounds the graph to that many tasks at a time, trading parallelism for
+memory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,27 +19,38 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import machine  # noqa: E402
-from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
-from metadist.models.conv4 import ConvNet  # noqa: E402
-from metadist.models.resnet12 import ResNet12  # noqa: E402
-from bench.bench import graph_bytes  # noqa: E402
+from bench.bench import graph_bytes
+from metadist import machine
+from metadist.algorithms import maml
+from metadist.algorithms.core import Chunking, Inner, meta_backward
+from metadist.models.conv4 import ConvNet
+from metadist.models.resnet12 import ResNet12
 
-GPU_BYTES = 80e9 * 0.9          # an 80 GB card, 10% kept for weights, optimizer, workspace and fragmentation
+# an 80 GB card, 10% kept for weights, optimizer, workspace and fragmentation
+GPU_BYTES = 80e9 * 0.9
 
 
 def batch(tasks: int):
     g = torch.Generator().manual_seed(0)
-    return {"x_support": torch.rand(tasks, 5, 3, 84, 84, generator=g), "y_support": torch.arange(5).expand(tasks, -1),
-            "x_query": torch.rand(tasks, 75, 3, 84, 84, generator=g),
-            "y_query": torch.arange(5).repeat_interleave(15).expand(tasks, -1)}
+    return {
+        "x_support": torch.rand(tasks, 5, 3, 84, 84, generator=g),
+        "y_support": torch.arange(5).expand(tasks, -1),
+        "x_query": torch.rand(tasks, 75, 3, 84, 84, generator=g),
+        "y_query": torch.arange(5).repeat_interleave(15).expand(tasks, -1),
+    }
 
 
 def run(model, b, inner: Inner, chunk: int = 0) -> None:
     params = dict(model.named_parameters())
-    meta_backward(lambda f, p, c: maml.task_losses(f, p, c, inner), model, params, b, "batched",
-                  Chunking(chunk, 1.0 / b["x_support"].shape[0]), not inner.first_order)
+    meta_backward(
+        lambda f, p, c: maml.task_losses(f, p, c, inner),
+        model,
+        params,
+        b,
+        "batched",
+        Chunking(chunk, 1.0 / b["x_support"].shape[0]),
+        not inner.first_order,
+    )
     model.zero_grad(set_to_none=True)
 
 
@@ -45,40 +58,58 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=("conv4", "resnet12"))
     args = p.parse_args()
-    print(f"CPU: {machine.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "84x84 RGB, 5-way 1-shot 15-query (80 images a task)")
-    nets = {"conv4": lambda: ConvNet(5, hidden=32, depth=4, in_channels=3, side=84),
-            "resnet12": lambda: ResNet12(5, (64, 160, 320, 640), in_channels=3, side=84)}
-    print(f"\n{'backbone':<9} {'order':>5} {'steps':>5} {'variant':<17} {'MB/task':>8} {'tasks/s':>8} "
-          f"{'per 80 GB':>9} {'GPUs for 32':>11}")
+    print(
+        f"CPU: {machine.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads; "
+        "84x84 RGB, 5-way 1-shot 15-query (80 images a task)"
+    )
+    nets = {
+        "conv4": lambda: ConvNet(5, hidden=32, depth=4, in_channels=3, side=84),
+        "resnet12": lambda: ResNet12(5, (64, 160, 320, 640), in_channels=3, side=84),
+    }
+    print(
+        f"\n{'backbone':<9} {'order':>5} {'steps':>5} {'variant':<17} {'MB/task':>8} "
+        f"{'tasks/s':>8} "
+        f"{'per 80 GB':>9} {'GPUs for 32':>11}"
+    )
     one = batch(1)
     for name, make in nets.items():
         if args.only and name != args.only:
             continue
         torch.manual_seed(0)
         model = make()
-        run(model, one, Inner(1, 0.01, True))                     # warm-up: allocator, kernels
+        run(model, one, Inner(1, 0.01, True))  # warm-up: allocator, kernels
         for order in (2, 1):
             for steps in (1, 5):
                 # first order holds no inner-loop graph: recomputing its activations changes nothing
-                for ckpt in ((False, True) if order == 2 else (False,)):
+                for ckpt in (False, True) if order == 2 else (False,):
                     inner = Inner(steps, 0.01, order == 1, checkpoint=ckpt)
-                    t = time.perf_counter()        # one run gives both: the hooks cost microseconds a tensor
-                    mb = graph_bytes(lambda: run(model, one, inner), torch.device("cpu"), dedup=True)
+                    # one run gives both: the hooks cost microseconds a tensor
+                    t = time.perf_counter()
+                    mb = graph_bytes(
+                        lambda m=model, i=inner: run(m, one, i), torch.device("cpu"), dedup=True
+                    )
                     tps = 1 / (time.perf_counter() - t)
                     per_gpu = int(GPU_BYTES // mb)
                     gpus = math.ceil(32 / per_gpu) if per_gpu else float("inf")
                     variant = "checkpoint_inner" if ckpt else "one graph"
-                    print(f"{name:<9} {order:>5} {steps:>5} {variant:<17} {mb / 1e6:>8.0f} {tps:>8.3f} {per_gpu:>9} {gpus:>11}",
-                          flush=True)
-        if name == "conv4":      # chunking: the same per-task bytes, the peak bounded to a chunk, the time on a CPU
+                    print(
+                        f"{name:<9} {order:>5} {steps:>5} {variant:<17} {mb / 1e6:>8.0f} "
+                        f"{tps:>8.3f} {per_gpu:>9} {gpus:>11}",
+                        flush=True,
+                    )
+        # chunking: the same per-task bytes, the peak bounded to a chunk, the time on a CPU
+        if name == "conv4":
             b = batch(4)
             for chunk in (0, 1):
                 inner = Inner(5, 0.01, False)
                 t = time.perf_counter()
                 run(model, b, inner, chunk)
-                print(f"  conv4, second order, 5 steps, meta-batch 4, tasks_per_chunk={chunk}: "
-                      f"{4 / (time.perf_counter() - t):.3f} tasks/s, graph of {4 if chunk == 0 else 1} task(s) at a time")
+                print(
+                    f"  conv4, second order, 5 steps, meta-batch 4, tasks_per_chunk={chunk}: "
+                    f"{4 / (time.perf_counter() - t):.3f} tasks/s, graph of "
+                    f"{4 if chunk == 0 else 1} task(s) at a time"
+                )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with inner steps and tasks; on CUDA it is the allocator's peak.
 
   python bench/bench.py [--only meta|memory|data] [--quick] [--device cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.reference import meta_step as reference_step  # noqa: E402
-from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
-from metadist.models.conv4 import ConvNet  # noqa: E402
+from bench.reference import meta_step as reference_step
+from metadist.algorithms import maml
+from metadist.algorithms.core import Chunking, Inner, meta_backward
+from metadist.models.conv4 import ConvNet
 
-STRATEGIES = ("batched", "loop")          # metadist's selectable strategies; "batched" is the default
+# metadist's selectable strategies; "batched" is the default
+STRATEGIES = ("batched", "loop")
 
 
 def strategies(device) -> tuple[str, ...]:
@@ -50,10 +52,12 @@ def machine(device: torch.device) -> str:
 
 def make_batch(ways, tasks, device, shots=1, queries=1, seed=0):
     g = torch.Generator().manual_seed(seed)
-    b = {"x_support": torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
-         "y_support": torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous(),
-         "x_query": torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
-         "y_query": torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()}
+    b = {
+        "x_support": torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
+        "y_support": torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous(),
+        "x_query": torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+        "y_query": torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous(),
+    }
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -67,14 +71,22 @@ def runner(name, model, batch, inner: Inner, chunk=0):
     tasks = batch["x_support"].shape[0]
     if name == "reference":
         return lambda: reference_step(model, batch, inner.steps, inner.lr, inner.first_order)
-    fn = lambda f, p, c: maml.task_losses(f, p, c, inner)   # noqa: E731
-    if name == "graph":     # the batched strategy captured as one CUDA graph (train.cuda_graph)
+    fn = lambda f, p, c: maml.task_losses(f, p, c, inner)
+    if name == "graph":  # the batched strategy captured as one CUDA graph (train.cuda_graph)
         from metadist.cuda_graph import GraphedStep
-        step = GraphedStep(lambda b: meta_backward(fn, model, params, b, "batched", Chunking(chunk, 1.0 / tasks),
-                                                   not inner.first_order), list(params.values()), batch)
+
+        step = GraphedStep(
+            lambda b: meta_backward(
+                fn, model, params, b, "batched", Chunking(chunk, 1.0 / tasks), not inner.first_order
+            ),
+            list(params.values()),
+            batch,
+        )
         model.zero_grad(set_to_none=True)
         return lambda: step(batch)
-    return lambda: meta_backward(fn, model, params, batch, name, Chunking(chunk, 1.0 / tasks), not inner.first_order)
+    return lambda: meta_backward(
+        fn, model, params, batch, name, Chunking(chunk, 1.0 / tasks), not inner.first_order
+    )
 
 
 def grads_of(model, run):
@@ -90,16 +102,20 @@ def equivalence(model, batch, inner: Inner, tasks: int = 4) -> dict:
     float64 on the first `tasks` tasks (float32 through several inner steps at a large inner lr
     amplifies rounding, which would hide a real error or fake one)."""
     m64 = copy.deepcopy(model).double()
-    b64 = {k: (v[:tasks].double() if v.is_floating_point() else v[:tasks]) for k, v in batch.items()}
+    b64 = {
+        k: (v[:tasks].double() if v.is_floating_point() else v[:tasks]) for k, v in batch.items()
+    }
     ref = grads_of(m64, runner("reference", m64, b64, inner))
-    return {s: ((grads_of(m64, runner(s, m64, b64, inner)) - ref).abs().max() / ref.abs().max()).item()
-            for s in strategies(batch["x_support"].device)}
+    return {
+        s: ((grads_of(m64, runner(s, m64, b64, inner)) - ref).abs().max() / ref.abs().max()).item()
+        for s in strategies(batch["x_support"].device)
+    }
 
 
 def time_interleaved(model, runs: dict, tasks: int, device, rounds: int) -> dict:
     """tasks/s per runner: every round runs each once, in turn; the median round counts."""
     samples = {k: [] for k in runs}
-    for run in runs.values():            # warm-up (allocator, oneDNN primitive caches)
+    for run in runs.values():  # warm-up (allocator, oneDNN primitive caches)
         run()
         model.zero_grad(set_to_none=True)
     for _ in range(rounds):
@@ -161,16 +177,31 @@ def bench_meta(device, quick: bool) -> list[dict]:
                 tps = time_interleaved(model, runs, tasks, device, rounds=2)
                 mem = {k: graph_bytes(run, device) for k, run in runs.items()}
                 model.zero_grad(set_to_none=True)
-                # auto: on a GPU batched; on a CPU the faster of the two, as the run's start-up measurement picks
+                # auto: on a GPU batched; on a CPU the faster of the two, as the run's start-up
+                # measurement picks
                 pick = "batched" if device.type == "cuda" else max(("batched", "loop"), key=tps.get)
                 tps["auto"], mem["auto"], err["auto"] = tps[pick], mem[pick], err[pick]
                 for k in list(runs) + ["auto"]:
-                    rows.append({"ways": ways, "meta_batch": tasks, "order": 1 if first_order else 2, "inner_steps": steps,
-                                 "strategy": k if k != "auto" else f"auto={pick}", "tasks_per_s": tps[k],
-                                 "ratio": tps[k] / tps["reference"], "mem_mb": mem[k] / 2**20, "max_rel_grad_err": err.get(k, 0.0)})
+                    rows.append(
+                        {
+                            "ways": ways,
+                            "meta_batch": tasks,
+                            "order": 1 if first_order else 2,
+                            "inner_steps": steps,
+                            "strategy": k if k != "auto" else f"auto={pick}",
+                            "tasks_per_s": tps[k],
+                            "ratio": tps[k] / tps["reference"],
+                            "mem_mb": mem[k] / 2**20,
+                            "max_rel_grad_err": err.get(k, 0.0),
+                        }
+                    )
                     r = rows[-1]
-                    print(f"{ways:>4} {tasks:>5} {r['order']:>5} {steps:>5}  {r['strategy']:<12} {r['tasks_per_s']:>8.1f} "
-                          f"{r['ratio']:>6.2f}x {r['mem_mb']:>9.1f} {r['max_rel_grad_err']:>14.1e}", flush=True)
+                    print(
+                        f"{ways:>4} {tasks:>5} {r['order']:>5} {steps:>5}  {r['strategy']:<12} "
+                        f"{r['tasks_per_s']:>8.1f} "
+                        f"{r['ratio']:>6.2f}x {r['mem_mb']:>9.1f} {r['max_rel_grad_err']:>14.1e}",
+                        flush=True,
+                    )
     return rows
 
 
@@ -179,14 +210,18 @@ def bench_memory(device, quick: bool) -> list[dict]:
     torch.manual_seed(0)
     model = ConvNet(5).to(device)
     batch = make_batch(5, 32, device)
-    for steps in ([1, 5] if quick else [1, 5, 10]):
-        for label, chunk, ckpt in (("whole batch", 0, False), ("tasks_per_chunk=8", 8, False),
-                                   ("checkpoint_inner", 0, True), ("chunk 8 + checkpoint", 8, True)):
+    for steps in [1, 5] if quick else [1, 5, 10]:
+        for label, chunk, ckpt in (
+            ("whole batch", 0, False),
+            ("tasks_per_chunk=8", 8, False),
+            ("checkpoint_inner", 0, True),
+            ("chunk 8 + checkpoint", 8, True),
+        ):
             run = runner("batched", model, batch, Inner(steps, 0.4, False, checkpoint=ckpt), chunk)
             mb = graph_bytes(run, device) / 2**20
             model.zero_grad(set_to_none=True)
             tps = float("nan")
-            if steps < 10:                  # one timed run; the 10-step rows report memory only
+            if steps < 10:  # one timed run; the 10-step rows report memory only
                 t = time.perf_counter()
                 run()
                 sync(device)
@@ -200,22 +235,39 @@ def bench_memory(device, quick: bool) -> list[dict]:
 def bench_data(quick: bool) -> list[dict]:
     """Reader episodes/s on a synthetic split written by the real writer, 0/1/2 workers."""
     import tempfile
+
     import numpy as np
+
     from metadist.data.format import write_split
-    from metadist.data.stream import StreamSpec, meta_batches
     from metadist.data.sources import ClassSet
+    from metadist.data.stream import StreamSpec, meta_batches
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
-        classes = ClassSet(names=[f"A/character{i:02d}" for i in range(100)],
-                           images=list(rng.integers(0, 256, size=(100, 20, 1, 28, 28), dtype=np.uint8)),
-                           splits={"train": list(range(100))}, rotations={"train": (0,)})
-        spec = {"format": 2, "split": "train", "ways": 5, "shots": 1, "queries": 1, "episodes": 4000,
-                "episodes_per_shard": 1000, "seed": 0}
+        classes = ClassSet(
+            names=[f"A/character{i:02d}" for i in range(100)],
+            images=list(rng.integers(0, 256, size=(100, 20, 1, 28, 28), dtype=np.uint8)),
+            splits={"train": list(range(100))},
+            rotations={"train": (0,)},
+        )
+        spec = {
+            "format": 2,
+            "split": "train",
+            "ways": 5,
+            "shots": 1,
+            "queries": 1,
+            "episodes": 4000,
+            "episodes_per_shard": 1000,
+            "seed": 0,
+        }
         write_split(Path(tmp), "train", classes, spec, log=lambda *a: None)
         steps = 40 if quick else 120
         for workers in (0, 1, 2):
-            it = meta_batches(Path(tmp) / "train", StreamSpec(0, 32, 0, 1, 0, steps, task_aug=0.4, num_workers=workers))
+            it = meta_batches(
+                Path(tmp) / "train",
+                StreamSpec(0, 32, 0, 1, 0, steps, task_aug=0.4, num_workers=workers),
+            )
             t = time.perf_counter()
             n = sum(b["x_support"].shape[0] for b in it)
             eps = n / (time.perf_counter() - t)
@@ -232,26 +284,45 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    out = {"machine": machine(device), "device": device.type, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = {
+        "machine": machine(device),
+        "device": device.type,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     print(f"machine: {out['machine']}")
     if args.only in (None, "meta"):
-        print("\nmeta-training tasks/s (interleaved, same data; ratio = against the exercise's per-task loop)")
-        print(f"{'ways':>4} {'batch':>5} {'order':>5} {'steps':>5}  {'strategy':<12} {'tasks/s':>8} {'ratio':>7} "
-              f"{'mem MB':>9} {'grad err (f64)':>14}")
+        print(
+            "\nmeta-training tasks/s (interleaved, same data; ratio = against the exercise's "
+            "per-task loop)"
+        )
+        print(
+            f"{'ways':>4} {'batch':>5} {'order':>5} {'steps':>5}  {'strategy':<12} {'tasks/s':>8} "
+            f"{'ratio':>7} "
+            f"{'mem MB':>9} {'grad err (f64)':>14}"
+        )
         out["meta"] = bench_meta(device, args.quick)
     if args.only in (None, "memory"):
-        print(f"\nsecond-order memory against inner steps (5-way 1-shot, 32 tasks, batched) [{out['machine']}]")
+        print(
+            "\nsecond-order memory against inner steps (5-way 1-shot, 32 tasks, batched) "
+            f"[{out['machine']}]"
+        )
         print(f"{'steps':>5}  {'variant':<22} {'mem MB':>9} {'tasks/s':>8}")
         out["memory"] = bench_memory(device, args.quick)
     if args.only in (None, "data"):
-        print(f"\ndata reader (5-way 1-shot episodes, meta-batch 32, task augmentation on) [{out['machine']}]")
+        print(
+            "\ndata reader (5-way 1-shot episodes, meta-batch 32, task augmentation on) "
+            f"[{out['machine']}]"
+        )
         print(f"{'workers':>8} {'episodes/s':>12}")
         out["data"] = bench_data(args.quick)
         if "meta" in out:
             need = max(r["tasks_per_s"] for r in out["meta"] if r["strategy"] == "batched")
             have = min(r["episodes_per_s"] for r in out["data"])
-            print(f"fastest meta-step consumes {need:.0f} episodes/s; the slowest reader setting delivers {have:.0f} "
-                  f"({have / need:.0f}x headroom)")
+            print(
+                f"fastest meta-step consumes {need:.0f} episodes/s; the slowest reader setting "
+                f"delivers {have:.0f} "
+                f"({have / need:.0f}x headroom)"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nwritten to {args.out}")

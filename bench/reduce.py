@@ -9,6 +9,7 @@
    all-to-all + tree merge + all-gather, for the Conv4 gradient and a ResNet-12-sized one; bytes
    each moves per rank; and a model for 8 GPUs (ring at a stated bandwidth and latency).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import config, exact, machine  # noqa: E402
-from metadist.models import build_model  # noqa: E402
-from metadist.step import from_config  # noqa: E402
+from metadist import config, exact, machine
+from metadist.models import build_model
+from metadist.step import from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +42,12 @@ class OneProcess:
 
 def batch(tasks, ways=5):
     g = torch.Generator().manual_seed(0)
-    return {"x_support": torch.rand(tasks, ways, 1, 28, 28, generator=g), "y_support": torch.arange(ways).expand(tasks, -1),
-            "x_query": torch.rand(tasks, ways, 1, 28, 28, generator=g), "y_query": torch.arange(ways).expand(tasks, -1)}
+    return {
+        "x_support": torch.rand(tasks, ways, 1, 28, 28, generator=g),
+        "y_support": torch.arange(ways).expand(tasks, -1),
+        "x_query": torch.rand(tasks, ways, 1, 28, 28, generator=g),
+        "y_query": torch.arange(ways).expand(tasks, -1),
+    }
 
 
 def saved_bytes(fn) -> int:
@@ -55,6 +60,7 @@ def saved_bytes(fn) -> int:
             seen.add(key)
             total[0] += t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total[0]
@@ -64,22 +70,46 @@ def step_times(rounds: int, quick: bool):
     rows = []
     settings = [(8, False), (32, False), (8, True)] if not quick else [(8, False)]
     for tasks, first_order in settings:
-        variants = {"fast": ["train.reduce=fast"], "exact, 1 task/chunk": ["train.reduce=exact", "algo.tasks_per_chunk=1"]}
-        if tasks // 8 > 1:       # the default chunk (meta_batch_size / 8)
+        variants = {
+            "fast": ["train.reduce=fast"],
+            "exact, 1 task/chunk": ["train.reduce=exact", "algo.tasks_per_chunk=1"],
+        }
+        if tasks // 8 > 1:  # the default chunk (meta_batch_size / 8)
             variants[f"exact, {tasks // 8} tasks/chunk"] = ["train.reduce=exact"]
-        variants[f"exact, {tasks // 4} tasks/chunk"] = ["train.reduce=exact", f"algo.tasks_per_chunk={tasks // 4}"]
+        variants[f"exact, {tasks // 4} tasks/chunk"] = [
+            "train.reduce=exact",
+            f"algo.tasks_per_chunk={tasks // 4}",
+        ]
         steps, mem = {}, {}
         for name, extra in variants.items():
-            cfg = config.load(ROOT / "configs/strong.yaml", [f"train.meta_batch_size={tasks}", "algo.strategy=batched",
-                                                          f"algo.first_order={first_order}", *extra])
+            cfg = config.load(
+                ROOT / "configs/strong.yaml",
+                [
+                    f"train.meta_batch_size={tasks}",
+                    "algo.strategy=batched",
+                    f"algo.first_order={first_order}",
+                    *extra,
+                ],
+            )
             torch.manual_seed(0)
-            s = from_config(cfg, build_model(cfg.model, cfg.algo, (1, 28, 28), 5), OneProcess(), tasks, say=lambda *a: None)
+            s = from_config(
+                cfg,
+                build_model(cfg.model, cfg.algo, (1, 28, 28), 5),
+                OneProcess(),
+                tasks,
+                say=lambda *a: None,
+            )
             s.use_strategy("batched")
             steps[name] = s
-            chunk = {k: v[:s.chunk] for k, v in batch(tasks).items()}
-            grad_buffers = (s.chunk and (tasks // s.chunk).bit_length()) * 4 * sum(p.numel() for p in s.param_list) \
-                if s.s.reduce == "exact" else 0
-            mem[name] = (saved_bytes(lambda: s.backward(False, chunk)), grad_buffers)
+            chunk = {k: v[: s.chunk] for k, v in batch(tasks).items()}
+            grad_buffers = (
+                (s.chunk and (tasks // s.chunk).bit_length())
+                * 4
+                * sum(p.numel() for p in s.param_list)
+                if s.s.reduce == "exact"
+                else 0
+            )
+            mem[name] = (saved_bytes(lambda s=s, c=chunk: s.backward(False, c)), grad_buffers)
         b = batch(tasks)
         best = dict.fromkeys(steps, float("inf"))
         for r in range(rounds + 1):
@@ -89,13 +119,21 @@ def step_times(rounds: int, quick: bool):
                 if r:
                     best[name] = min(best[name], time.perf_counter() - t)
         for name in steps:
-            rows.append({"tasks": tasks, "order": 1 if first_order else 2, "mode": name, "step_ms": 1000 * best[name],
-                         "ratio_to_fast": best[name] / best["fast"], "graph_mb": mem[name][0] / 1e6,
-                         "grad_buffers_mb": mem[name][1] / 1e6})
+            rows.append(
+                {
+                    "tasks": tasks,
+                    "order": 1 if first_order else 2,
+                    "mode": name,
+                    "step_ms": 1000 * best[name],
+                    "ratio_to_fast": best[name] / best["fast"],
+                    "graph_mb": mem[name][0] / 1e6,
+                    "grad_buffers_mb": mem[name][1] / 1e6,
+                }
+            )
     return rows
 
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, time, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["METADIST_ROOT"])
 from metadist import exact
@@ -103,10 +141,12 @@ from metadist.distributed import Dist
 d = Dist(60.0)
 out = {}
 for name, n in json.loads(os.environ["SIZES"]).items():
-    g = torch.randn(n + (-n) % d.world)        # padded to a multiple of the world size, as MetaStep does
+    g = torch.randn(n + (-n) % d.world)   # padded to a multiple of the world size, as MetaStep does
     lay = exact.layout(8, d.world)
     mine = [(a, s, g.clone()) for a, s in lay[d.rank]]
-    for what, fn in (("allreduce", lambda: dist.all_reduce(g.clone())), ("exact", lambda: d.exact_mean(mine, lay, 0))):
+    runs = (("allreduce", lambda: dist.all_reduce(g.clone())),
+            ("exact", lambda: d.exact_mean(mine, lay, 0)))
+    for what, fn in runs:
         fn(); dist.barrier()
         t = time.perf_counter()
         for _ in range(10):
@@ -116,19 +156,39 @@ for name, n in json.loads(os.environ["SIZES"]).items():
 if d.rank == 0:
     print("RESULT", json.dumps(out))
 d.close()
-'''
+"""
 
-CONV4 = 112_019                       # strong.yaml's meta-parameters (weights + learned rates)
-RESNET12 = 12_424_000                 # ResNet-12 64-160-320-640 at 5 ways (weights + BatchNorm + head)
+CONV4 = 112_019  # strong.yaml's meta-parameters (weights + learned rates)
+# ResNet-12 64-160-320-640 at 5 ways (weights + BatchNorm + head)
+RESNET12 = 12_424_000
 
 
 def reduction_times():
-    env = dict(os.environ, METADIST_ROOT=str(ROOT), SIZES=json.dumps({"conv4": CONV4, "resnet12": RESNET12}),
-               OMP_NUM_THREADS="1", METADIST_CPU="1")
+    env = dict(
+        os.environ,
+        METADIST_ROOT=str(ROOT),
+        SIZES=json.dumps({"conv4": CONV4, "resnet12": RESNET12}),
+        OMP_NUM_THREADS="1",
+        METADIST_CPU="1",
+    )
     port = str(29500 + os.getpid() % 1000)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
-                        "--no-python", sys.executable, "-c", WORKER], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            f"--master-port={port}",
+            "--no-python",
+            sys.executable,
+            "-c",
+            WORKER,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
         raise SystemExit(r.stderr[-3000:])
@@ -136,9 +196,10 @@ def reduction_times():
 
 
 def model_8_gpus(n: int, bandwidth=100e9, latency=10e-6, gpus=8):
-    """Seconds per step for `gpus` devices at `bandwidth` bytes/s per link and `latency` per message:
-    ring all-reduce (reduce-scatter + all-gather: 2(G-1) messages of 1/G of the gradient) against
-    exact (all-to-all: G-1 messages of 1/G, then all-gather: G-1 more): the same bytes and count."""
+    """Seconds per step for `gpus` devices at `bandwidth` bytes/s per link and `latency` per
+    message: ring all-reduce (reduce-scatter + all-gather: 2(G-1) messages of 1/G of the gradient)
+    against exact (all-to-all: G-1 messages of 1/G, then all-gather: G-1 more): the same bytes and
+    count."""
     b = 4 * n
     ring = 2 * (gpus - 1) * (latency + b / gpus / bandwidth)
     exact_t = (gpus - 1) * (latency + b / gpus / bandwidth) * 2
@@ -150,23 +211,40 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    print(f"CPU: {machine.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"CPU: {machine.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("\nmeta-step time and memory, one process (strong.yaml shape, batched):")
-    print(f"{'tasks':>5} {'order':>5} {'mode':<22} {'step ms':>9} {'vs fast':>8} {'graph MB':>9} {'grad buffers MB':>16}")
+    print(
+        f"{'tasks':>5} {'order':>5} {'mode':<22} {'step ms':>9} {'vs fast':>8} {'graph MB':>9} "
+        f"{'grad buffers MB':>16}"
+    )
     for r in step_times(args.rounds, args.quick):
-        print(f"{r['tasks']:>5} {r['order']:>5} {r['mode']:<22} {r['step_ms']:>9.1f} {r['ratio_to_fast']:>7.2f}x "
-              f"{r['graph_mb']:>9.1f} {r['grad_buffers_mb']:>16.2f}")
+        print(
+            f"{r['tasks']:>5} {r['order']:>5} {r['mode']:<22} {r['step_ms']:>9.1f} "
+            f"{r['ratio_to_fast']:>7.2f}x "
+            f"{r['graph_mb']:>9.1f} {r['grad_buffers_mb']:>16.2f}"
+        )
     print("\nthe reduction between 2 processes (gloo, 1 thread each), ms per step:")
     t = reduction_times()
     for name, n in (("conv4", CONV4), ("resnet12", RESNET12)):
         ring_bytes = 2 * (2 - 1) / 2 * 4 * n
-        print(f"  {name:<9} {4 * n / 1e6:7.2f} MB gradient: all-reduce {1000 * t[name + '/allreduce']:8.2f} ms, "
-              f"exact {1000 * t[name + '/exact']:8.2f} ms ({t[name + '/exact'] / t[name + '/allreduce']:.2f}x); "
-              f"bytes sent per rank: both {ring_bytes / 1e6:.2f} MB")
-    print("\nmodel, 8 GPUs on a ring at 100 GB/s per link and 10 us per hop (stated, not measured):")
+        print(
+            f"  {name:<9} {4 * n / 1e6:7.2f} MB gradient: all-reduce "
+            f"{1000 * t[name + '/allreduce']:8.2f} ms, "
+            f"exact {1000 * t[name + '/exact']:8.2f} ms "
+            f"({t[name + '/exact'] / t[name + '/allreduce']:.2f}x); "
+            f"bytes sent per rank: both {ring_bytes / 1e6:.2f} MB"
+        )
+    print(
+        "\nmodel, 8 GPUs on a ring at 100 GB/s per link and 10 us per hop (stated, not measured):"
+    )
     for name, n in (("conv4", CONV4), ("resnet12", RESNET12)):
         ring, ex, moved = model_8_gpus(n)
-        print(f"  {name:<9} all-reduce {1000 * ring:6.3f} ms, exact {1000 * ex:6.3f} ms, {moved / 1e6:.2f} MB per rank each")
+        print(
+            f"  {name:<9} all-reduce {1000 * ring:6.3f} ms, exact {1000 * ex:6.3f} ms, "
+            f"{moved / 1e6:.2f} MB per rank each"
+        )
 
 
 if __name__ == "__main__":

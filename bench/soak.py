@@ -8,6 +8,7 @@ that finds the run folder still held by a dying worker waits and tries again.
 
   python bench/soak.py [--kills 10] [--steps 300] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,33 @@ KINDS = ("sigterm", "sigkill-launcher", "sigkill-all")
 
 
 def _launch(args: list[str]) -> subprocess.Popen:
-    cmd = [accelerate_bin(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "metadist", "train", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        accelerate_bin(),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "metadist",
+        "train",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _steps(metrics: Path) -> int:
@@ -46,13 +69,34 @@ def _steps(metrics: Path) -> int:
 def soak(work: Path, kills: int = 10, steps: int = 300, seed: int = 0, log=print) -> dict:
     rng = random.Random(seed)
     raw = write_synthetic(work / "raw")
-    base = [f"{k}={v}" for k, v in {
-        "data.raw": raw, "data.shards": work / "shards", "data.train_episodes": 96, "data.val_episodes": 16,
-        "data.test_episodes": 24, "data.episodes_per_shard": 16, "run.root": work / "runs", "tracking.mode": "disabled",
-        "model.hidden": 16, "train.meta_batch_size": 8, "train.steps": steps, "train.log_every": 1,
-        "train.val_every": 50, "train.checkpoint_every": 20, "eval.tasks_per_batch": 8, "eval.test_episodes": 8,
-        "algo.strategy": "batched"}.items()]
-    subprocess.run([sys.executable, "-m", "metadist", "prepare", *base], cwd=ROOT, check=True, capture_output=True)
+    base = [
+        f"{k}={v}"
+        for k, v in {
+            "data.raw": raw,
+            "data.shards": work / "shards",
+            "data.train_episodes": 96,
+            "data.val_episodes": 16,
+            "data.test_episodes": 24,
+            "data.episodes_per_shard": 16,
+            "run.root": work / "runs",
+            "tracking.mode": "disabled",
+            "model.hidden": 16,
+            "train.meta_batch_size": 8,
+            "train.steps": steps,
+            "train.log_every": 1,
+            "train.val_every": 50,
+            "train.checkpoint_every": 20,
+            "eval.tasks_per_batch": 8,
+            "eval.test_episodes": 8,
+            "algo.strategy": "batched",
+        }.items()
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "metadist", "prepare", *base],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     straight = _launch(base + ["run.name=straight"])
     if straight.wait() != 0:
         raise SystemExit(f"uninterrupted run failed: {straight.stderr.read()[-2000:]}")
@@ -79,15 +123,17 @@ def soak(work: Path, kills: int = 10, steps: int = 300, seed: int = 0, log=print
         err = proc.communicate()[1]
         if proc.returncode == 0:
             break
-        if "is in use by" in err:              # a worker of the killed launch still checkpointing
+        if "is in use by" in err:  # a worker of the killed launch still checkpointing
             time.sleep(0.5)
-        try:                                   # nothing of a killed launch may live on
+        try:  # nothing of a killed launch may live on
             os.killpg(proc.pid, 0)
             time.sleep(1.0)
         except ProcessLookupError:
             pass
         if launches > 3 * kills + 10:
-            raise SystemExit(f"soak: no progress after {launches} launches; last error: {err[-2000:]}")
+            raise SystemExit(
+                f"soak: no progress after {launches} launches; last error: {err[-2000:]}"
+            )
     a = load_file(str(work / "runs" / "straight" / "model.safetensors"))
     b = load_file(str(work / "runs" / "soak" / "model.safetensors"))
     equal = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -102,7 +148,10 @@ def main():
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         r = soak(Path(tmp), a.kills, a.steps, a.seed)
-    print(f"{len(r['kills'])} kills, {r['launches']} launches; final weights equal the uninterrupted run's: {r['equal']}")
+    print(
+        f"{len(r['kills'])} kills, {r['launches']} launches; final weights equal the uninterrupted "
+        f"run's: {r['equal']}"
+    )
     raise SystemExit(0 if r["equal"] else 1)
 
 

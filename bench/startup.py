@@ -5,6 +5,7 @@ from the timed runs (no OMNIGLOT_DIR, another working folder), as on a node that
 
   python bench/startup.py [--config configs/strong.yaml] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ _FIRST = re.compile(r"first meta-step done ([\d.]+) s after launch")
 def first_step(args: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     """(seconds from Popen to the first-step line, the process's own figure from its import)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "metadist", "train", *args], cwd=cwd, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "metadist", "train", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     for line in p.stdout:
         m = _FIRST.search(line)
         if m:
@@ -42,29 +49,68 @@ def first_step(args: list[str], cwd: Path, env: dict) -> tuple[float, float]:
 
 def main():
     import torch
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "strong.yaml"))
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     shards = ROOT / "data" / "shards" / "alphabets-5w1s1q"
-    r = subprocess.run([sys.executable, "-m", "metadist", "prepare", "--config", a.config, f"data.shards={shards}"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metadist",
+            "prepare",
+            "--config",
+            a.config,
+            f"data.shards={shards}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise SystemExit(r.stderr[-2000:])
     env = {k: v for k, v in os.environ.items() if k != "OMNIGLOT_DIR"}
-    print(f"machine: {machine(torch.device('cpu'))}; {Path(a.config).name} on prepared shards, no raw data")
+    print(
+        f"machine: {machine(torch.device('cpu'))}; {Path(a.config).name} on prepared shards, no "
+        "raw data"
+    )
     rows = {"fresh": [], "resume": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.repeats):
-            base = ["--config", a.config, f"data.shards={shards}", f"run.root={tmp}", f"run.name=s{i}",
-                    "tracking.mode=disabled"]
+            base = [
+                "--config",
+                a.config,
+                f"data.shards={shards}",
+                f"run.root={tmp}",
+                f"run.name=s{i}",
+                "tracking.mode=disabled",
+            ]
             rows["fresh"].append(first_step(base, Path(tmp), env))
-            subprocess.run([sys.executable, "-m", "metadist", "train", *base, "run.fresh=true", "train.steps=2",
-                            "train.val_every=1000", "eval.test_episodes=8"], cwd=tmp, env=env, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "metadist",
+                    "train",
+                    *base,
+                    "run.fresh=true",
+                    "train.steps=2",
+                    "train.val_every=1000",
+                    "eval.test_episodes=8",
+                ],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+            )
             rows["resume"].append(first_step(base, Path(tmp), env))
     print(f"{'launch':<8} {'to first meta-step (s, median)':>31} {'of which after import (s)':>26}")
     for k, v in rows.items():
-        print(f"{k:<8} {statistics.median(w for w, _ in v):>31.1f} {statistics.median(s for _, s in v):>26.1f}")
+        print(
+            f"{k:<8} {statistics.median(w for w, _ in v):>31.1f} "
+            f"{statistics.median(s for _, s in v):>26.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ content, so those two columns are indicative. Totals are for mini-ImageNet's sha
 classes of 600 images, 20,000 + 320 + 640 episodes of 5-way 1-shot 15-query. Every reader hashes
 what it reads (sha256), as metadist's does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import config, machine  # noqa: E402
-from metadist.models import build_model  # noqa: E402
-from metadist.data.episodes import episode_rng, sample_episode  # noqa: E402
-from metadist.data.sources import decode, folder, preprocess  # noqa: E402
-from metadist.step import from_config  # noqa: E402
+from metadist import config, machine
+from metadist.data.episodes import episode_rng, sample_episode
+from metadist.data.sources import decode, folder, preprocess
+from metadist.models import build_model
+from metadist.step import from_config
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 84
 IMAGES, EPISODES = 38_400 + 9_600 + 12_000, 20_000 + 320 + 640
@@ -66,21 +67,40 @@ def consumption(steps: int = 2) -> dict:
     15-query, meta-batch 4 (the MAML paper's mini-ImageNet recipe), 1 and 5 inner steps."""
     out = {}
     for inner in (1, 5):
-        cfg = config.load(None, ["data.image_size=84", "data.channels=3", "data.queries=15", "model.hidden=32",
-                                 f"algo.inner_steps={inner}", "algo.inner_lr=0.01", "train.meta_batch_size=4",
-                                 "train.reduce=fast", "data.source=folder", "data.raw=."])
+        cfg = config.load(
+            None,
+            [
+                "data.image_size=84",
+                "data.channels=3",
+                "data.queries=15",
+                "model.hidden=32",
+                f"algo.inner_steps={inner}",
+                "algo.inner_lr=0.01",
+                "train.meta_batch_size=4",
+                "train.reduce=fast",
+                "data.source=folder",
+                "data.raw=.",
+            ],
+        )
 
         class One:
             world, rank, device = 1, 0, torch.device("cpu")
 
             def mean_gradients(self, params, votes, step):
                 return votes
+
         torch.manual_seed(0)
-        s = from_config(cfg, build_model(cfg.model, cfg.algo, (3, 84, 84), 5), One(), 4, say=lambda *a: None)
+        s = from_config(
+            cfg, build_model(cfg.model, cfg.algo, (3, 84, 84), 5), One(), 4, say=lambda *a: None
+        )
         s.use_strategy("batched")
         g = torch.Generator().manual_seed(0)
-        b = {"x_support": torch.rand(4, 5, 3, 84, 84, generator=g), "y_support": torch.arange(5).expand(4, -1),
-             "x_query": torch.rand(4, 75, 3, 84, 84, generator=g), "y_query": torch.arange(5).repeat_interleave(15).expand(4, -1)}
+        b = {
+            "x_support": torch.rand(4, 5, 3, 84, 84, generator=g),
+            "y_support": torch.arange(5).expand(4, -1),
+            "x_query": torch.rand(4, 75, 3, 84, 84, generator=g),
+            "y_query": torch.arange(5).repeat_interleave(15).expand(4, -1),
+        }
         s(0, b, lambda: torch.zeros(2))
         t = time.perf_counter()
         for i in range(steps):
@@ -96,21 +116,41 @@ def main():
     p.add_argument("--episodes", type=int, default=24)
     args = p.parse_args()
     threads = torch.get_num_threads()
-    print(f"CPU: {machine.cpu_model()}, torch {torch.__version__}; decoding on 1 core, the meta-step on {threads}")
+    print(
+        f"CPU: {machine.cpu_model()}, torch {torch.__version__}; decoding on 1 core, the meta-step "
+        f"on {threads}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"
         from metadist.data.synthetic import FolderSpec, write_folder_dataset
-        write_folder_dataset(root, "fractions", FolderSpec(classes=args.classes, images=args.images, size=400, channels=3, fmt="jpg"))
-        d = config.load(None, ["data.source=folder", f"data.raw={root}", "data.channels=3", f"data.image_size={SIZE}"]).data
+
+        write_folder_dataset(
+            root,
+            "fractions",
+            FolderSpec(classes=args.classes, images=args.images, size=400, channels=3, fmt="jpg"),
+        )
+        d = config.load(
+            None,
+            [
+                "data.source=folder",
+                f"data.raw={root}",
+                "data.channels=3",
+                f"data.image_size={SIZE}",
+            ],
+        ).data
         cs = folder.load(d, SHOTS + QUERIES, log=lambda *a: None, workers=1)
         files = {c: sorted((root / name).iterdir()) for c, name in enumerate(cs.names)}
         sizes = [len(x) for x in cs.images]
-        records = [sample_episode(sizes, (0,), WAYS, SHOTS, QUERIES, episode_rng(0, "train", i)) for i in range(args.episodes)]
+        records = [
+            sample_episode(sizes, (0,), WAYS, SHOTS, QUERIES, episode_rng(0, "train", i))
+            for i in range(args.episodes)
+        ]
         pool = np.concatenate(cs.images)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
 
         def pixels(rec):
             return pool[offsets[rec[:, 0]] + rec[:, 1]]
+
         raw = [npy(pixels(r)) for r in records]
         pngs = [[png(img) for img in pixels(r)] for r in records]
         srcs = [[files[c][m].read_bytes() for c, m, _ in r] for r in records]
@@ -122,34 +162,73 @@ def main():
             return np.load(io.BytesIO(b), allow_pickle=False)
 
         def read_png(bs):
-            return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in bs if hashlib.sha256(b).digest()])
+            return np.stack(
+                [
+                    np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+                    for b in bs
+                    if hashlib.sha256(b).digest()
+                ]
+            )
 
         def read_source(bs):
-            return [preprocess(decode("source", 3, b).unsqueeze(0), SIZE) for b in bs if hashlib.sha256(b).digest()]
+            return [
+                preprocess(decode("source", 3, b).unsqueeze(0), SIZE)
+                for b in bs
+                if hashlib.sha256(b).digest()
+            ]
 
         def read_pool(b):
             hashlib.sha256(b).digest()
             return pixels(np.load(io.BytesIO(b), allow_pickle=False))
+
         pool_per_image = pool.nbytes / len(pool)
-        per_episode = {"raw": np.mean([len(b) for b in raw]), "png": np.mean([sum(map(len, bs)) for bs in pngs]),
-                       "source": np.mean([sum(map(len, bs)) for bs in srcs]), "pool": np.mean([len(b) for b in recs])}
-        totals = {"raw": EPISODES * per_episode["raw"], "png": EPISODES * per_episode["png"],
-                  "source": EPISODES * per_episode["source"],
-                  "pool": IMAGES * pool_per_image + EPISODES * (per_episode["pool"] + 1024)}   # + a tar header per record
-        speed = {"raw": rate(read_raw, raw), "png": rate(read_png, pngs), "source": rate(read_source, srcs, 5.0),
-                 "pool": rate(read_pool, recs)}
+        per_episode = {
+            "raw": np.mean([len(b) for b in raw]),
+            "png": np.mean([sum(map(len, bs)) for bs in pngs]),
+            "source": np.mean([sum(map(len, bs)) for bs in srcs]),
+            "pool": np.mean([len(b) for b in recs]),
+        }
+        totals = {
+            "raw": EPISODES * per_episode["raw"],
+            "png": EPISODES * per_episode["png"],
+            "source": EPISODES * per_episode["source"],
+            # + a tar header per record
+            "pool": IMAGES * pool_per_image + EPISODES * (per_episode["pool"] + 1024),
+        }
+        speed = {
+            "raw": rate(read_raw, raw),
+            "png": rate(read_png, pngs),
+            "source": rate(read_source, srcs, 5.0),
+            "pool": rate(read_pool, recs),
+        }
         torch.set_num_threads(threads)
     need = consumption()
-    print(f"\n84x84 RGB, {WAYS}-way {SHOTS}-shot {QUERIES}-query episodes ({WAYS * (SHOTS + QUERIES)} images each):")
-    print(f"{'storage':<8} {'bytes/episode':>14} {'total, default counts':>22} {'episodes/s, 1 core':>19}")
+    print(
+        f"\n84x84 RGB, {WAYS}-way {SHOTS}-shot {QUERIES}-query episodes "
+        f"({WAYS * (SHOTS + QUERIES)} images each):"
+    )
+    print(
+        f"{'storage':<8} {'bytes/episode':>14} {'total, default counts':>22} "
+        f"{'episodes/s, 1 core':>19}"
+    )
     for k in per_episode:
-        extra = (f"  (a {per_episode[k] / 1e3:.1f} KB record + a tar header; the {IMAGES:,} images once: "
-                 f"{IMAGES * pool_per_image / 1e9:.2f} GB, {IMAGES * pool_per_image / EPISODES / 1e3:.0f} KB per episode)"
-                 if k == "pool" else "")
+        extra = (
+            f"  (a {per_episode[k] / 1e3:.1f} KB record + a tar header; the {IMAGES:,} images "
+            "once: "
+            f"{IMAGES * pool_per_image / 1e9:.2f} GB, "
+            f"{IMAGES * pool_per_image / EPISODES / 1e3:.0f} KB per episode)"
+            if k == "pool"
+            else ""
+        )
         shown = totals[k] / EPISODES
-        print(f"{k:<8} {shown / 1e3:>11.1f} KB {totals[k] / 1e9:>19.2f} GB {speed[k]:>19.1f}{extra}")
-    print(f"\nthe meta-step consumes (Conv4 32 filters, meta-batch 4, second order, {threads} threads): "
-          + ", ".join(f"{v:.2f} episodes/s with {k} inner step(s)" for k, v in need.items()))
+        print(
+            f"{k:<8} {shown / 1e3:>11.1f} KB {totals[k] / 1e9:>19.2f} GB {speed[k]:>19.1f}{extra}"
+        )
+    print(
+        f"\nthe meta-step consumes (Conv4 32 filters, meta-batch 4, second order, {threads} "
+        "threads): "
+        + ", ".join(f"{v:.2f} episodes/s with {k} inner step(s)" for k, v in need.items())
+    )
     for k in speed:
         print(f"  {k:<8} reader / fastest meta-step: {speed[k] / max(need.values()):8.1f}x")
 

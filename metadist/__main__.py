@@ -1,11 +1,13 @@
-"""Command line: `metadist {prepare,verify,train,evaluate,predict,plot,export-tasks,show} [--config FILE] [key=value ...]`
-(also `python -m metadist ...` and `accelerate launch -m metadist train ...`).
+"""Command line: `metadist {prepare,verify,train,evaluate,predict,plot,export-tasks,show} [--config
+FILE] [key=value ...]` (also `python -m metadist ...` and `accelerate launch -m metadist train
+...`).
 
 Config keys are set only as `section.key=value` arguments (see metadist/config.py); the flags
 here name files and folders. Each command imports only what it uses. A user-facing error
 (`metadist.errors.MetadistError`) prints one line and exits 2; a preempted run exits 75 and
 resumes when launched again; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,7 @@ def cmd_verify(args):
     from metadist.data.format import verify
     from metadist.data.prepare import SPLITS, shards_dir
     from metadist.data.store import ShardError, read_manifest
+
     cfg = _cfg(args)
     root = args.shards or shards_dir(cfg.data)
     found = 0
@@ -39,15 +42,21 @@ def cmd_verify(args):
         verify(root, split, manifest=m, cache_dir=cfg.data.cache_dir)
         found += 1
         shape = "x".join(map(str, m["image_shape"]))
-        print(f"{split}: {len(m['pool'])} pool + {len(m['shards'])} episode shards ({len(m['classes'])} classes, "
-              f"{m['episodes']} episodes), {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match ({m['dataset']}, "
-              f"{m['ways']}-way {m['shots']}-shot {m['queries']}-query, {shape} images, data.seed {m['seed']})")
+        print(
+            f"{split}: {len(m['pool'])} pool + {len(m['shards'])} episode shards "
+            f"({len(m['classes'])} classes, "
+            f"{m['episodes']} episodes), {m['bytes'] / 1e6:.1f} MB: sizes and sha256 match "
+            f"({m['dataset']}, "
+            f"{m['ways']}-way {m['shots']}-shot {m['queries']}-query, {shape} images, data.seed "
+            f"{m['seed']})"
+        )
     if not found:
         raise ShardError(f"{root}: no split (train/, val/, test/ with a manifest.json) to verify")
 
 
 def cmd_prepare(args):
     from metadist.data.prepare import prepare
+
     prepare(_cfg(args).data, overwrite=args.overwrite)
 
 
@@ -56,11 +65,19 @@ def cmd_train(args):
     if cfg.train.debug:
         cfg = apply_debug(cfg, config_mod.explicit_keys(args.config, args.overrides))
     from metadist.train import train
+
     train(cfg)
 
 
-DEBUG_SMALL = {"train.steps": 5, "train.val_every": 5, "train.log_every": 1, "train.checkpoint_every": 5,
-               "data.val_episodes": 16, "eval.test_episodes": 32, "tracking.mode": "disabled"}
+DEBUG_SMALL = {
+    "train.steps": 5,
+    "train.val_every": 5,
+    "train.log_every": 1,
+    "train.checkpoint_every": 5,
+    "data.val_episodes": 16,
+    "eval.test_episodes": 32,
+    "tracking.mode": "disabled",
+}
 
 
 def apply_debug(cfg: config_mod.Config, explicit: set[str]) -> config_mod.Config:
@@ -78,7 +95,9 @@ def apply_debug(cfg: config_mod.Config, explicit: set[str]) -> config_mod.Config
 
 def _model(args):
     import torch
+
     from metadist.checkpoint import load_model
+
     model, cfg = load_model(args.run)
     cfg = config_mod.override(cfg, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,20 +109,30 @@ def cmd_evaluate(args):
     from metadist.data.prepare import shards_dir
     from metadist.data.stream import EpisodeSource
     from metadist.evaluate import evaluate
+
     model, cfg, device = _model(args)
-    split = EpisodeSource(args.shards or shards_dir(cfg.data), args.split, cache_dir=cfg.data.cache_dir)
+    split = EpisodeSource(
+        args.shards or shards_dir(cfg.data), args.split, cache_dir=cfg.data.cache_dir
+    )
     m = split.manifest
     want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
     if m["image_shape"] != want:
-        raise config_mod.ConfigError(f"{split.dir}: images of shape {m['image_shape']}, the model takes {want} "
-                                     "(evaluate it on shards of its own dataset)")
+        raise config_mod.ConfigError(
+            f"{split.dir}: images of shape {m['image_shape']}, the model takes {want} "
+            "(evaluate it on shards of its own dataset)"
+        )
     if m["ways"] != cfg.data.ways and get(cfg.algo).head_init(cfg.algo) == "learned":
-        raise config_mod.ConfigError(f"{split.dir}: {m['ways']}-way episodes, the model's learned head has "
-                                     f"{cfg.data.ways} ways")
+        raise config_mod.ConfigError(
+            f"{split.dir}: {m['ways']}-way episodes, the model's learned head has "
+            f"{cfg.data.ways} ways"
+        )
     episodes = split.all(cfg.eval.test_episodes if args.split == "test" else 0)
     inner = eval_inner(cfg.algo, model, m["ways"], cfg.eval.inner_steps)
-    result = dict(evaluate(model, episodes, inner, cfg.eval.tasks_per_batch, device),
-                  inner_steps=cfg.eval.inner_steps, split=str(split.dir))
+    result = dict(
+        evaluate(model, episodes, inner, cfg.eval.tasks_per_batch, device),
+        inner_steps=cfg.eval.inner_steps,
+        split=str(split.dir),
+    )
     print(json.dumps(result))
 
 
@@ -111,21 +140,26 @@ def cmd_predict(args):
     from metadist.algorithms import eval_inner
     from metadist.data.prepare import preprocessing
     from metadist.evaluate import predict, read_task_folder
+
     model, cfg, device = _model(args)
     tasks = read_task_folder(Path(args.tasks), preprocessing(cfg.data))
     inner = eval_inner(cfg.algo, model, cfg.data.ways, cfg.eval.inner_steps)
-    n = predict(model, inner, tasks, cfg.data.ways, Path(args.out), device, cfg.eval.tasks_per_batch)
+    n = predict(
+        model, inner, tasks, cfg.data.ways, Path(args.out), device, cfg.eval.tasks_per_batch
+    )
     print(f"wrote predictions for {n} tasks to {args.out}")
 
 
 def cmd_plot(args):
     from metadist.plot import plot
+
     print(plot([Path(r) for r in args.runs], Path(args.out)))
 
 
 def _split_source(args):
     from metadist.data.prepare import ensure
     from metadist.data.stream import EpisodeSource
+
     cfg = _cfg(args)
     return cfg, EpisodeSource(ensure(cfg.data), args.split, cache_dir=cfg.data.cache_dir)
 
@@ -133,17 +167,29 @@ def _split_source(args):
 def cmd_export_tasks(args):
     from metadist.data.export import export_tasks
     from metadist.data.prepare import preprocessing
+
     cfg, src = _split_source(args)
-    n = export_tasks(src.all(args.limit), src.ways, src.shots, src.queries, Path(args.out),
-                     preprocessing(cfg.data)["invert"])
+    n = export_tasks(
+        src.all(args.limit),
+        src.ways,
+        src.shots,
+        src.queries,
+        Path(args.out),
+        preprocessing(cfg.data)["invert"],
+    )
     print(f"wrote {n} tasks of {src.dir} to {args.out}")
 
 
 def cmd_show(args):
     from metadist.data.export import show
+
     cfg, src = _split_source(args)
     aug = cfg.data.task_aug if args.split == "train" else 0.0
-    print(show(src.all(args.episodes), src.ways, src.shots, src.queries, Path(args.out), aug, cfg.seed))
+    print(
+        show(
+            src.all(args.episodes), src.ways, src.shots, src.queries, Path(args.out), aug, cfg.seed
+        )
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -158,27 +204,30 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
-    s = add("prepare", cmd_prepare, "raw images (Omniglot or your class folders) -> train/val/test episode shards")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace splits of another spec in the shards folder (only if no run reads them)")
+    _data_commands(add)
+    _model_commands(add)
+    return p
+
+
+def _data_commands(add) -> None:
+    """prepare, verify, export-tasks, show."""
+    s = add(
+        "prepare",
+        cmd_prepare,
+        "raw images (Omniglot or your class folders) -> train/val/test episode shards",
+    )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace splits of another spec in the shards folder (only if no run reads them)",
+    )
     s = add("verify", cmd_verify, "check every shard's size and sha256 against its manifest")
-    s.add_argument("--shards", help="shards folder or URL prefix (default: the one the config names)")
-    s = add("train", cmd_train, "meta-train (resumes an existing run folder)")
-    s.add_argument("--debug", action="store_true", help="single device, few steps, anomaly detection, strategy cross-check")
-    for name, fn, help in (("evaluate", cmd_evaluate, "mean accuracy +- 95%% CI on fixed episodes"),
-                           ("predict", cmd_predict, "predict query classes of a folder of tasks -> CSV")):
-        s = add(name, fn, help, config=False)
-        s.add_argument("--run", required=True, help="run folder or weights file")
-        if name == "evaluate":
-            s.add_argument("--split", default="test", choices=("train", "val", "test"))
-            s.add_argument("--shards", help="shards folder or URL prefix (default: the one the run's config names)")
-        else:
-            s.add_argument("--tasks", required=True, help="folder with support/NNNN/ and query/NNNN/")
-            s.add_argument("--out", default="output.csv")
-    s = add("plot", cmd_plot, "learning curves of runs -> PNG", config=False)
-    s.add_argument("runs", nargs="+")
-    s.add_argument("--out", default="curves.png")
-    s = add("export-tasks", cmd_export_tasks, "write a split's episodes in the exercise's test layout")
+    s.add_argument(
+        "--shards", help="shards folder or URL prefix (default: the one the config names)"
+    )
+    s = add(
+        "export-tasks", cmd_export_tasks, "write a split's episodes in the exercise's test layout"
+    )
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--out", required=True)
     s.add_argument("--limit", type=int, default=0, help="first N episodes (0 = all)")
@@ -186,7 +235,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="train", choices=("train", "val", "test"))
     s.add_argument("--episodes", type=int, default=8)
     s.add_argument("--out", default="episodes.png")
-    return p
+
+
+def _model_commands(add) -> None:
+    """train, evaluate, predict, plot."""
+    s = add("train", cmd_train, "meta-train (resumes an existing run folder)")
+    s.add_argument(
+        "--debug",
+        action="store_true",
+        help="single device, few steps, anomaly detection, strategy cross-check",
+    )
+    for name, fn, help in (
+        ("evaluate", cmd_evaluate, "mean accuracy +- 95%% CI on fixed episodes"),
+        ("predict", cmd_predict, "predict query classes of a folder of tasks -> CSV"),
+    ):
+        s = add(name, fn, help, config=False)
+        s.add_argument("--run", required=True, help="run folder or weights file")
+        if name == "evaluate":
+            s.add_argument("--split", default="test", choices=("train", "val", "test"))
+            s.add_argument(
+                "--shards",
+                help="shards folder or URL prefix (default: the one the run's config names)",
+            )
+        else:
+            s.add_argument(
+                "--tasks", required=True, help="folder with support/NNNN/ and query/NNNN/"
+            )
+            s.add_argument("--out", default="output.csv")
+    s = add("plot", cmd_plot, "learning curves of runs -> PNG", config=False)
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--out", default="curves.png")
 
 
 def main(argv=None):
@@ -194,12 +272,18 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]
     if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (config values are given as section.key=value)")
+        p.error(
+            f"unrecognized arguments: {' '.join(bad)} (config values are given as "
+            "section.key=value)"
+        )
     args.overrides = rest
     try:
         args.fn(args)
     except MetadistError as e:
-        print(f"metadist {args.command}: {'stopped' if e.exit_code != 2 else 'error'}: {e}", file=sys.stderr)
+        print(
+            f"metadist {args.command}: {'stopped' if e.exit_code != 2 else 'error'}: {e}",
+            file=sys.stderr,
+        )
         end(e.exit_code)
     end(0)
 

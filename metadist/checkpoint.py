@@ -11,11 +11,12 @@ best validation so far, the wall time, and how the run computes (strategy and wh
 chunk size, threads), with the world size and data position of the launch that wrote it, and the
 schedule's step count. `CheckpointManager` holds these stateful parts: every way a run continues
 (a relaunch, preemption, an elastic restart at another world size, after a SIGKILL) goes through
-its `save(step)` and `restore()`, and nothing else knows the format. A checkpoint is written in a hidden
-temporary folder and renamed when complete; one whose write failed (disk full, no permission)
+its `save(step)` and `restore()`, and nothing else knows the format. A checkpoint is written in a
+hidden temporary folder and renamed when complete; one whose write failed (disk full, no permission)
 or whose process died is never found, the previous one stays complete, and the error names the
 path. `latest()` is found on disk, not remembered.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,16 @@ from metadist import config as config_mod
 from metadist.errors import MetadistError
 from metadist.models import Backbone, backbone_weights, build_model
 
-__all__ = ["CheckpointManager", "Parts", "TrainState", "backbone_weights", "load_init", "load_model", "load_weights",
-           "save_weights"]
+__all__ = [
+    "CheckpointManager",
+    "Parts",
+    "TrainState",
+    "backbone_weights",
+    "load_init",
+    "load_model",
+    "load_weights",
+    "save_weights",
+]
 
 FORMAT = "metadist-weights-1"
 _STEP = re.compile(r"^step_(\d{6,})$")
@@ -50,14 +59,22 @@ class CheckpointError(MetadistError):
     """A checkpoint or weights file could not be written."""
 
 
-def save_weights(model: torch.nn.Module, path: Path, config: dict, step: int, val: float | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(
+    model: torch.nn.Module,
+    path: Path,
+    config: dict,
+    step: int,
+    val: float | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the model's weights (or `tensors`, some of them) with their metadata (`config`: the
     run's config as a dict), atomically (a temporary file renamed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     meta = {"config": config, "step": step, "val_accuracy": val, "format": FORMAT}
-    state = {k: v.detach().float().cpu().contiguous() for k, v in (tensors or model.state_dict()).items()}
+    state = {
+        k: v.detach().float().cpu().contiguous() for k, v in (tensors or model.state_dict()).items()
+    }
     try:
         save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
         os.replace(tmp, path)
@@ -69,6 +86,7 @@ def save_weights(model: torch.nn.Module, path: Path, config: dict, step: int, va
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a weights file, as stored."""
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     return load_file(str(path)), meta
@@ -79,25 +97,37 @@ def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
     file -> (model with those weights, the config it was trained with)."""
     path = Path(path)
     if path.is_dir():
-        found = [path / n for n in ("best.safetensors", "model.safetensors") if (path / n).is_file()]
+        found = [
+            path / n for n in ("best.safetensors", "model.safetensors") if (path / n).is_file()
+        ]
         if not found:
-            raise WeightsError(f"{path}: no best.safetensors or model.safetensors (has this run trained?)")
+            raise WeightsError(
+                f"{path}: no best.safetensors or model.safetensors (has this run trained?)"
+            )
         path = found[0]
-    weights, meta = _read_weights(path, "weights not found: {path}", "{path}: not a metadist weights file ({e})")
+    weights, meta = _read_weights(
+        path, "weights not found: {path}", "{path}: not a metadist weights file ({e})"
+    )
     if "config" not in meta:
         raise WeightsError(f"{path}: no config in its metadata (not written by metadist)")
     cfg = config_mod.from_dict(meta["config"])
     d = cfg.data
     try:
-        model = build_model(cfg.model, cfg.algo, (d.channels, d.image_size, d.image_size),
-                            weights["head.weight"].shape[0] if "head.weight" in weights else d.ways)
+        model = build_model(
+            cfg.model,
+            cfg.algo,
+            (d.channels, d.image_size, d.image_size),
+            weights["head.weight"].shape[0] if "head.weight" in weights else d.ways,
+        )
     except config_mod.ConfigError as e:
         raise WeightsError(f"{path}: its config does not build a model here ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != got:
         diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-        raise WeightsError(f"{path}: weights do not fit the architecture in its config (first differences: {diff})")
+        raise WeightsError(
+            f"{path}: weights do not fit the architecture in its config (first differences: {diff})"
+        )
     model.load_state_dict(weights)
     return model, cfg
 
@@ -119,16 +149,32 @@ def load_init(model: torch.nn.Module, path: str | Path) -> list[str]:
     the model does not have, or of another shape, is an error naming it; returns the model's
     tensors the file does not hold (they keep their initialisation: the head, the rates)."""
     path = Path(path)
-    weights, _ = _read_weights(path, "model.init={path}: no such weights file", "model.init={path}: not a weights file ({e})")
+    weights, _ = _read_weights(
+        path,
+        "model.init={path}: no such weights file",
+        "model.init={path}: not a weights file ({e})",
+    )
     own = model.state_dict()
     unknown = sorted(k for k in weights if k not in own)
-    shapes = sorted(f"{k} {tuple(weights[k].shape)} (the model's {tuple(own[k].shape)})"
-                    for k in weights if k in own and weights[k].shape != own[k].shape)
+    shapes = sorted(
+        f"{k} {tuple(weights[k].shape)} (the model's {tuple(own[k].shape)})"
+        for k in weights
+        if k in own and weights[k].shape != own[k].shape
+    )
     if unknown or shapes:
-        what = ([f"not in the model: {', '.join(unknown[:6])}" + (" ..." if len(unknown) > 6 else "")] if unknown else []) + \
-               ([f"other shapes: {', '.join(shapes[:4])}" + (" ..." if len(shapes) > 4 else "")] if shapes else [])
-        raise WeightsError(f"model.init={path}: its tensors do not fit this model ({'; '.join(what)}); "
-                           "model.backbone, model.* and data.channels must be those it was trained with")
+        what = (
+            [f"not in the model: {', '.join(unknown[:6])}" + (" ..." if len(unknown) > 6 else "")]
+            if unknown
+            else []
+        ) + (
+            [f"other shapes: {', '.join(shapes[:4])}" + (" ..." if len(shapes) > 4 else "")]
+            if shapes
+            else []
+        )
+        raise WeightsError(
+            f"model.init={path}: its tensors do not fit this model ({'; '.join(what)}); "
+            "model.backbone, model.* and data.channels must be those it was trained with"
+        )
     model.load_state_dict({k: weights[k] for k in weights}, strict=False)
     return sorted(k for k in own if k not in weights)
 
@@ -137,17 +183,20 @@ def load_init(model: torch.nn.Module, path: str | Path) -> list[str]:
 class TrainState:
     """Everything besides weights, optimizer and schedule that continuing a run exactly needs.
     Randomness is named by (seed, step, task), so no RNG state is part of it."""
+
     step: int = 0
     best_val: float = -1.0
     best_step: int = 0
-    elapsed: float = 0.0          # training wall time, summed over launches
+    elapsed: float = 0.0  # training wall time, summed over launches
     tasks_seen: int = 0
-    strategy: str = ""            # batched | loop: chosen when the run started, kept on every resume
+    # batched | loop: chosen when the run started, kept on every resume
+    strategy: str = ""
     strategy_why: str = ""
-    reduce: str = "fast"          # exact | fast (train.reduce)
-    tasks_per_chunk: int = 0      # the chunk size the step used
-    threads: int = 0              # intra-op threads per process (float32 rounding on a CPU depends on it)
-    world_size: int = 1           # of the launch that wrote the checkpoint
+    reduce: str = "fast"  # exact | fast (train.reduce)
+    tasks_per_chunk: int = 0  # the chunk size the step used
+    # intra-op threads per process (float32 rounding on a CPU depends on it)
+    threads: int = 0
+    world_size: int = 1  # of the launch that wrote the checkpoint
     meta_batch_size: int = 0
     seed: int = 0
 
@@ -169,9 +218,10 @@ class TrainState:
 @dataclass
 class Parts:
     """The stateful parts of a run that a checkpoint holds."""
+
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    schedule: object              # metadist.schedule.Schedule (state_dict / load_state_dict)
+    schedule: object  # metadist.schedule.Schedule (state_dict / load_state_dict)
     state: TrainState
 
 
@@ -179,9 +229,17 @@ class CheckpointManager:
     """Owns <run>/checkpoints and the run's stateful parts: when to save (every `every` steps, at
     the end, on request), how to save atomically, keeping the last `keep`, and how to restore."""
 
-    def __init__(self, run_dir: Path, every: int, keep: int, is_main: bool, parts: Parts, config: dict):
+    def __init__(
+        self, run_dir: Path, every: int, keep: int, is_main: bool, parts: Parts, config: dict
+    ):
         self.dir = Path(run_dir) / "checkpoints"
-        self.every, self.keep, self.is_main, self.parts, self.config = every, keep, is_main, parts, config
+        self.every, self.keep, self.is_main, self.parts, self.config = (
+            every,
+            keep,
+            is_main,
+            parts,
+            config,
+        )
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
@@ -202,9 +260,15 @@ class CheckpointManager:
         except (OSError, CheckpointError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             prev = self.latest()
-            keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-            raise CheckpointError(f"cannot write checkpoint {final}: {str(e).removeprefix('cannot write ')}; {keep}") from None
-        for old in self.complete()[:-self.keep]:
+            keep = (
+                f"the previous checkpoint {prev} is intact"
+                if prev
+                else "no earlier checkpoint exists"
+            )
+            raise CheckpointError(
+                f"cannot write checkpoint {final}: {str(e).removeprefix('cannot write ')}; {keep}"
+            ) from None
+        for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -212,17 +276,22 @@ class CheckpointManager:
         p = self.parts
         save_weights(p.model, folder / "model.safetensors", self.config, step)
         schedule = p.schedule.state_dict()
-        buf = io.BytesIO()     # serialised in memory: a failing disk then fails a plain write (OSError)
+        # serialised in memory: a failing disk then fails a plain write (OSError)
+        buf = io.BytesIO()
         torch.save({"optimizer": p.optimizer.state_dict(), "scheduler": schedule["scheduler"]}, buf)
         (folder / "optimizer.pt").write_bytes(buf.getvalue())
-        meta = dict(p.state.to_meta(), schedule_steps=schedule["steps"], metadist_config=self.config)
+        meta = dict(
+            p.state.to_meta(), schedule_steps=schedule["steps"], metadist_config=self.config
+        )
         (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if _STEP.match(p.name) and (p / "meta.json").is_file()]
+        found = [
+            p for p in self.dir.iterdir() if _STEP.match(p.name) and (p / "meta.json").is_file()
+        ]
         return sorted(found, key=lambda p: int(_STEP.match(p.name)[1]))
 
     def latest(self) -> Path | None:
@@ -240,6 +309,8 @@ class CheckpointManager:
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         p.optimizer.load_state_dict(opt_state["optimizer"])
         meta = json.loads((path / "meta.json").read_text())
-        p.schedule.load_state_dict({"scheduler": opt_state["scheduler"], "steps": meta.get("schedule_steps", 0)})
+        p.schedule.load_state_dict(
+            {"scheduler": opt_state["scheduler"], "steps": meta.get("schedule_steps", 0)}
+        )
         p.state.load_meta(meta)
         return path

@@ -6,6 +6,7 @@ names the key and what is allowed. This module imports nothing of metadist but i
 names that tables define (algo.name, algo.head_init: metadist.algorithms; model.backbone:
 metadist.models) are checked where those tables build things, and `train` checks them first.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,113 +25,152 @@ class ConfigError(MetadistError, ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = ""            # run folder name; "" -> the config file's stem (or "default")
-    root: str = "runs"        # run folder = <root>/<name>
-    fresh: bool = False       # True: ignore checkpoints in an existing run folder and start over
+    name: str = ""  # run folder name; "" -> the config file's stem (or "default")
+    root: str = "runs"  # run folder = <root>/<name>
+    fresh: bool = False  # True: ignore checkpoints in an existing run folder and start over
 
 
 @dataclass
 class FolderConfig:
     """data.source=folder only: how your class folders and split files are read
     (metadist/data/sources/folder.py)."""
-    split: str = "fractions"  # fractions | lists (train/val/test.txt) | csv (mini-ImageNet's) | folders (train/ val/ test/)
-    split_dir: str = ""       # lists and csv: where train/val/test.txt or .csv are; "" -> data.raw
-    class_depth: int = 1      # a class is a folder this many levels down (Omniglot under its root: 3)
-    test_fraction: float = 0.2    # fractions: share of classes for test (val: data.val_fraction)
-    resize: str = "stretch"   # stretch (to a square, as mini-ImageNet's preparation) | crop (shorter side, then centre)
-    invert: bool = False      # x -> 1 - x before resizing (Omniglot-like strokes; omniglot always inverts)
-    small_classes: str = "error"  # a class with fewer than shots + queries images is an error | skip (counted)
+
+    # fractions | lists (train/val/test.txt) | csv (mini-ImageNet's) | folders (train/ val/ test/)
+    split: str = "fractions"
+    split_dir: str = ""  # lists and csv: where train/val/test.txt or .csv are; "" -> data.raw
+    # a class is a folder this many levels down (Omniglot under its root: 3)
+    class_depth: int = 1
+    test_fraction: float = 0.2  # fractions: share of classes for test (val: data.val_fraction)
+    # stretch (to a square, as mini-ImageNet's preparation) | crop (shorter side, then centre)
+    resize: str = "stretch"
+    # x -> 1 - x before resizing (Omniglot-like strokes; omniglot always inverts)
+    invert: bool = False
+    # a class with fewer than shots + queries images is an error | skip (counted)
+    small_classes: str = "error"
 
 
 @dataclass
 class DataConfig:
-    source: str = "omniglot"  # omniglot | folder (your own class folders and split files: data.folder.*)
-    name: str = ""            # the dataset's name (manifests, the default shards folder); "" -> omniglot, or data.raw's folder name
-    raw: str = ""             # omniglot: zips or folders ("" -> $OMNIGLOT_DIR, else data/raw/omniglot); folder: the dataset's root
-    shards: str = ""          # folder or URL prefix (http(s)://, pipe:...); "" -> data/shards/<name>-<ways>w<shots>s<queries>q-<digest>
-    cache_dir: str = ""       # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
-    seed: int = 0             # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
-    protocol: str = "alphabets"   # omniglot: alphabets (the exercise's) | characters (the MAML paper's)
-    image_size: int = 28      # images are image_size x image_size after preprocessing
-    channels: int = 1         # 1 (grey) | 3 (RGB)
+    # omniglot | folder (your own class folders and split files: data.folder.*)
+    source: str = "omniglot"
+    # the dataset's name (manifests, the default shards folder); "" -> omniglot, or data.raw's
+    # folder name
+    name: str = ""
+    # omniglot: zips or folders ("" -> $OMNIGLOT_DIR, else data/raw/omniglot);
+    # folder: the dataset's root
+    raw: str = ""
+    # folder or URL prefix (http(s)://, pipe:...); "" ->
+    # data/shards/<name>-<ways>w<shots>s<queries>q-<digest>
+    shards: str = ""
+    # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
+    cache_dir: str = ""
+    # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
+    seed: int = 0
+    # omniglot: alphabets (the exercise's) | characters (the MAML paper's)
+    protocol: str = "alphabets"
+    image_size: int = 28  # images are image_size x image_size after preprocessing
+    channels: int = 1  # 1 (grey) | 3 (RGB)
     ways: int = 5
     shots: int = 1
-    queries: int = 1          # query images per class in every split
+    queries: int = 1  # query images per class in every split
     train_episodes: int = 20000
     val_episodes: int = 320
     test_episodes: int = 640
     episodes_per_shard: int = 1000
-    val_fraction: float = 0.2     # alphabets: share of background characters held out; folder, fractions: share of classes
-    task_aug: float = 0.0     # probability of rotating a whole training task by 90 or 270 degrees
-    num_workers: int = 0      # DataLoader workers per process for the train stream
-    device_cache: str = "auto"    # the train split resident on the device: auto (on GPU, if under 4 GB) | on | off
+    # alphabets: share of background characters held out; folder, fractions: share of classes
+    val_fraction: float = 0.2
+    task_aug: float = 0.0  # probability of rotating a whole training task by 90 or 270 degrees
+    num_workers: int = 0  # DataLoader workers per process for the train stream
+    # the train split resident on the device: auto (on GPU, if under 4 GB) | on | off
+    device_cache: str = "auto"
     folder: FolderConfig = field(default_factory=FolderConfig)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "conv4"   # conv4 | resnet12 (metadist/models/)
-    hidden: int = 64          # conv4: channels of every conv block
-    depth: int = 4            # conv4: blocks, each halving the image (28 -> 14 -> 7 -> 3 -> 1 with 4)
+    backbone: str = "conv4"  # conv4 | resnet12 (metadist/models/)
+    hidden: int = 64  # conv4: channels of every conv block
+    # conv4: blocks, each halving the image (28 -> 14 -> 7 -> 3 -> 1 with 4)
+    depth: int = 4
     widths: str = "64,160,320,640"  # resnet12: the four blocks' widths
-    dropblock: float = 0.0    # resnet12: DropBlock drop rate after blocks 3 and 4 in meta-training (0 = off)
-    init: str = ""            # a weights file to start from (same tensor names; e.g. a pretrain run's backbone.safetensors)
+    # resnet12: DropBlock drop rate after blocks 3 and 4 in meta-training (0 = off)
+    dropblock: float = 0.0
+    # a weights file to start from (same tensor names; e.g. a pretrain run's backbone.safetensors)
+    init: str = ""
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "maml"        # maml | fomaml | anil | transfer | protonet | pretrain (metadist/algorithms/__init__.py)
-    head_init: str = "learned"    # the head a task starts from: learned | zero | shared (UNICORN-MAML) | proto (Proto-MAML)
+    # maml | fomaml | anil | transfer | protonet | pretrain (metadist/algorithms/__init__.py)
+    name: str = "maml"
+    # the head a task starts from: learned | zero | shared (UNICORN-MAML) | proto (Proto-MAML)
+    head_init: str = "learned"
     inner_steps: int = 1
     inner_lr: float = 0.4
-    first_order: bool = False     # maml with first-order inner gradients (fomaml sets it)
-    first_order_steps: int = 0    # derivative-order annealing (MAML++): the first N steps first order
-    strategy: str = "auto"        # auto | batched | loop: how a rank's tasks are processed
-    tasks_per_chunk: int = 0      # exact reduce: tasks per chunk, 0 = meta_batch_size/8 (1..8 processes agree); fast: 0 = a rank's tasks in one graph
+    first_order: bool = False  # maml with first-order inner gradients (fomaml sets it)
+    # derivative-order annealing (MAML++): the first N steps first order
+    first_order_steps: int = 0
+    strategy: str = "auto"  # auto | batched | loop: how a rank's tasks are processed
+    # exact reduce: tasks per chunk, 0 = meta_batch_size/8 (1..8 processes agree); fast: 0 = a
+    # rank's tasks in one graph
+    tasks_per_chunk: int = 0
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
-    learn_inner_lr: str = "none"  # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) | element (Meta-SGD)
-    multi_step_loss: int = 0      # MAML++ multi-step loss: query loss after every inner step, annealed to the last over N meta-steps (0 = off)
-    per_step_bn: bool = False     # MAML++ per-step BatchNorm weights and biases (meta-learned, not adapted in the inner loop)
+    # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) |
+    # element (Meta-SGD)
+    learn_inner_lr: str = "none"
+    # MAML++ multi-step loss: query loss after every inner step, annealed to the last over N meta-
+    # steps (0 = off)
+    multi_step_loss: int = 0
+    # MAML++ per-step BatchNorm weights and biases (meta-learned, not adapted in the inner loop)
+    per_step_bn: bool = False
 
 
 @dataclass
 class TrainConfig:
     steps: int = 3000
-    meta_batch_size: int = 32     # global tasks per meta-step, over all processes
+    meta_batch_size: int = 32  # global tasks per meta-step, over all processes
     meta_lr: float = 1e-3
-    schedule: str = "constant"    # constant | cosine
+    schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
-    grad_clip: float = 0.0        # 0 = off; else clip the meta-gradient's global norm
+    grad_clip: float = 0.0  # 0 = off; else clip the meta-gradient's global norm
     val_every: int = 250
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    mixed_precision: str = "no"   # no | bf16 (autocast on GPU; meta-gradient stays float32)
-    cuda_graph: str = "auto"      # auto (on for CUDA) | on | off: replay each meta-step as one CUDA graph
-    max_minutes: float = 0.0      # 0 = no limit; else stop (and checkpoint) after this wall time
-    budget_schedule: bool = False  # fit the step count (and the cosine) to max_minutes, measured once per machine and shape
-    budget_probe: int = 30        # budget_schedule: steps timed before the count is fixed (the lr holds until then)
-    debug: bool = False           # single device, anomaly detection, strategy cross-check
-    collective_timeout_s: float = 600.0  # a rank that stops answering fails the launch after this long
-    sync_every: int = 0           # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU
-    reduce: str = "exact"         # exact: chunk gradients summed by a fixed tree, bit-identical for any world size | fast: one all-reduce
-    threads: int = 0              # intra-op threads per process; 0 = the launcher's default (on a CPU the rounding depends on it)
+    mixed_precision: str = "no"  # no | bf16 (autocast on GPU; meta-gradient stays float32)
+    # auto (on for CUDA) | on | off: replay each meta-step as one CUDA graph
+    cuda_graph: str = "auto"
+    max_minutes: float = 0.0  # 0 = no limit; else stop (and checkpoint) after this wall time
+    # fit the step count (and the cosine) to max_minutes, measured once per machine and shape
+    budget_schedule: bool = False
+    # budget_schedule: steps timed before the count is fixed (the lr holds until then)
+    budget_probe: int = 30
+    debug: bool = False  # single device, anomaly detection, strategy cross-check
+    # a rank that stops answering fails the launch after this long
+    collective_timeout_s: float = 600.0
+    # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU
+    sync_every: int = 0
+    # exact: chunk gradients summed by a fixed tree, bit-identical for any world size |
+    # fast: one all-reduce
+    reduce: str = "exact"
+    # intra-op threads per process; 0 = the launcher's default (on a CPU the rounding depends on it)
+    threads: int = 0
 
 
 @dataclass
 class EvalConfig:
-    inner_steps: int = 10         # test-time adaptation steps (the exercise's 10)
+    inner_steps: int = 10  # test-time adaptation steps (the exercise's 10)
     val_inner_steps: int = 3
-    tasks_per_batch: int = 64     # episodes adapted together at evaluation
-    test_episodes: int = 0        # 0 = the whole test split; else its first N episodes
+    tasks_per_batch: int = 64  # episodes adapted together at evaluation
+    test_episodes: int = 0  # 0 = the whole test split; else its first N episodes
 
 
 @dataclass
 class TrackingConfig:
-    mode: str = "offline"         # offline | online | disabled
+    mode: str = "offline"  # offline | online | disabled
     project: str = "metadist"
     entity: str = ""
-    log_model: bool = False       # upload final weights as a W&B artifact
+    log_model: bool = False  # upload final weights as a W&B artifact
 
 
 @dataclass
@@ -142,7 +182,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 0             # the run's: initialisation, the order it visits the train episodes, task augmentation
+    # the run's: initialisation, the order it visits the train episodes, task augmentation
+    seed: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,8 +208,18 @@ CHOICES = {
 
 # keys that moved: a user who sets the old one is told the new one; a saved config (a weights file's
 # metadata, an old run's config.yaml) is read with its keys moved
-MOVED = {f"data.{k}": f"data.folder.{k}" for k in
-         ("split", "split_dir", "class_depth", "test_fraction", "resize", "invert", "small_classes")}
+MOVED = {
+    f"data.{k}": f"data.folder.{k}"
+    for k in (
+        "split",
+        "split_dir",
+        "class_depth",
+        "test_fraction",
+        "resize",
+        "invert",
+        "small_classes",
+    )
+}
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -207,19 +258,26 @@ def _set(cfg: Config, key: str, value) -> None:
         fields = _fields(obj)
         if part not in fields:
             if key in MOVED:
-                raise ConfigError(f"{key} is now {MOVED[key]} (the settings of data.source=folder are grouped "
-                                  "under data.folder): set that key instead")
+                raise ConfigError(
+                    f"{key} is now {MOVED[key]} (the settings of data.source=folder are grouped "
+                    "under data.folder): set that key instead"
+                )
             where = ".".join(parts[:i]) or "top level"
             raise ConfigError(f"unknown key {key!r}: valid keys at {where} are {', '.join(fields)}")
         if i == len(parts) - 1:
             typ = typing.get_type_hints(type(obj))[part]
             if dataclasses.is_dataclass(typ):
-                raise ConfigError(f"{key} is a section; set one of its keys ({', '.join(_fields(getattr(obj, part)))})")
+                raise ConfigError(
+                    f"{key} is a section; set one of its keys "
+                    f"({', '.join(_fields(getattr(obj, part)))})"
+                )
             setattr(obj, part, _parse(key, value, typ))
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(
+                    f"unknown key {key!r}: {'.'.join(parts[: i + 1])} is not a section"
+                )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -296,6 +354,7 @@ def validate(cfg: Config) -> None:
     def need(cond: bool, key: str, what: str):
         if not cond:
             raise ConfigError(f"{key}={flat[key]!r}: {what}")
+
     for check in (_check_data, _check_model_algo, _check_train, _check_eval):
         check(cfg, need)
 
@@ -306,13 +365,20 @@ def _check_data(cfg: Config, need) -> None:
     need(d.shots >= 1, "data.shots", "must be at least 1")
     need(d.queries >= 1, "data.queries", "must be at least 1")
     if d.source == "omniglot":
-        need(d.shots + d.queries <= 20, "data.queries", "shots + queries must be at most 20 (drawings per character)")
+        need(
+            d.shots + d.queries <= 20,
+            "data.queries",
+            "shots + queries must be at most 20 (drawings per character)",
+        )
         need(d.channels == 1, "data.channels", "Omniglot is grey: 1")
     need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
     need(d.image_size >= 4, "data.image_size", "must be at least 4 pixels")
     need(d.folder.class_depth >= 1, "data.folder.class_depth", "must be at least 1")
-    need(0.0 <= d.folder.test_fraction < 1.0 and d.val_fraction + d.folder.test_fraction < 1.0,
-         "data.folder.test_fraction", "must be in [0, 1), and with data.val_fraction leave classes for train")
+    need(
+        0.0 <= d.folder.test_fraction < 1.0 and d.val_fraction + d.folder.test_fraction < 1.0,
+        "data.folder.test_fraction",
+        "must be in [0, 1), and with data.val_fraction leave classes for train",
+    )
     for k in ("train_episodes", "val_episodes", "test_episodes", "episodes_per_shard"):
         need(getattr(d, k) >= 1, f"data.{k}", "must be positive")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
@@ -329,11 +395,19 @@ def _check_model_algo(cfg: Config, need) -> None:
     need(a.inner_lr >= 0, "algo.inner_lr", "must be >= 0")
     need(a.first_order_steps >= 0, "algo.first_order_steps", "must be >= 0")
     need(a.tasks_per_chunk >= 0, "algo.tasks_per_chunk", "must be >= 0 (0 = no chunking)")
-    need(a.multi_step_loss >= 0, "algo.multi_step_loss", "must be >= 0 (meta-steps of annealing; 0 = off)")
+    need(
+        a.multi_step_loss >= 0,
+        "algo.multi_step_loss",
+        "must be >= 0 (meta-steps of annealing; 0 = off)",
+    )
     if t.reduce == "exact" and a.tasks_per_chunk:
-        need(t.meta_batch_size % a.tasks_per_chunk == 0, "algo.tasks_per_chunk",
-             f"train.reduce=exact cuts train.meta_batch_size={t.meta_batch_size} into chunks of this size: "
-             "choose a divisor")
+        need(
+            t.meta_batch_size % a.tasks_per_chunk == 0,
+            "algo.tasks_per_chunk",
+            f"train.reduce=exact cuts train.meta_batch_size={t.meta_batch_size} into chunks of "
+            "this size: "
+            "choose a divisor",
+        )
 
 
 def _check_train(cfg: Config, need) -> None:
@@ -346,8 +420,11 @@ def _check_train(cfg: Config, need) -> None:
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
-    need(not t.budget_schedule or t.max_minutes > 0, "train.budget_schedule",
-         "fits the schedule to train.max_minutes: set a time budget")
+    need(
+        not t.budget_schedule or t.max_minutes > 0,
+        "train.budget_schedule",
+        "fits the schedule to train.max_minutes: set a time budget",
+    )
     need(t.budget_probe >= 5, "train.budget_probe", "must be at least 5 (the first steps warm up)")
     need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
     need(t.sync_every >= 0, "train.sync_every", "must be >= 0 (0 = automatic)")
@@ -366,8 +443,10 @@ def shares(meta_batch_size: int, world_size: int) -> int:
     """Each rank's number of tasks per step; the global meta-batch must split evenly."""
     if meta_batch_size % world_size:
         raise ConfigError(
-            f"train.meta_batch_size={meta_batch_size} does not split evenly over {world_size} processes: "
-            f"choose a multiple of {world_size}")
+            f"train.meta_batch_size={meta_batch_size} does not split evenly over {world_size} "
+            "processes: "
+            f"choose a multiple of {world_size}"
+        )
     return meta_batch_size // world_size
 
 

@@ -7,21 +7,29 @@ which belong to the graph and are overwritten (not accumulated) by every replay,
 must not set them to None between steps. Parameters are updated in place by the optimizer, so
 the graph always reads the current weights.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
 class GraphedStep:
-    def __init__(self, fn: Callable[[dict], tuple], params: list[torch.Tensor], example: dict, warmup: int = 3):
+    def __init__(
+        self,
+        fn: Callable[[dict], tuple],
+        params: list[torch.Tensor],
+        example: dict,
+        warmup: int = 3,
+    ):
         """fn(batch) -> outputs (tensors); it must leave its gradients in params' .grad."""
         self.params = params
         self.static = {k: v.detach().clone() for k, v in example.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):           # warm-up outside the capture (cuDNN plans, allocator)
+        # warm-up outside the capture (cuDNN plans, allocator)
+        with torch.cuda.stream(side):
             for _ in range(warmup):
                 self._clear()
                 fn(self.static)
@@ -39,7 +47,7 @@ class GraphedStep:
     def __call__(self, batch: dict):
         for k, v in batch.items():
             self.static[k].copy_(v, non_blocking=True)
-        for p, g in zip(self.params, self.grads):   # re-attach, should anyone have replaced them
+        for p, g in zip(self.params, self.grads):  # re-attach, should anyone have replaced them
             p.grad = g
         self.graph.replay()
         return self.out

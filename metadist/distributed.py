@@ -22,9 +22,11 @@ answering fails the launch instead of hanging it), and a worker whose launcher d
 Exit: a process that ran gloo collectives ends through `leave()` (see there): Python's own
 interpreter shutdown can abort it after a successful run.
 """
+
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import signal
@@ -57,7 +59,7 @@ def die_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent or parent == 1:     # the launcher died before prctl took effect
+    if os.getppid() != parent or parent == 1:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -84,10 +86,8 @@ def leave(code: int) -> None:
     threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code)
 
 
@@ -99,9 +99,12 @@ def elastic_info() -> dict | None:
     """What torch elastic (torchrun) tells its workers: the restart count and limit, the run id."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    return {"restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-            "max_restarts": int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")),
-            "run_id": os.environ["TORCHELASTIC_RUN_ID"], "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1"))}
+    return {
+        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "max_restarts": int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+        "run_id": os.environ["TORCHELASTIC_RUN_ID"],
+        "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+    }
 
 
 class Dist:
@@ -113,21 +116,27 @@ class Dist:
         self.threads = torch.get_num_threads()
         self.elastic = elastic_info()
         # METADIST_CPU=1/0 forces the choice; the default uses CUDA when there is one. (=0 on a
-        # CPU-only machine reproduces the classic mistake, which the check below turns into an error.)
+        # CPU-only machine reproduces the classic mistake, which the check below turns into
+        # an error.)
         choice = os.environ.get("METADIST_CPU", "auto")
         cpu = {"1": True, "0": False}.get(choice, not torch.cuda.is_available())
         self.timeout_s = timeout_s
-        self.acc = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
+        self.acc = Accelerator(
+            cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+        )
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         self.device = self.acc.device
         if requested > 1 and (self.world != requested or not tdist.is_initialized()):
             self.acc.end_training()
-            raise DistError(f"launched for {requested} processes but this one runs alone (world size {self.world}); "
-                            "no process group was formed, so the ranks would train unsynchronised")
+            raise DistError(
+                f"launched for {requested} processes but this one runs alone (world size "
+                f"{self.world}); "
+                "no process group was formed, so the ranks would train unsynchronised"
+            )
         if tdist.is_initialized():
             global _collectives_ran
-            _collectives_ran = True        # forming the group ran collectives already
+            _collectives_ran = True  # forming the group ran collectives already
         self.reduce_seconds = 0.0
         self._buffers: dict = {}
 
@@ -136,42 +145,61 @@ class Dist:
         return self.rank == 0
 
     def seed(self, seed: int) -> None:
-        set_seed(seed)   # only initialisation draws from global RNGs; data and tasks use named generators
+        # only initialisation draws from global RNGs; data and tasks use named generators
+        set_seed(seed)
 
     def _collective(self, what: str, fn, *args):
         try:
             return fn(*args)
-        except RuntimeError as e:      # gloo/NCCL: a peer closed its connection or timed out
-            raise DistError(f"rank {self.rank}: {what} failed ({str(e).splitlines()[0][:160]}): another rank died or "
-                            f"stopped answering for train.collective_timeout_s={self.timeout_s:g}; "
-                            "launch again to resume from the last checkpoint") from None
+        except RuntimeError as e:  # gloo/NCCL: a peer closed its connection or timed out
+            raise DistError(
+                f"rank {self.rank}: {what} failed ({str(e).splitlines()[0][:160]}): another rank "
+                "died or "
+                f"stopped answering for train.collective_timeout_s={self.timeout_s:g}; "
+                "launch again to resume from the last checkpoint"
+            ) from None
 
-    def mean_gradients(self, params: list[torch.Tensor], votes: torch.Tensor, step: int) -> torch.Tensor:
+    def mean_gradients(
+        self, params: list[torch.Tensor], votes: torch.Tensor, step: int
+    ) -> torch.Tensor:
         """Average .grad of `params` over ranks in one all-reduce of a flat buffer that also carries
-        `votes` (a small float tensor); returns the votes averaged over ranks (> 0: someone voted)."""
+        `votes` (a small float tensor); returns the votes averaged over ranks (> 0: someone
+        voted)."""
         if self.world == 1:
             return votes
         t = time.perf_counter()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                         + [votes.to(params[0].device, params[0].dtype)])
-        self._collective(f"the meta-gradient all-reduce of step {step}", tdist.all_reduce, flat, tdist.ReduceOp.SUM)
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+            + [votes.to(params[0].device, params[0].dtype)]
+        )
+        self._collective(
+            f"the meta-gradient all-reduce of step {step}",
+            tdist.all_reduce,
+            flat,
+            tdist.ReduceOp.SUM,
+        )
         flat /= self.world
         n = flat.numel() - votes.numel()
         for p, g in zip(params, torch.split(flat[:n], [p.numel() for p in params])):
-            p.grad = g.view_as(p)     # views of the reduced buffer: no copy back
+            p.grad = g.view_as(p)  # views of the reduced buffer: no copy back
         self.reduce_seconds += time.perf_counter() - t
         return flat[n:]
 
     def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """A buffer kept across steps (a fresh 50 MB allocation every step costs page faults on a CPU)."""
+        """A buffer kept across steps (a fresh 50 MB allocation every step costs page faults on a
+        CPU)."""
         key = (name, shape, like.dtype, like.device)
         if key not in self._buffers:
             self._buffers = {k: v for k, v in self._buffers.items() if k[0] != name}
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
-    def exact_mean(self, mine: list[tuple[int, int, torch.Tensor]], layout: list[list[tuple[int, int]]],
-                   step: int) -> torch.Tensor:
+    def exact_mean(
+        self,
+        mine: list[tuple[int, int, torch.Tensor]],
+        layout: list[list[tuple[int, int]]],
+        step: int,
+    ) -> torch.Tensor:
         """The canonical tree sum of every rank's block sums (`mine`: this rank's (start, size,
         flat vector), `layout`: every rank's (start, size), exact.layout). Each rank sends slice j
         of its blocks to rank j (all-to-all), rank j merges its slice of every block in the one
@@ -193,12 +221,23 @@ class Dist:
             for i, (_, _, v) in enumerate(mine):
                 send[:, i].copy_(v.view(w, width))
         recv = self._buffer("recv", (w, most, width), send)
-        self._collective(f"the meta-gradient all-to-all of step {step}", tdist.all_to_all_single,
-                         recv.view(-1), send.reshape(-1))
-        part = exact.merge([(a, size, recv[r, i]) for r in range(w) for i, (a, size) in enumerate(layout[r])])
-        out = self._buffer("out", (n,), part)        # becomes the gradients, consumed before the next step
-        self._collective(f"the meta-gradient all-gather of step {step}", tdist.all_gather_single,
-                         out, part.contiguous())
+        self._collective(
+            f"the meta-gradient all-to-all of step {step}",
+            tdist.all_to_all_single,
+            recv.view(-1),
+            send.reshape(-1),
+        )
+        part = exact.merge(
+            [(a, size, recv[r, i]) for r in range(w) for i, (a, size) in enumerate(layout[r])]
+        )
+        # becomes the gradients, consumed before the next step
+        out = self._buffer("out", (n,), part)
+        self._collective(
+            f"the meta-gradient all-gather of step {step}",
+            tdist.all_gather_single,
+            out,
+            part.contiguous(),
+        )
         self.reduce_seconds += time.perf_counter() - t
         return out
 
@@ -211,7 +250,8 @@ class Dist:
         return values
 
     def gather_rows(self, x: torch.Tensor, total: int) -> torch.Tensor:
-        """Rows held round-robin (rank r has global rows r, r+W, ...) -> all `total` rows in order."""
+        """Rows held round-robin (rank r has global rows r, r+W, ...) -> all `total` rows in
+        order."""
         if self.world == 1:
             return x
         per = -(-total // self.world)

@@ -2,6 +2,7 @@
 busy run folder, a disk that refuses a checkpoint, a lost rank. `metadist` (`__main__`) prints
 such an error as one line and exits 2; every other exception is a bug and keeps its traceback.
 This module imports nothing."""
+
 from __future__ import annotations
 
 

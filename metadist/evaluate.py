@@ -2,6 +2,7 @@
 +- 95% CI (1.96 * std / sqrt(n)): `evaluate()` serves validation, the final test, `metadist
 evaluate` and bench/curve.py. `predict()` writes the query classes of a folder of test tasks.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,8 @@ import torch
 
 from metadist.algorithms.core import Inner, adapt_and_predict
 from metadist.data.episodes import to_float
-from metadist.data.stream import to_batch
 from metadist.data.sources import DataError, decode, preprocess
+from metadist.data.stream import to_batch
 from metadist.errors import MetadistError
 from metadist.models import Backbone
 
@@ -29,8 +30,15 @@ def ci95(accs) -> tuple[float, float]:
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(len(a)))
 
 
-def episode_accuracies(model: Backbone, episodes, inner: Inner, batch: int, device, strategy: str = "batched",
-                       dist=None) -> torch.Tensor:
+def episode_accuracies(
+    model: Backbone,
+    episodes,
+    inner: Inner,
+    batch: int,
+    device,
+    strategy: str = "batched",
+    dist=None,
+) -> torch.Tensor:
     """Accuracy of each episode of `episodes` (a split's Episodes: uint8 (E, n, C, H, W) gathered on
     demand, with its (ways, shots, queries)), adapting with `inner`.
     The episodes are cut into fixed batches of `batch` by their index, whatever the world size, and
@@ -41,17 +49,29 @@ def episode_accuracies(model: Backbone, episodes, inner: Inner, batch: int, devi
     params = dict(model.named_parameters())
     rows = []
     for s in range(rank * batch, len(episodes), world * batch):
-        b = {k: v.to(device) for k, v in to_batch(episodes[s:s + batch], ways, shots, queries).items()}
-        logits = adapt_and_predict(model, params, b["x_support"], b["y_support"], b["x_query"], inner, strategy)
+        b = {
+            k: v.to(device)
+            for k, v in to_batch(episodes[s : s + batch], ways, shots, queries).items()
+        }
+        logits = adapt_and_predict(
+            model, params, b["x_support"], b["y_support"], b["x_query"], inner, strategy
+        )
         acc = (logits.argmax(-1) == b["y_query"]).float().mean(1)
         rows.append(torch.cat([acc, acc.new_zeros(batch - len(acc))]))
     mine = torch.stack(rows) if rows else torch.zeros(0, batch, device=device)
     batches = dist.gather_rows(mine, -(-len(episodes) // batch)) if dist else mine
-    return batches.reshape(-1)[:len(episodes)]
+    return batches.reshape(-1)[: len(episodes)]
 
 
-def evaluate(model: Backbone, episodes, inner: Inner, batch: int, device, strategy: str = "batched",
-             dist=None) -> dict:
+def evaluate(
+    model: Backbone,
+    episodes,
+    inner: Inner,
+    batch: int,
+    device,
+    strategy: str = "batched",
+    dist=None,
+) -> dict:
     """{accuracy, ci95, episodes}: mean accuracy over the episodes after adapting with `inner`,
     `batch` episodes at a time. With `dist` (metadist.distributed.Dist) the episodes are shared
     among its ranks."""
@@ -65,8 +85,9 @@ _IMG = re.compile(r"^image_(\d+)\.png$")
 
 
 def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """The exercise's layout -> [(task id, support (ways, C, H, W) uint8, query (m, C, H, W) uint8)],
-    every image through the training preprocessing `prep` (metadist.data.prepare.preprocessing)."""
+    """The exercise's layout -> [(task id, support (ways, C, H, W) uint8, query (m, C, H, W)
+    uint8)], every image through the training preprocessing `prep`
+    (metadist.data.prepare.preprocessing)."""
     tasks_dir = Path(tasks_dir)
     sup, qry = tasks_dir / "support", tasks_dir / "query"
     if not sup.is_dir() or not qry.is_dir():
@@ -76,14 +97,28 @@ def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tenso
         raise EvalError(f"{sup}: no task folders (NNNN)")
 
     def images(folder: Path) -> torch.Tensor:
-        files = sorted(((int(m[1]), p) for p in folder.glob("*.png") if (m := _IMG.match(p.name))), key=lambda t: t[0])
+        files = sorted(
+            ((int(m[1]), p) for p in folder.glob("*.png") if (m := _IMG.match(p.name))),
+            key=lambda t: t[0],
+        )
         if not files:
             raise EvalError(f"{folder}: no image_i.png files")
         if [i for i, _ in files] != list(range(len(files))):
-            raise EvalError(f"{folder}: images must be image_0.png .. image_{len(files) - 1}.png without gaps")
+            raise EvalError(
+                f"{folder}: images must be image_0.png .. image_{len(files) - 1}.png without gaps"
+            )
         try:
-            return torch.cat([preprocess(decode(p, prep["channels"]).unsqueeze(0), prep["size"], prep["resize"],
-                                         prep["invert"]) for _, p in files])
+            return torch.cat(
+                [
+                    preprocess(
+                        decode(p, prep["channels"]).unsqueeze(0),
+                        prep["size"],
+                        prep["resize"],
+                        prep["invert"],
+                    )
+                    for _, p in files
+                ]
+            )
         except DataError as e:
             raise EvalError(str(e)) from None
 
@@ -95,17 +130,27 @@ def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tenso
     return out
 
 
-def predict(model: Backbone, inner: Inner, tasks: list, ways: int, out_csv: Path, device="cpu",
-            batch: int = 64) -> int:
+def predict(
+    model: Backbone,
+    inner: Inner,
+    tasks: list,
+    ways: int,
+    out_csv: Path,
+    device="cpu",
+    batch: int = 64,
+) -> int:
     """Adapt to each task's support (image i is class i; `tasks` from read_task_folder) with
     `inner` and write `id,class` rows in task order."""
     params = dict(model.named_parameters())
     rows, n = [], 0
     for s in range(0, len(tasks), batch):
-        group = tasks[s:s + batch]
-        for tid, sx, qx in group:
+        group = tasks[s : s + batch]
+        for tid, sx, _ in group:
             if sx.shape[0] != ways:
-                raise EvalError(f"task {tid}: {sx.shape[0]} support images (ways), the model adapts to {ways}-way tasks")
+                raise EvalError(
+                    f"task {tid}: {sx.shape[0]} support images (ways), the model adapts to "
+                    f"{ways}-way tasks"
+                )
         shapes = {(sx.shape[0], qx.shape[0]) for _, sx, qx in group}
         # tasks of equal size are adapted together; others one by one
         for part in [group] if len(shapes) == 1 else [[t] for t in group]:

@@ -9,6 +9,7 @@ blocks into the root by the same additions in the same order as one process woul
 addition of two numbers is exact to the last bit on every device, so the result is identical
 for any W (given per-chunk gradients that are identical: same thread count on a CPU).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,6 +63,6 @@ def merge(items: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
     for item in items:
         _combine(stack, item)
     total = stack[-1][2]
-    for _, _, v in reversed(stack[:-1]):     # right halves past K are absent: fold from the right
+    for _, _, v in reversed(stack[:-1]):  # right halves past K are absent: fold from the right
         total = v + total
     return total

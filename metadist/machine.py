@@ -7,6 +7,7 @@ The cache is `$METADIST_CACHE_DIR`, else `$XDG_CACHE_HOME/metadist`, else `~/.ca
 record is keyed by the machine (CPU model, torch version, intra-op threads) and the shape of what
 was measured. Concurrent runs take a lock: one measures, the others wait and read it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,7 +70,9 @@ def cached(kind: str, shape: dict, compute, say=print) -> dict:
             tmp.write_text(json.dumps(rec, indent=1) + "\n")
             os.replace(tmp, path)
             return dict(rec, cache=str(path), cached=False)
-    except OSError as e:         # no writable cache: measure for this run only, and say so
-        say(f"{kind}: cannot use the cache {folder} ({e}); measuring for this run only "
-            "(set $METADIST_CACHE_DIR to a writable folder so runs on this machine agree)")
+    except OSError as e:  # no writable cache: measure for this run only, and say so
+        say(
+            f"{kind}: cannot use the cache {folder} ({e}); measuring for this run only "
+            "(set $METADIST_CACHE_DIR to a writable folder so runs on this machine agree)"
+        )
         return dict(compute(), key=key, cache=None, cached=False)

@@ -4,6 +4,7 @@ Lock: <run.root>/.<run.name>.lock, held (flock) by the main process while it tra
 by the kernel when that process ends however it ends, so a lock left by a dead process is simply
 taken over. A second launch on a busy folder names the process that holds it and exits 2.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -41,19 +42,22 @@ class RunFolder:
         self.notes: list[str] = []
 
     def open(self) -> None:
-        """Main process: take the lock (or raise RunBusy), start over if run.fresh, write config.yaml."""
+        """Main process: take the lock (or raise RunBusy), start over if run.fresh, write
+        config.yaml."""
         if not self.is_main:
             return
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.lock_path, "a+")
+        f = open(self.lock_path, "a+")  # noqa: SIM115 (held, with its flock, until close())
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise RunBusy(f"run folder {self.dir} is in use by {holder} (lock {self.lock_path}); "
-                          "wait for that launch to end or stop it, or choose another run.name") from None
+            raise RunBusy(
+                f"run folder {self.dir} is in use by {holder} (lock {self.lock_path}); "
+                "wait for that launch to end or stop it, or choose another run.name"
+            ) from None
         f.seek(0)
         old = f.read().split()
         if old and old[0].startswith("pid=") and not _alive(int(old[0][4:])):
@@ -70,5 +74,5 @@ class RunFolder:
 
     def close(self) -> None:
         if self._lock is not None:
-            self._lock.close()         # releases the flock
+            self._lock.close()  # releases the flock
             self._lock = None

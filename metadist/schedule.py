@@ -5,6 +5,7 @@ train.max_minutes (train.budget_schedule) once it has timed the run's first step
 The count is train.steps until a budget fits another (at most train.steps); it is part of the
 schedule's state, so a resumed run keeps it.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,19 @@ class Schedule:
     cosine starts after the warm-up and after `hold` (the budget probe: the rate before the count
     is fixed cannot depend on it)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, kind: str = "constant", warmup: int = 0,
-                 hold: int = 0):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        kind: str = "constant",
+        warmup: int = 0,
+        hold: int = 0,
+    ):
         self.limit, self.kind, self.warmup, self.hold = steps, kind, warmup, hold
-        self.fixed = 0          # the budget's count, once fixed (0: not fixed)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factor(step))
+        self.fixed = 0  # the budget's count, once fixed (0: not fixed)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.factor(step)
+        )
 
     @property
     def total(self) -> int:
@@ -77,8 +86,16 @@ class BudgetFit:
         """t: the train section; shape: what the step's time depends on (the cache key, with the
         machine); evaluate_some() -> episodes: one validation on a few episodes."""
         self.on, self.probe, self.t, self.val_episodes, self.dist, self.say = (
-            t.budget_schedule, t.budget_probe, t, val_episodes, dist, say)
-        self.shape = dict(shape, world=dist.world, meta_batch_size=t.meta_batch_size, val_every=t.val_every)
+            t.budget_schedule,
+            t.budget_probe,
+            t,
+            val_episodes,
+            dist,
+            say,
+        )
+        self.shape = dict(
+            shape, world=dist.world, meta_batch_size=t.meta_batch_size, val_every=t.val_every
+        )
         self.path, self.evaluate_some = Path(run_dir) / "schedule.json", evaluate_some
         self.t0 = self.s0 = None
 
@@ -96,11 +113,16 @@ class BudgetFit:
         fit = int(60 * t.max_minutes * 0.97 / (rec["step_s"] + rec["val_s"] / t.val_every))
         schedule.fix(max(self.probe + 1, min(t.steps, fit)))
         if self.dist.is_main:
-            self.path.write_text(json.dumps(dict(rec, steps=schedule.total, fits=fit), indent=1) + "\n")
+            self.path.write_text(
+                json.dumps(dict(rec, steps=schedule.total, fits=fit), indent=1) + "\n"
+            )
             where = "cached" if rec.get("cached") else "measured"
-            self.say(f"train.budget_schedule: {rec['step_s']:.3f} s/step and {rec['val_s']:.1f} s per validation "
-                     f"({where}{', ' + rec['cache'] if rec.get('cache') else ''}): {fit} steps fit "
-                     f"{t.max_minutes:g} min; the schedule ends at step {schedule.total}")
+            self.say(
+                f"train.budget_schedule: {rec['step_s']:.3f} s/step and {rec['val_s']:.1f} s per "
+                "validation "
+                f"({where}{', ' + rec['cache'] if rec.get('cache') else ''}): {fit} steps fit "
+                f"{t.max_minutes:g} min; the schedule ends at step {schedule.total}"
+            )
         return True
 
     def _timings(self, step: int) -> dict:
@@ -109,6 +131,9 @@ class BudgetFit:
         def measure():
             t = time.perf_counter()
             episodes = self.evaluate_some()
-            val_s = (time.perf_counter() - t) * self.val_episodes / max(1, episodes) / self.dist.world
+            val_s = (
+                (time.perf_counter() - t) * self.val_episodes / max(1, episodes) / self.dist.world
+            )
             return {"step_s": timed[0] / max(1, timed[1]), "val_s": val_s}
+
         return cached("budget", self.shape, measure, self.say)

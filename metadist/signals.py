@@ -4,6 +4,7 @@ finishes its current step, the ranks agree on the step to stop at (the flag ride
 all-reduce), a checkpoint is written at that step, and the process exits with status 75
 (`metadist.errors.Preempted`). Launching again resumes there, bit-identically.
 """
+
 from __future__ import annotations
 
 import signal
@@ -20,7 +21,7 @@ class StopSignals:
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)

@@ -12,6 +12,7 @@ chunk's gradient computed alone and the chunks summed by a fixed tree (metadist/
 weights are bit-identical for any world size that splits the chunks evenly. `fast`: each rank's
 tasks in one graph (or its chunks accumulated), one all-reduce.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,10 +52,13 @@ def anomaly_guard(step: int, debug: bool):
     except RuntimeError as e:
         if not debug:
             raise
-        raise TrainError(f"step {step}: non-finite value in the meta-backward: {str(e).splitlines()[0]}") from None
+        raise TrainError(
+            f"step {step}: non-finite value in the meta-backward: {str(e).splitlines()[0]}"
+        ) from None
 
 
-EXACT_PROCESSES = 8     # exact mode's automatic chunk lets up to this many processes split a meta-batch
+# exact mode's automatic chunk lets up to this many processes split a meta-batch
+EXACT_PROCESSES = 8
 
 
 def chunk_size(reduce: str, tasks_per_chunk: int, local_tasks: int, meta_batch_size: int) -> int:
@@ -64,8 +68,14 @@ def chunk_size(reduce: str, tasks_per_chunk: int, local_tasks: int, meta_batch_s
     if reduce == "exact":
         if tasks_per_chunk:
             return tasks_per_chunk
-        return max([c for c in range(1, meta_batch_size + 1)
-                    if meta_batch_size % c == 0 and meta_batch_size // c >= EXACT_PROCESSES] or [1])
+        return max(
+            [
+                c
+                for c in range(1, meta_batch_size + 1)
+                if meta_batch_size % c == 0 and meta_batch_size // c >= EXACT_PROCESSES
+            ]
+            or [1]
+        )
     return tasks_per_chunk or local_tasks
 
 
@@ -75,6 +85,7 @@ class StepSettings:
     global and local task counts, clipping, the MAML++ schedules (first-order steps, multi-step
     loss over `inner_steps`), the seed of random layers, debug checks, bf16 autocast and the CUDA
     graph. `StepSettings.of(cfg, local_tasks, device)` builds it from a config."""
+
     reduce: str = "exact"
     chunk: int = 1
     meta_batch_size: int = 1
@@ -89,17 +100,30 @@ class StepSettings:
     graph: bool = False
 
     @classmethod
-    def of(cls, cfg, local_tasks: int, device: torch.device) -> "StepSettings":
+    def of(cls, cfg, local_tasks: int, device: torch.device) -> StepSettings:
         t, a = cfg.train, cfg.algo
         if t.cuda_graph == "on" and device.type != "cuda":
-            raise ConfigError(f"train.cuda_graph=on needs a CUDA device (this process runs on {device})")
-        return cls(reduce=t.reduce, chunk=chunk_size(t.reduce, a.tasks_per_chunk, local_tasks, t.meta_batch_size),
-                   meta_batch_size=t.meta_batch_size, local_tasks=local_tasks,
-                   clip=t.grad_clip if t.grad_clip > 0 else math.inf, first_order_steps=a.first_order_steps,
-                   multi_step_loss=a.multi_step_loss, inner_steps=a.inner_steps, seed=cfg.seed, debug=t.debug,
-                   bf16=t.mixed_precision == "bf16" and device.type == "cuda",
-                   # DropBlock draws its masks on the host each step: no captured graph then
-                   graph=device.type == "cuda" and not t.debug and t.cuda_graph != "off" and not cfg.model.dropblock)
+            raise ConfigError(
+                f"train.cuda_graph=on needs a CUDA device (this process runs on {device})"
+            )
+        return cls(
+            reduce=t.reduce,
+            chunk=chunk_size(t.reduce, a.tasks_per_chunk, local_tasks, t.meta_batch_size),
+            meta_batch_size=t.meta_batch_size,
+            local_tasks=local_tasks,
+            clip=t.grad_clip if t.grad_clip > 0 else math.inf,
+            first_order_steps=a.first_order_steps,
+            multi_step_loss=a.multi_step_loss,
+            inner_steps=a.inner_steps,
+            seed=cfg.seed,
+            debug=t.debug,
+            bf16=t.mixed_precision == "bf16" and device.type == "cuda",
+            # DropBlock draws its masks on the host each step: no captured graph then
+            graph=device.type == "cuda"
+            and not t.debug
+            and t.cuda_graph != "off"
+            and not cfg.model.dropblock,
+        )
 
 
 class FastReduction:
@@ -108,7 +132,8 @@ class FastReduction:
 
     def __init__(self, s: StepSettings, dist, params: list[torch.Tensor]):
         self.dist, self.params, self.chunk = dist, params, s.chunk
-        self.scale = 1.0 / s.local_tasks                  # then averaged over ranks by the all-reduce
+        # then averaged over ranks by the all-reduce
+        self.scale = 1.0 / s.local_tasks
         self.first_chunk = dist.rank * s.local_tasks // s.chunk
 
     def backward(self, run, rng) -> tuple:
@@ -116,7 +141,8 @@ class FastReduction:
         return run(Chunking(self.chunk, self.scale, rng=rng))
 
     def reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
-        """The meta-gradient averaged into .grad; the votes averaged over ranks (> 0: someone voted)."""
+        """The meta-gradient averaged into .grad; the votes averaged over ranks (> 0: someone
+        voted)."""
         return self.dist.mean_gradients(self.params, votes, step)
 
 
@@ -127,14 +153,17 @@ class ExactReduction:
     def __init__(self, s: StepSettings, dist, params: list[torch.Tensor]):
         if s.local_tasks % s.chunk:
             raise ConfigError(
-                f"train.reduce=exact: {s.local_tasks} tasks per process (train.meta_batch_size={s.meta_batch_size} "
-                f"over {dist.world}) do not split into chunks of algo.tasks_per_chunk={s.chunk}; choose a chunk size "
-                f"that divides {s.local_tasks}, fewer processes, or train.reduce=fast")
+                f"train.reduce=exact: {s.local_tasks} tasks per process "
+                f"(train.meta_batch_size={s.meta_batch_size} "
+                f"over {dist.world}) do not split into chunks of algo.tasks_per_chunk={s.chunk}; "
+                "choose a chunk size "
+                f"that divides {s.local_tasks}, fewer processes, or train.reduce=fast"
+            )
         self.dist, self.params, self.chunk = dist, params, s.chunk
         chunks = s.meta_batch_size // s.chunk
         self.layout = exact.layout(chunks, dist.world)
         self.first_chunk = dist.rank * (chunks // dist.world)
-        self.scale = 1.0 / s.meta_batch_size            # the same for every world size
+        self.scale = 1.0 / s.meta_batch_size  # the same for every world size
         # each chunk's flat gradient carries 2 slots for the stop votes, padded to a multiple of
         # the world size so the all-to-all sends it as it is (zeros change no sum)
         self.n_grad = sum(p.numel() for p in params)
@@ -147,14 +176,16 @@ class ExactReduction:
         return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
 
     def reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
-        """The meta-gradient into params' .grad (views of one flat buffer); the votes summed over ranks."""
+        """The meta-gradient into params' .grad (views of one flat buffer); the votes summed over
+        ranks."""
         vectors, n = out[2:], self.n_grad
-        vectors[0][n:n + 2] = votes.to(vectors[0])     # this step's own buffer (or the graph's output): no copy
+        # this step's own buffer (or the graph's output): no copy
+        vectors[0][n : n + 2] = votes.to(vectors[0])
         mine = [(a, size, v) for (a, size), v in zip(self.layout[self.dist.rank], vectors)]
         flat = self.dist.exact_mean(mine, self.layout, step)
         for p, g in zip(self.params, torch.split(flat[:n], [p.numel() for p in self.params])):
             p.grad = g.view_as(p)
-        return flat[n:n + 2]
+        return flat[n : n + 2]
 
 
 def cross_check(algo, model, params, batch, chunk: int, scale: float, tol: float = 1e-4) -> float:
@@ -162,12 +193,23 @@ def cross_check(algo, model, params, batch, chunk: int, scale: float, tol: float
     grads = []
     for strategy in ("batched", "loop"):
         model.zero_grad(set_to_none=True)
-        meta_backward(algo.task_losses, model, params, batch, strategy, Chunking(chunk, scale), algo.second_order)
+        meta_backward(
+            algo.task_losses,
+            model,
+            params,
+            batch,
+            strategy,
+            Chunking(chunk, scale),
+            algo.second_order,
+        )
         grads.append(torch.cat([p.grad.flatten() for p in params.values()]))
     model.zero_grad(set_to_none=True)
     err = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max().clamp_min(1e-12)).item()
     if err > tol:
-        raise TrainError(f"debug cross-check: batched and loop meta-gradients differ by {err:.2e} (relative), over {tol}")
+        raise TrainError(
+            f"debug cross-check: batched and loop meta-gradients differ by {err:.2e} (relative), "
+            f"over {tol}"
+        )
     return err
 
 
@@ -175,21 +217,43 @@ class MetaStep:
     """algorithms: {first_order: Algorithm} (the variants derivative-order annealing switches
     between); optimizer and schedule: what the step takes after the reduction."""
 
-    def __init__(self, model: torch.nn.Module, algorithms: dict, dist, settings: StepSettings, optimizer, schedule,
-                 say=print):
-        self.model, self.algorithms, self.dist, self.s, self.say = model, algorithms, dist, settings, say
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        algorithms: dict,
+        dist,
+        settings: StepSettings,
+        optimizer,
+        schedule,
+        say=print,
+    ):
+        self.model, self.algorithms, self.dist, self.s, self.say = (
+            model,
+            algorithms,
+            dist,
+            settings,
+            say,
+        )
         self.optimizer, self.schedule = optimizer, schedule
         self.params = dict(model.named_parameters())
         self.param_list = list(self.params.values())
-        self.reduction = (ExactReduction if settings.reduce == "exact" else FastReduction)(settings, dist, self.param_list)
+        self.reduction = (ExactReduction if settings.reduce == "exact" else FastReduction)(
+            settings, dist, self.param_list
+        )
         self.run = self._graphed if settings.graph else self._eager
         self.strategy = None
         # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
-        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if settings.bf16
-                    else contextlib.nullcontext())
-        self.graphs = {}     # the captured meta-step of each variant, on CUDA
+        self.amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+            if settings.bf16
+            else contextlib.nullcontext()
+        )
+        self.graphs = {}  # the captured meta-step of each variant, on CUDA
         if settings.first_order_steps and self.second_order:
-            say(f"derivative-order annealing: steps 1..{settings.first_order_steps} first order, then second order")
+            say(
+                f"derivative-order annealing: steps 1..{settings.first_order_steps} first order, "
+                "then second order"
+            )
 
     @property
     def chunk(self) -> int:
@@ -213,6 +277,7 @@ class MetaStep:
         def rng(i: int) -> torch.Generator:
             seed = np.random.SeedSequence([self.s.seed, 17, step, first + i]).generate_state(1)[0]
             return torch.Generator().manual_seed(int(seed))
+
         return rng
 
     def backward(self, first_order: bool, batch: dict, step: int = 0) -> tuple:
@@ -220,8 +285,16 @@ class MetaStep:
         algo = self.algorithms[first_order]
 
         def run(cut: Chunking):
-            return meta_backward(algo.task_losses, self.model, self.params, batch, self.strategy, cut,
-                                 algo.second_order)
+            return meta_backward(
+                algo.task_losses,
+                self.model,
+                self.params,
+                batch,
+                self.strategy,
+                cut,
+                algo.second_order,
+            )
+
         return self.reduction.backward(run, self._chunk_rng(step))
 
     def _eager(self, variant: tuple, batch: dict, step: int) -> tuple:
@@ -231,7 +304,9 @@ class MetaStep:
     def _graphed(self, variant: tuple, batch: dict, step: int) -> tuple:
         """Fast mode on CUDA: the graph overwrites .grad on every replay, no zeroing."""
         if variant not in self.graphs:
-            self.graphs[variant] = GraphedStep(lambda b: self.backward(variant[0], b), self.param_list, batch)
+            self.graphs[variant] = GraphedStep(
+                lambda b: self.backward(variant[0], b), self.param_list, batch
+            )
         return self.graphs[variant](batch)
 
     def _with_msl(self, step: int, batch: dict) -> tuple[dict, bool]:
@@ -250,9 +325,18 @@ class MetaStep:
         batch, msl = self._with_msl(step, batch)
         with anomaly_guard(step + 1, self.s.debug):
             if self.s.debug and step == 0:
-                err = cross_check(self.algorithms[first_order], self.model, self.params, batch, self.s.chunk,
-                                  1.0 / self.s.local_tasks)
-                self.say(f"debug: batched vs loop meta-gradient agree (max relative difference {err:.1e})")
+                err = cross_check(
+                    self.algorithms[first_order],
+                    self.model,
+                    self.params,
+                    batch,
+                    self.s.chunk,
+                    1.0 / self.s.local_tasks,
+                )
+                self.say(
+                    "debug: batched vs loop meta-gradient agree (max relative difference "
+                    f"{err:.1e})"
+                )
             with self.amp:
                 out = self.run((first_order, msl), batch, step)
         agreed = self.reduction.reduce(out, votes(), step + 1)
@@ -270,18 +354,28 @@ class MetaStep:
         ways, shots, queries = episode
         g = torch.Generator().manual_seed(0)
         n = min(tasks, self.s.chunk)
-        batch = {"x_support": torch.rand(n, ways * shots, *image_shape, generator=g),
-                 "y_support": torch.arange(ways).repeat_interleave(shots).expand(n, -1),
-                 "x_query": torch.rand(n, ways * queries, *image_shape, generator=g),
-                 "y_query": torch.arange(ways).repeat_interleave(queries).expand(n, -1)}
+        batch = {
+            "x_support": torch.rand(n, ways * shots, *image_shape, generator=g),
+            "y_support": torch.arange(ways).repeat_interleave(shots).expand(n, -1),
+            "x_query": torch.rand(n, ways * queries, *image_shape, generator=g),
+            "y_query": torch.arange(ways).repeat_interleave(queries).expand(n, -1),
+        }
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
         algo = self.algorithms[False]
 
         def run(strategy: str) -> int:
-            meta_backward(algo.task_losses, self.model, self.params, batch, strategy, Chunking(0, 1.0 / n),
-                          algo.second_order)
+            meta_backward(
+                algo.task_losses,
+                self.model,
+                self.params,
+                batch,
+                strategy,
+                Chunking(0, 1.0 / n),
+                algo.second_order,
+            )
             self.model.zero_grad(set_to_none=True)
             return n
+
         return run
 
 
@@ -289,8 +383,22 @@ def from_config(cfg, model: torch.nn.Module, dist, local_tasks: int, say=print) 
     """The meta-step a config describes: Adam at train.meta_lr (fused on a GPU: one launch for all
     tensors), its Schedule, the algorithm in both derivative orders, the step settings."""
     t = cfg.train
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.meta_lr, fused=dist.device.type == "cuda" or None)
-    schedule = Schedule(optimizer, t.steps, t.schedule, t.warmup_steps, t.budget_probe if t.budget_schedule else 0)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=t.meta_lr, fused=dist.device.type == "cuda" or None
+    )
+    schedule = Schedule(
+        optimizer, t.steps, t.schedule, t.warmup_steps, t.budget_probe if t.budget_schedule else 0
+    )
     cls = algorithms.get(cfg.algo)
-    variants = {fo: cls.build(cfg.algo, model, cfg.data.ways, first_order=fo) for fo in (False, True)}
-    return MetaStep(model, variants, dist, StepSettings.of(cfg, local_tasks, dist.device), optimizer, schedule, say)
+    variants = {
+        fo: cls.build(cfg.algo, model, cfg.data.ways, first_order=fo) for fo in (False, True)
+    }
+    return MetaStep(
+        model,
+        variants,
+        dist,
+        StepSettings.of(cfg, local_tasks, dist.device),
+        optimizer,
+        schedule,
+        say,
+    )

@@ -12,6 +12,7 @@ time): the one owner of the rule, the measurement, its cache and its record.
 - A run records what it used and why (`<run>/strategy.json`, and every checkpoint's state), and a
   resumed run keeps it, whatever the cache says by then.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,9 +39,11 @@ def measure(run_chunk, rounds: int = 2) -> dict[str, float]:
 
 def cached_choice(shape: dict, run_chunk, say=print) -> dict:
     """The measured strategy for this machine and shape (see `cached`)."""
+
     def compute():
         speed = measure(run_chunk)
         return {"strategy": max(speed, key=speed.get), "tasks_per_s": speed}
+
     return cached("strategy", shape, compute, say)
 
 
@@ -52,6 +55,11 @@ def choose(requested: str, device: torch.device, shape: dict, run_chunk, say=pri
         return {"strategy": "batched", "why": f"algo.strategy=auto on {device.type}: batched"}
     rec = cached_choice(shape, run_chunk, say)
     speeds = ", ".join(f"{k} {v:.1f}" for k, v in rec["tasks_per_s"].items())
-    where = f"cached in {rec['cache']}" if rec.get("cached") else (f"measured now, cached in {rec['cache']}"
-                                                                     if rec.get("cache") else "measured now")
-    return dict(rec, why=f"algo.strategy=auto on this CPU: {speeds} tasks/s ({where}): {rec['strategy']}")
+    where = (
+        f"cached in {rec['cache']}"
+        if rec.get("cached")
+        else (f"measured now, cached in {rec['cache']}" if rec.get("cache") else "measured now")
+    )
+    return dict(
+        rec, why=f"algo.strategy=auto on this CPU: {speeds} tasks/s ({where}): {rec['strategy']}"
+    )

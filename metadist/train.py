@@ -13,6 +13,7 @@ offline files. Launching again on an existing run folder resumes from its latest
 checkpoint, with any number of processes (run.fresh=true starts over). Progress: a bar on a
 terminal; one plain line per log step when stderr is a file (SLURM's .out, `kubectl logs`, CI).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,14 @@ from tqdm import tqdm
 from metadist import LAUNCHED, algorithms, models
 from metadist import config as config_mod
 from metadist import strategy as strategy_mod
-from metadist.checkpoint import CheckpointManager, Parts, TrainState, load_init, load_weights, save_weights
+from metadist.checkpoint import (
+    CheckpointManager,
+    Parts,
+    TrainState,
+    load_init,
+    load_weights,
+    save_weights,
+)
 from metadist.config import Config, ConfigError
 from metadist.data.prepare import ensure, shards_dir
 from metadist.data.store import read_manifest
@@ -55,12 +63,15 @@ class StopVotes:
 
     def __init__(self, limit_s: float, every: int, signals: StopSignals, device: torch.device):
         self.limit, self.every, self.signals, self.pending = limit_s, every, signals, None
-        self.clock = lambda: math.inf   # set by the loop: the run's training time so far
-        # every possible vote, already on the device: picking one is a view, never a host->device copy
+        self.clock = lambda: math.inf  # set by the loop: the run's training time so far
+        # every possible vote, already on the device: picking one is a view, never a
+        # host->device copy
         self.table = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], device=device)
 
     def votes(self) -> torch.Tensor:
-        return self.table[2 * int(self.clock() >= self.limit) + int(self.signals.received is not None)]
+        return self.table[
+            2 * int(self.clock() >= self.limit) + int(self.signals.received is not None)
+        ]
 
     def check(self, agreed: torch.Tensor, step: int) -> str | None:
         """None, "time" or "signal" (a signal wins)."""
@@ -79,16 +90,26 @@ class Progress:
 
     def __init__(self, total, initial: int, enabled: bool, say):
         self.total, self.say, self.enabled = total, say, enabled
-        self.bar = tqdm(total=total(), initial=initial, dynamic_ncols=True, file=sys.stderr) \
-            if enabled and sys.stderr.isatty() else None
+        self.bar = (
+            tqdm(total=total(), initial=initial, dynamic_ncols=True, file=sys.stderr)
+            if enabled and sys.stderr.isatty()
+            else None
+        )
 
     def show(self, rec: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}",
-                                 tps=f"{rec['tasks_per_s']:.0f}")
+            self.bar.set_postfix(
+                loss=f"{rec['loss']:.3f}",
+                acc=f"{rec['accuracy']:.3f}",
+                tps=f"{rec['tasks_per_s']:.0f}",
+            )
         elif self.enabled:
-            self.say(f"step {rec['step']}/{self.total()}: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} "
-                     f"{rec['tasks_per_s']:.1f} tasks/s lr {rec['lr']:.3g} ({rec['elapsed_s'] / 60:.1f} min)")
+            self.say(
+                f"step {rec['step']}/{self.total()}: loss {rec['loss']:.4f} accuracy "
+                f"{rec['accuracy']:.4f} "
+                f"{rec['tasks_per_s']:.1f} tasks/s lr {rec['lr']:.3g} ({rec['elapsed_s'] / 60:.1f} "
+                "min)"
+            )
 
     def write(self, line: str) -> None:
         if self.bar is not None:
@@ -113,7 +134,14 @@ class Logger:
     last) one record: metrics.jsonl (its file, opened by `open`), W&B and the progress display."""
 
     def __init__(self, every: int, tasks: int, dist: Dist, tracker, progress: Progress, lr):
-        self.every, self.tasks, self.dist, self.tracker, self.progress, self.lr = every, tasks, dist, tracker, progress, lr
+        self.every, self.tasks, self.dist, self.tracker, self.progress, self.lr = (
+            every,
+            tasks,
+            dist,
+            tracker,
+            progress,
+            lr,
+        )
         self.file = None
         self._reset()
 
@@ -124,7 +152,11 @@ class Logger:
             if resumed_step is None:
                 path.unlink()
             else:
-                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resumed_step]
+                kept = [
+                    ln
+                    for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= resumed_step
+                ]
                 path.write_text("".join(ln + "\n" for ln in kept))
         self.file = open(path, "a")  # noqa: SIM115 (open for the whole run; closed by close())
 
@@ -146,14 +178,26 @@ class Logger:
         if not (state.step % self.every == 0 or last):
             return {}
         dev = self.dist.device
-        sums = self.dist.sum(torch.stack([torch.as_tensor(self.loss, device=dev, dtype=torch.float32),
-                                          torch.as_tensor(self.acc, device=dev, dtype=torch.float32),
-                                          torch.tensor(float(self.n), device=dev)])).tolist()
+        sums = self.dist.sum(
+            torch.stack(
+                [
+                    torch.as_tensor(self.loss, device=dev, dtype=torch.float32),
+                    torch.as_tensor(self.acc, device=dev, dtype=torch.float32),
+                    torch.tensor(float(self.n), device=dev),
+                ]
+            )
+        ).tolist()
         if not math.isfinite(sums[0]):
             raise TrainError(f"step {state.step}: non-finite meta-loss")
-        rec = {"step": state.step, "loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2],
-               "tasks_per_s": self.steps * self.tasks / (time.perf_counter() - self.t0), "lr": self.lr(),
-               "grad_norm": float(grad_norm), "elapsed_s": state.elapsed}
+        rec = {
+            "step": state.step,
+            "loss": sums[0] / sums[2],
+            "accuracy": sums[1] / sums[2],
+            "tasks_per_s": self.steps * self.tasks / (time.perf_counter() - self.t0),
+            "lr": self.lr(),
+            "grad_norm": float(grad_norm),
+            "elapsed_s": state.elapsed,
+        }
         if dev.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
         self._reset()
@@ -174,7 +218,13 @@ class Validator:
     episodes); the best weights go to the main process's `save_best(step, accuracy)`."""
 
     def __init__(self, every: int, measure, save_best, is_main: bool, progress: Progress):
-        self.every, self.measure, self.save_best, self.is_main, self.progress = every, measure, save_best, is_main, progress
+        self.every, self.measure, self.save_best, self.is_main, self.progress = (
+            every,
+            measure,
+            save_best,
+            is_main,
+            progress,
+        )
 
     def __call__(self, state: TrainState, last: bool, rec: dict) -> dict:
         if not (state.step % self.every == 0 or last):
@@ -184,18 +234,23 @@ class Validator:
             state.best_val, state.best_step = v, state.step
             if self.is_main:
                 self.save_best(state.step, v)
-        self.progress.write(f"step {state.step}: val accuracy {v:.4f} (best {state.best_val:.4f} at step {state.best_step})")
+        self.progress.write(
+            f"step {state.step}: val accuracy {v:.4f} (best {state.best_val:.4f} at step "
+            f"{state.best_step})"
+        )
         return dict(rec or {"step": state.step, "elapsed_s": state.elapsed}, val_accuracy=v)
 
 
 def train(cfg: Config, log=print) -> dict:
-    algorithms.check(cfg.algo)           # the names the tables define, before anything starts
+    algorithms.check(cfg.algo)  # the names the tables define, before anything starts
     models.check(cfg.model)
     dist = Dist(cfg.train.collective_timeout_s, cfg.train.threads)
     run = RunFolder(cfg.run, config_mod.to_yaml(cfg), dist.is_main)
     try:
         with StopSignals() as signals:
-            return Trainer(cfg, dist, run, signals, log if dist.is_main else (lambda *a, **k: None)).fit()
+            return Trainer(
+                cfg, dist, run, signals, log if dist.is_main else (lambda *a, **k: None)
+            ).fit()
     finally:
         run.close()
         dist.close()
@@ -222,7 +277,9 @@ class Trainer:
         t = self.cfg.train
         if t.debug:
             if self.dist.world > 1:
-                raise ConfigError("train.debug runs a single process on one device; launch it without accelerate")
+                raise ConfigError(
+                    "train.debug runs a single process on one device; launch it without accelerate"
+                )
             torch.autograd.set_detect_anomaly(True)
             torch.use_deterministic_algorithms(True)
         failed = None
@@ -233,15 +290,23 @@ class Trainer:
             except Exception as e:
                 failed = e
         if self.dist.broadcast_object(failed is not None):
-            raise failed if failed is not None else TrainError("the main process could not set up the run (see its error)")
+            raise (
+                failed
+                if failed is not None
+                else TrainError("the main process could not set up the run (see its error)")
+            )
         for note in run.notes:
             self.say(note)
         if e := self.dist.elastic:
-            self.say(f"torch elastic: run {e['run_id']}, restart {e['restart']} of at most {e['max_restarts']}, "
-                     f"{e['nodes']} node(s), {self.dist.world} process(es)")
+            self.say(
+                f"torch elastic: run {e['run_id']}, restart {e['restart']} of at most "
+                f"{e['max_restarts']}, "
+                f"{e['nodes']} node(s), {self.dist.world} process(es)"
+            )
         self.root = shards_dir(self.cfg.data)
         self.train_manifest = read_manifest(self.root, "train")
-        self.image_shape = tuple(self.train_manifest["image_shape"])     # the shape travels from the shards
+        # the shape travels from the shards
+        self.image_shape = tuple(self.train_manifest["image_shape"])
 
     def _build_model(self) -> None:
         """The algorithm's class, the model its head needs (initialised from the run's seed, or
@@ -249,16 +314,27 @@ class Trainer:
         cfg = self.cfg
         self.algo_class = algorithms.get(cfg.algo)
         self.dist.seed(cfg.seed)
-        rows = self.algo_class.head_rows(cfg.algo, cfg.data.ways, len(self.train_manifest["classes"]))
+        rows = self.algo_class.head_rows(
+            cfg.algo, cfg.data.ways, len(self.train_manifest["classes"])
+        )
         self.model = build_model(cfg.model, cfg.algo, self.image_shape, rows).to(self.device)
         if cfg.model.init:
             kept = load_init(self.model, cfg.model.init)
-            self.say(f"model.init={cfg.model.init}: started from its tensors"
-                     + (f"; at their initialisation: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else ""))
+            self.say(
+                f"model.init={cfg.model.init}: started from its tensors"
+                + (
+                    "; at their initialisation: "
+                    f"{', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}"
+                    if kept
+                    else ""
+                )
+            )
 
     def _build_step(self) -> None:
         """The meta-step, with the optimizer, the schedule and the algorithm it steps with."""
-        self.meta_step = step_from_config(self.cfg, self.model, self.dist, self.local_tasks, self.say)
+        self.meta_step = step_from_config(
+            self.cfg, self.model, self.dist, self.local_tasks, self.say
+        )
         self.optimizer, self.schedule = self.meta_step.optimizer, self.meta_step.schedule
         self.settings, self.algorithm = self.meta_step.s, self.meta_step.algorithms[False]
 
@@ -266,16 +342,33 @@ class Trainer:
         """The latest checkpoint (unless run.fresh), the strategy, and what this launch records."""
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.run_dir, t.checkpoint_every, t.keep_checkpoints, dist.is_main,
-                                             Parts(self.model, self.optimizer, self.schedule, self.state), self.config)
+        self.checkpoints = CheckpointManager(
+            self.run_dir,
+            t.checkpoint_every,
+            t.keep_checkpoints,
+            dist.is_main,
+            Parts(self.model, self.optimizer, self.schedule, self.state),
+            self.config,
+        )
         self.resumed = None if cfg.run.fresh else self.checkpoints.restore()
         if self.resumed is not None:
-            self.say(f"resuming {self.run_dir} from {self.resumed.name} (written by {self.state.world_size} "
-                     f"process(es), now {dist.world})")
-            if self.device.type == "cpu" and self.state.threads and self.state.threads != dist.threads:
-                self.say(f"note: this launch runs {dist.threads} intra-op thread(s) per process, the checkpoint's "
-                         f"{self.state.threads}: on a CPU the float32 rounding of the steps from here differs "
-                         "(set train.threads to keep it)")
+            self.say(
+                f"resuming {self.run_dir} from {self.resumed.name} (written by "
+                f"{self.state.world_size} "
+                f"process(es), now {dist.world})"
+            )
+            if (
+                self.device.type == "cpu"
+                and self.state.threads
+                and self.state.threads != dist.threads
+            ):
+                self.say(
+                    f"note: this launch runs {dist.threads} intra-op thread(s) per process, the "
+                    "checkpoint's "
+                    f"{self.state.threads}: on a CPU the float32 rounding of the steps from here "
+                    "differs "
+                    "(set train.threads to keep it)"
+                )
         self._decide_strategy()
         s = self.state
         s.reduce, s.tasks_per_chunk, s.threads = t.reduce, self.settings.chunk, dist.threads
@@ -290,7 +383,10 @@ class Trainer:
         path, state, choice = self.run_dir / "strategy.json", self.state, None
         if self.dist.is_main:
             if state.strategy:
-                choice = {"strategy": state.strategy, "why": state.strategy_why or "kept from the checkpoint"}
+                choice = {
+                    "strategy": state.strategy,
+                    "why": state.strategy_why or "kept from the checkpoint",
+                }
             elif state.step and path.is_file():
                 choice = dict(json.loads(path.read_text()), why="kept from strategy.json")
             else:
@@ -304,46 +400,102 @@ class Trainer:
     def _new_strategy(self) -> dict:
         a, d = self.cfg.algo, self.cfg.data
         if self.cfg.train.debug:
-            return {"strategy": "batched" if a.strategy == "auto" else a.strategy,
-                    "why": "debug mode (the first step cross-checks it against the loop)"}
+            return {
+                "strategy": "batched" if a.strategy == "auto" else a.strategy,
+                "why": "debug mode (the first step cross-checks it against the loop)",
+            }
         runner = self.meta_step.chunk_runner((d.ways, d.shots, d.queries), self.image_shape)
         return strategy_mod.choose(a.strategy, self.device, self.chunk_shape(), runner, self.say)
 
     def chunk_shape(self) -> dict:
         """What decides a chunk's speed (the strategy and budget caches' key, with the machine)."""
         c, a, d = self.cfg, self.cfg.algo, self.cfg.data
-        return {"model": c.to_dict()["model"], "image": list(self.image_shape), "ways": d.ways, "shots": d.shots,
-                "queries": d.queries, "algo": a.name, "second_order": self.meta_step.second_order,
-                "inner_steps": a.inner_steps, "learn_inner_lr": a.learn_inner_lr, "per_step_bn": a.per_step_bn,
-                "tasks_per_chunk": self.settings.chunk, "head_init": self.algorithm.train_inner.head_init,
-                "device": self.device.type}
+        return {
+            "model": c.to_dict()["model"],
+            "image": list(self.image_shape),
+            "ways": d.ways,
+            "shots": d.shots,
+            "queries": d.queries,
+            "algo": a.name,
+            "second_order": self.meta_step.second_order,
+            "inner_steps": a.inner_steps,
+            "learn_inner_lr": a.learn_inner_lr,
+            "per_step_bn": a.per_step_bn,
+            "tasks_per_chunk": self.settings.chunk,
+            "head_init": self.algorithm.train_inner.head_init,
+            "device": self.device.type,
+        }
+
+    def _build_stream(self):
+        """This rank's training batches from the resumed step (the algorithm says which), the train
+        split resident on the device when data.device_cache says so."""
+        cfg, t, d, dist = self.cfg, self.cfg.train, self.cfg.data, self.dist
+        train_split = EpisodeSource(self.root, "train", cfg.seed, d.cache_dir)
+        resident = d.device_cache == "on" or (
+            d.device_cache == "auto"
+            and self.device.type == "cuda"
+            and train_split.manifest["bytes"] < 4 * 2**30
+        )
+        spec = StreamSpec(
+            cfg.seed,
+            t.meta_batch_size,
+            dist.rank,
+            dist.world,
+            self.state.step,
+            t.steps,
+            d.task_aug,
+            d.num_workers,
+            self.device if resident else None,
+        )
+        return self.algorithm.stream(train_split, spec)
 
     def _build_loop(self) -> None:
-        """The stream from the resumed step, the logger, the validator, the stop votes, the budget."""
+        """The stream, the logger, the validator, the stop votes, the budget."""
         cfg, t, d, dist = self.cfg, self.cfg.train, self.cfg.data, self.dist
         self.val_episodes = EpisodeSource(self.root, "val", cache_dir=d.cache_dir).all()
-        train_split = EpisodeSource(self.root, "train", cfg.seed, d.cache_dir)
-        resident = d.device_cache == "on" or (d.device_cache == "auto" and self.device.type == "cuda"
-                                              and train_split.manifest["bytes"] < 4 * 2**30)
-        spec = StreamSpec(cfg.seed, t.meta_batch_size, dist.rank, dist.world, self.state.step, t.steps, d.task_aug,
-                          d.num_workers, self.device if resident else None)
-        self.stream = self.algorithm.stream(train_split, spec)
-        self.tracker = make_tracker(cfg.tracking, cfg.run.name, self.config, self.run_dir, dist.is_main)
-        self.progress = Progress(lambda: self.schedule.total, self.state.step, dist.is_main, self.say)
-        self.logger = Logger(t.log_every, t.meta_batch_size, dist, self.tracker, self.progress, self.schedule.lr)
+        self.stream = self._build_stream()
+        self.tracker = make_tracker(
+            cfg.tracking, cfg.run.name, self.config, self.run_dir, dist.is_main
+        )
+        self.progress = Progress(
+            lambda: self.schedule.total, self.state.step, dist.is_main, self.say
+        )
+        self.logger = Logger(
+            t.log_every, t.meta_batch_size, dist, self.tracker, self.progress, self.schedule.lr
+        )
         if dist.is_main:
-            self.logger.open(self.run_dir / "metrics.jsonl", self.state.step if self.resumed else None)
-        self.validator = Validator(t.val_every, lambda: self.evaluate(self.val_episodes, cfg.eval.val_inner_steps, dist),
-                                   self._save_best, dist.is_main, self.progress)
-        self.stop = StopVotes(60 * t.max_minutes if dist.is_main and t.max_minutes else math.inf,
-                              t.sync_every or (10 if self.device.type == "cuda" else 1), self.signals, self.device)
-        self.budget = BudgetFit(t, d.val_episodes, self.chunk_shape(), dist, self.run_dir, self._evaluate_some, self.say)
+            self.logger.open(
+                self.run_dir / "metrics.jsonl", self.state.step if self.resumed else None
+            )
+        self.validator = Validator(
+            t.val_every,
+            lambda: self.evaluate(self.val_episodes, cfg.eval.val_inner_steps, dist),
+            self._save_best,
+            dist.is_main,
+            self.progress,
+        )
+        self.stop = StopVotes(
+            60 * t.max_minutes if dist.is_main and t.max_minutes else math.inf,
+            t.sync_every or (10 if self.device.type == "cuda" else 1),
+            self.signals,
+            self.device,
+        )
+        self.budget = BudgetFit(
+            t, d.val_episodes, self.chunk_shape(), dist, self.run_dir, self._evaluate_some, self.say
+        )
 
     # ---- pieces the components call ----
     def evaluate(self, episodes, steps: int, dist=None) -> float:
         inner = self.algorithm.test_inner(steps, self.cfg.algo.inner_lr, self.model.head_names())
-        return evaluate(self.model, episodes, inner, self.cfg.eval.tasks_per_batch, self.device, self.state.strategy,
-                        dist)["accuracy"]
+        return evaluate(
+            self.model,
+            episodes,
+            inner,
+            self.cfg.eval.tasks_per_batch,
+            self.device,
+            self.state.strategy,
+            dist,
+        )["accuracy"]
 
     def _evaluate_some(self) -> int:
         """One validation on a few val episodes (the budget schedule times it)."""
@@ -357,10 +509,20 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         t, state, device = self.cfg.train, self.state, self.device
-        self.say(f"training {self.cfg.algo.name} ({state.strategy}, reduce={t.reduce}, {self.settings.chunk} task(s) "
-                 f"per chunk) on {self.dist.world} process(es), {device}, {self.dist.threads} thread(s) each: "
-                 f"{t.meta_batch_size} tasks/step ({self.local_tasks} per process), steps {state.step}..{t.steps}")
-        start_wall, start_elapsed, self.start_step, stop = time.perf_counter(), state.elapsed, state.step, None
+        self.say(
+            f"training {self.cfg.algo.name} ({state.strategy}, reduce={t.reduce}, "
+            f"{self.settings.chunk} task(s) "
+            f"per chunk) on {self.dist.world} process(es), {device}, {self.dist.threads} thread(s) "
+            "each: "
+            f"{t.meta_batch_size} tasks/step ({self.local_tasks} per process), steps "
+            f"{state.step}..{t.steps}"
+        )
+        start_wall, start_elapsed, self.start_step, stop = (
+            time.perf_counter(),
+            state.elapsed,
+            state.step,
+            None,
+        )
         self.stop.clock = lambda: start_elapsed + time.perf_counter() - start_wall
         try:
             for batch in self.stream:
@@ -375,12 +537,15 @@ class Trainer:
                 stop = self.stop.check(agreed, state.step)
                 last = state.step >= self.schedule.total or stop is not None
                 self.logger.add(loss_sum, acc_sum, self.local_tasks)
-                self.logger.write(self.validator(state, last, self.logger.record(state, last, grad_norm)))
+                self.logger.write(
+                    self.validator(state, last, self.logger.record(state, last, grad_norm))
+                )
                 if self.checkpoints.due(state.step, last):
                     self.checkpoints.save(state.step)
-                    self.dist.barrier()   # no rank runs ahead of a checkpoint being written
+                    self.dist.barrier()  # no rank runs ahead of a checkpoint being written
                 self.progress.update()
-                if last:     # a stop vote, or the step count (the budget's may end before the stream)
+                # a stop vote, or the step count (the budget's may end before the stream)
+                if last:
                     break
         finally:
             self.progress.close()
@@ -391,10 +556,15 @@ class Trainer:
         if stop == "signal":
             self.tracker.finish()
             path = self.checkpoints.dir / f"step_{self.state.step:06d}"
-            raise Preempted(f"stopped by {self.signals.received or 'a signal on another rank'} after step "
-                            f"{self.state.step}: checkpoint {path} written; launch the same command again to resume")
+            raise Preempted(
+                f"stopped by {self.signals.received or 'a signal on another rank'} after step "
+                f"{self.state.step}: checkpoint {path} written; launch the same command again to "
+                "resume"
+            )
         if stop == "time":
-            self.say(f"train.max_minutes={self.cfg.train.max_minutes} reached at step {self.state.step}")
+            self.say(
+                f"train.max_minutes={self.cfg.train.max_minutes} reached at step {self.state.step}"
+            )
         return self.finish()
 
     def finish(self) -> dict:
@@ -408,16 +578,32 @@ class Trainer:
             self.model.load_state_dict(load_weights(best)[0])
         if dist.is_main:
             for name, tensors in self.algorithm.outputs(self.model).items():
-                save_weights(self.model, self.run_dir / name, self.config, state.best_step or state.step,
-                             state.best_val, tensors=tensors)
-        test = EpisodeSource(self.root, "test", cache_dir=cfg.data.cache_dir).all(cfg.eval.test_episodes)
-        inner = self.algorithm.test_inner(cfg.eval.inner_steps, cfg.algo.inner_lr, self.model.head_names())
-        r = evaluate(self.model, test, inner, cfg.eval.tasks_per_batch, self.device, state.strategy, dist)
+                save_weights(
+                    self.model,
+                    self.run_dir / name,
+                    self.config,
+                    state.best_step or state.step,
+                    state.best_val,
+                    tensors=tensors,
+                )
+        test = EpisodeSource(self.root, "test", cache_dir=cfg.data.cache_dir).all(
+            cfg.eval.test_episodes
+        )
+        inner = self.algorithm.test_inner(
+            cfg.eval.inner_steps, cfg.algo.inner_lr, self.model.head_names()
+        )
+        r = evaluate(
+            self.model, test, inner, cfg.eval.tasks_per_batch, self.device, state.strategy, dist
+        )
         summary = self._summary(r)
         if dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            self.say(f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} episodes, "
-                     f"{cfg.eval.inner_steps} inner steps); {state.step} steps in {state.elapsed / 60:.1f} min")
+            self.say(
+                f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} "
+                "episodes, "
+                f"{cfg.eval.inner_steps} inner steps); {state.step} steps in "
+                f"{state.elapsed / 60:.1f} min"
+            )
             self.tracker.summary(summary)
             if cfg.tracking.log_model:
                 self.tracker.log_model(self.run_dir / "model.safetensors")
@@ -426,13 +612,27 @@ class Trainer:
 
     def _summary(self, r: dict) -> dict:
         cfg, dist, s = self.cfg, self.dist, self.state
-        return {"test_accuracy": r["accuracy"], "test_ci95": r["ci95"], "test_episodes": r["episodes"],
-                "test_set": test_set_id(self.root), "test_inner_steps": cfg.eval.inner_steps,
-                "best_val_accuracy": s.best_val, "best_step": s.best_step, "steps": s.step,
-                "wall_time_s": s.elapsed, "tasks_per_s": s.tasks_seen / max(s.elapsed, 1e-9), "world_size": dist.world,
-                "strategy": s.strategy, "reduce": s.reduce, "tasks_per_chunk": s.tasks_per_chunk,
-                "threads": dist.threads, "algorithm": cfg.algo.name, "seed": cfg.seed, "data_seed": cfg.data.seed,
-                "allreduce_ms_per_step": 1000 * dist.reduce_seconds / max(1, s.step - self.start_step)}
+        return {
+            "test_accuracy": r["accuracy"],
+            "test_ci95": r["ci95"],
+            "test_episodes": r["episodes"],
+            "test_set": test_set_id(self.root),
+            "test_inner_steps": cfg.eval.inner_steps,
+            "best_val_accuracy": s.best_val,
+            "best_step": s.best_step,
+            "steps": s.step,
+            "wall_time_s": s.elapsed,
+            "tasks_per_s": s.tasks_seen / max(s.elapsed, 1e-9),
+            "world_size": dist.world,
+            "strategy": s.strategy,
+            "reduce": s.reduce,
+            "tasks_per_chunk": s.tasks_per_chunk,
+            "threads": dist.threads,
+            "algorithm": cfg.algo.name,
+            "seed": cfg.seed,
+            "data_seed": cfg.data.seed,
+            "allreduce_ms_per_step": 1000 * dist.reduce_seconds / max(1, s.step - self.start_step),
+        }
 
 
 def test_set_id(root) -> str:

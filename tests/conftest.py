@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic Omniglot in the official layout (folders and zips, from
 metadist.data.synthetic), built in tmp, and small configs pointing at it. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,14 +14,16 @@ from pathlib import Path
 import pytest
 
 from metadist import config
-from metadist.data.synthetic import write_synthetic, zip_sets  # noqa: F401  (tests import them from here)
+from metadist.data.synthetic import write_synthetic, zip_sets
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one worker per core: each (and every process it starts) computes on one
     # thread, or the workers' thread pools fight over the cores
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     import torch
+
     torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def strategy_cache(tmp_path_factory):
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def float64():
     """torch's default dtype float64 for one test (exactness checks against references)."""
     import torch
+
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -64,9 +68,12 @@ def model_for(cfg: config.Config, image_shape=None):
     """The model `cfg` describes, for its data.channels and data.image_size (or `image_shape`)."""
     from metadist.algorithms import get
     from metadist.models import build_model
+
     d = cfg.data
     rows = get(cfg.algo).head_rows(cfg.algo, d.ways, 0)
-    return build_model(cfg.model, cfg.algo, image_shape or (d.channels, d.image_size, d.image_size), rows)
+    return build_model(
+        cfg.model, cfg.algo, image_shape or (d.channels, d.image_size, d.image_size), rows
+    )
 
 
 class OneProcess:
@@ -75,6 +82,7 @@ class OneProcess:
 
     def __init__(self, rank: int = 0, world: int = 1):
         import torch
+
         self.rank, self.world, self.device = rank, world, torch.device("cpu")
 
     def mean_gradients(self, params, votes, step):
@@ -82,15 +90,31 @@ class OneProcess:
 
     def exact_mean(self, mine, layout, step):
         from metadist import exact
+
         return exact.merge(mine)
 
 
 def small_overrides(raw: Path, tmp: Path, **extra) -> list[str]:
-    base = {"data.raw": raw, "data.shards": tmp / "shards", "data.train_episodes": 96, "data.val_episodes": 16,
-            "data.test_episodes": 24, "data.episodes_per_shard": 16, "run.root": tmp / "runs", "run.name": "t",
-            "tracking.mode": "disabled", "model.hidden": 8, "train.meta_batch_size": 8, "train.steps": 4,
-            "train.val_every": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.tasks_per_batch": 8,
-            "algo.strategy": "batched"}   # fixed: auto measures the CPU, and runs compared bit for bit must agree
+    base = {
+        "data.raw": raw,
+        "data.shards": tmp / "shards",
+        "data.train_episodes": 96,
+        "data.val_episodes": 16,
+        "data.test_episodes": 24,
+        "data.episodes_per_shard": 16,
+        "run.root": tmp / "runs",
+        "run.name": "t",
+        "tracking.mode": "disabled",
+        "model.hidden": 8,
+        "train.meta_batch_size": 8,
+        "train.steps": 4,
+        "train.val_every": 2,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "eval.tasks_per_batch": 8,
+        # fixed: auto measures the CPU, and runs compared bit for bit must agree
+        "algo.strategy": "batched",
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -99,6 +123,7 @@ def small_overrides(raw: Path, tmp: Path, **extra) -> list[str]:
 def small_cfg(omniglot_dir, tmp_path):
     def make(**extra) -> config.Config:
         return config.load(None, small_overrides(omniglot_dir, tmp_path, **extra))
+
     return make
 
 
@@ -106,6 +131,7 @@ def small_cfg(omniglot_dir, tmp_path):
 def prepared(tmp_path_factory, omniglot_dir):
     """Shards of the synthetic set (alphabets protocol), prepared once per session."""
     from metadist.data.prepare import prepare
+
     tmp = tmp_path_factory.mktemp("prepared")
     cfg = config.load(None, small_overrides(omniglot_dir, tmp))
     prepare(cfg.data, log=lambda *a: None)
@@ -115,6 +141,7 @@ def prepared(tmp_path_factory, omniglot_dir):
 def copy_prepared(prepared: config.Config, tmp: Path) -> Path:
     """A copy of the session's prepared shards (to damage or serve): the shards root."""
     from metadist.data.prepare import shards_dir
+
     dst = tmp / "shards"
     shutil.copytree(shards_dir(prepared.data), dst)
     return dst
@@ -127,8 +154,14 @@ def free_port() -> int:
 
 
 def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "metadist", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "metadist", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def accelerate_bin() -> str:
@@ -145,19 +178,33 @@ def trained(tmp_path_factory, omniglot_dir):
     return tmp, args, r
 
 
-
 @pytest.fixture
 def http_server():
     """`python -m http.server` on 127.0.0.1 and a free port, serving a folder; stopped afterwards.
     Yields start(folder) -> base URL."""
     import time
     import urllib.request
+
     procs = []
 
     def start(folder: Path) -> str:
         port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                                       "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "http.server",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--directory",
+                    str(folder),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
             try:
@@ -166,6 +213,7 @@ def http_server():
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("http.server did not start")
+
     yield start
     for p in procs:
         p.terminate()

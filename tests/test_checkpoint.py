@@ -27,21 +27,38 @@ def test_failed_checkpoint_write_loses_nothing(omniglot_dir, tmp_path):
 
     from metadist.checkpoint import CheckpointManager
     from tests.conftest import ROOT
-    args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2, "model.hidden": 16})
+
+    args = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{"train.steps": 4, "train.checkpoint_every": 2, "model.hidden": 16},
+    )
     assert run_cli("train", *args, "run.name=straight").returncode == 0
     assert run_cli("train", *args, "run.name=t", "train.steps=2").returncode == 0
     run = tmp_path / "runs" / "t"
     model_bytes = (run / "checkpoints" / "step_000002" / "model.safetensors").stat().st_size
-    limit = int(1.5 * model_bytes)          # model files fit, optimizer.pt (two Adam moments) does not
+    # model files fit, optimizer.pt (two Adam moments) does not
+    limit = int(1.5 * model_bytes)
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    r = subprocess.run([sys.executable, "-m", "metadist", "train", *map(str, args), "run.name=t"], cwd=ROOT,
-                       capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+
+    r = subprocess.run(
+        [sys.executable, "-m", "metadist", "train", *map(str, args), "run.name=t"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert "cannot write checkpoint" in line and "step_000004" in line and "step_000002 is intact" in line
+    assert (
+        "cannot write checkpoint" in line
+        and "step_000004" in line
+        and "step_000002 is intact" in line
+    )
     assert "Traceback" not in r.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
     assert CheckpointManager(run, 2, 2, False, None, {}).latest().name == "step_000002"

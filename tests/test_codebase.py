@@ -1,6 +1,7 @@
 """The codebase's own rules, checked on its source: short functions with few parameters, and
 imports that point one way (models/ and algorithms/ import no accelerate, torch.distributed,
 wandb or webdataset; config.py imports nothing of metadist but its errors)."""
+
 import ast
 from pathlib import Path
 
@@ -25,9 +26,16 @@ def params(fn: ast.FunctionDef) -> int:
 
 
 def test_no_function_is_longer_than_50_lines_or_takes_more_than_7_parameters():
-    long = [f"{p}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)" for p, fn in functions()
-            if fn.end_lineno - fn.lineno + 1 > MAX_LINES]
-    wide = [f"{p}:{fn.lineno} {fn.name} ({params(fn)} parameters)" for p, fn in functions() if params(fn) > MAX_PARAMS]
+    long = [
+        f"{p}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
+        for p, fn in functions()
+        if fn.end_lineno - fn.lineno + 1 > MAX_LINES
+    ]
+    wide = [
+        f"{p}:{fn.lineno} {fn.name} ({params(fn)} parameters)"
+        for p, fn in functions()
+        if params(fn) > MAX_PARAMS
+    ]
     assert not long and not wide, "\n".join(long + wide)
 
 
@@ -56,4 +64,6 @@ def test_models_and_algorithms_import_no_distribution_tracking_or_shards(package
 
 
 def test_config_imports_nothing_of_metadist_but_errors():
-    assert {m for m in imports(PACKAGE / "config.py") if m.startswith("metadist")} == {"metadist.errors"}
+    assert {m for m in imports(PACKAGE / "config.py") if m.startswith("metadist")} == {
+        "metadist.errors"
+    }

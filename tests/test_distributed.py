@@ -9,6 +9,8 @@ sums in another order than one process does) allow WEIGHT_TOL (max absolute diff
 Adam steps at lr 1e-3, i.e. under 1% of one step), or, on a CPU whose kernels round more, 10x what
 reordering the same sum inside one process does there; losses to 1e-5 relative.
 """
+
+import contextlib
 import json
 import os
 import signal
@@ -28,16 +30,35 @@ WEIGHT_TOL = 1e-5
 def launch_cmd(nproc: int, args, port=None, machines=1, machine_rank=0):
     if nproc == 1 and machines == 1:
         return [sys.executable, "-m", "metadist", "train", *map(str, args)]
-    cmd = [accelerate_bin(), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", str(machines),
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
+    cmd = [
+        accelerate_bin(),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        str(machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+    ]
     if machines > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     return cmd + ["-m", "metadist", "train", *map(str, args)]
 
 
 def train(nproc, args, env=None, timeout=600):
-    r = subprocess.run(launch_cmd(nproc, args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                       env=dict(os.environ, **(env or {})))
+    r = subprocess.run(
+        launch_cmd(nproc, args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
     return r
 
 
@@ -52,17 +73,33 @@ def max_diff(a, b):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, omniglot_dir):
     tmp = tmp_path_factory.mktemp("dist")
-    args = small_overrides(omniglot_dir, tmp, **{"train.steps": 3, "train.val_every": 3, "train.checkpoint_every": 3,
-                                                 "algo.inner_steps": 2, "model.hidden": 16})
-    r = run_cli("prepare", *args)            # shards once, before the ranks start
+    args = small_overrides(
+        omniglot_dir,
+        tmp,
+        **{
+            "train.steps": 3,
+            "train.val_every": 3,
+            "train.checkpoint_every": 3,
+            "algo.inner_steps": 2,
+            "model.hidden": 16,
+        },
+    )
+    r = run_cli("prepare", *args)  # shards once, before the ranks start
     assert r.returncode == 0, r.stderr
     return tmp, args
 
 
 def exact_args(base, steps):
     tmp, args = base
-    return tmp, args + ["train.threads=1", "model.hidden=8", "algo.inner_steps=1", f"train.steps={steps}",
-                        "train.val_every=50", "train.checkpoint_every=1000", "train.log_every=10"]
+    return tmp, args + [
+        "train.threads=1",
+        "model.hidden=8",
+        "algo.inner_steps=1",
+        f"train.steps={steps}",
+        "train.val_every=50",
+        "train.checkpoint_every=1000",
+        "train.log_every=10",
+    ]
 
 
 def test_1_2_4_processes_are_bit_identical_after_100_steps(base):
@@ -75,10 +112,16 @@ def test_1_2_4_processes_are_bit_identical_after_100_steps(base):
         assert f"on {n} process(es)" in r.stdout and "reduce=exact" in r.stdout
         runs[n] = tmp / "runs" / f"x{n}"
     ref = weights(runs[1])
-    ref_val = [m.get("val_accuracy") for m in map(json.loads, (runs[1] / "metrics.jsonl").read_text().splitlines())]
+    ref_val = [
+        m.get("val_accuracy")
+        for m in map(json.loads, (runs[1] / "metrics.jsonl").read_text().splitlines())
+    ]
     for n in (2, 4):
         assert max_diff(ref, weights(runs[n])) == 0.0, n
-        val = [m.get("val_accuracy") for m in map(json.loads, (runs[n] / "metrics.jsonl").read_text().splitlines())]
+        val = [
+            m.get("val_accuracy")
+            for m in map(json.loads, (runs[n] / "metrics.jsonl").read_text().splitlines())
+        ]
         assert val == ref_val
         s1, sn = (json.loads((runs[k] / "summary.json").read_text()) for k in (1, n))
         assert sn["world_size"] == n and sn["test_accuracy"] == s1["test_accuracy"]
@@ -93,7 +136,9 @@ def test_a_run_resumed_2_then_1_then_4_processes_equals_the_uninterrupted_one(ba
         assert r.returncode == 0, r.stderr[-3000:]
         if upto > 20:
             assert f"from step_{upto - 20:06d}" in r.stdout and f", now {n})" in r.stdout
-    meta = json.loads((tmp / "runs" / "hopped" / "checkpoints" / "step_000060" / "meta.json").read_text())
+    meta = json.loads(
+        (tmp / "runs" / "hopped" / "checkpoints" / "step_000060" / "meta.json").read_text()
+    )
     assert meta["world_size"] == 4 and meta["reduce"] == "exact" and meta["data_position"] == 60 * 8
     # constant learning rate: the legs stopped at 20 and 40 take the same steps as the run of 60
     assert max_diff(weights(tmp / "runs" / "straight-x"), weights(tmp / "runs" / "hopped")) == 0.0
@@ -122,11 +167,15 @@ def test_fast_mode_agrees_within_float32_reordering(base):
         assert r.returncode == 0, r.stderr[-3000:]
         runs[n] = tmp / "runs" / f"f{n}"
     ref = weights(runs[1])
-    r = train(1, args + ["run.name=f1-chunked", "algo.tasks_per_chunk=4"])       # the same sum, reordered
+    # the same sum, reordered
+    r = train(1, args + ["run.name=f1-chunked", "algo.tasks_per_chunk=4"])
     assert r.returncode == 0, r.stderr[-3000:]
     tol = max(WEIGHT_TOL, 10 * max_diff(ref, weights(tmp / "runs" / "f1-chunked")))
     assert max_diff(ref, weights(runs[2])) <= tol
-    a, b = ([json.loads(x) for x in (runs[k] / "metrics.jsonl").read_text().splitlines()] for k in (1, 2))
+    a, b = (
+        [json.loads(x) for x in (runs[k] / "metrics.jsonl").read_text().splitlines()]
+        for k in (1, 2)
+    )
     for x, y in zip(a, b):
         assert x["step"] == y["step"] and abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
 
@@ -136,32 +185,57 @@ def test_five_seeds_train_from_one_shard_set_without_raw_data(base, tmp_path):
     the shard folder's bytes are unchanged, every run is tested on the same test episodes, and
     the seeds really give different runs."""
     import hashlib
+
     tmp, args = base
     shards = tmp / "shards"
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards.rglob("*") if p.is_file()}
+    before = {
+        p: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards.rglob("*") if p.is_file()
+    }
     env = {k: v for k, v in os.environ.items() if k != "OMNIGLOT_DIR"}
-    a = [x for x in args if not x.startswith("data.raw=")] + ["data.raw=/nonexistent", "train.steps=2"]
+    a = [x for x in args if not x.startswith("data.raw=")] + [
+        "data.raw=/nonexistent",
+        "train.steps=2",
+    ]
     summaries = []
     for seed in range(5):
-        r = subprocess.run([sys.executable, "-m", "metadist", "train", *a, f"seed={seed}", f"run.name=seed{seed}"],
-                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-m", "metadist", "train", *a, f"seed={seed}", f"run.name=seed{seed}"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert "preparing" not in r.stdout
         summaries.append(json.loads((tmp / "runs" / f"seed{seed}" / "summary.json").read_text()))
-    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards.rglob("*") if p.is_file()} == before
-    assert len({s["test_set"] for s in summaries}) == 1 and all(s["test_episodes"] == 24 for s in summaries)
-    assert [s["seed"] for s in summaries] == [0, 1, 2, 3, 4] and {s["data_seed"] for s in summaries} == {0}
+    assert {
+        p: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards.rglob("*") if p.is_file()
+    } == before
+    assert len({s["test_set"] for s in summaries}) == 1 and all(
+        s["test_episodes"] == 24 for s in summaries
+    )
+    assert [s["seed"] for s in summaries] == [0, 1, 2, 3, 4] and {
+        s["data_seed"] for s in summaries
+    } == {0}
     w = [weights(tmp / "runs" / f"seed{k}") for k in range(5)]
     assert all(max_diff(w[0], w[k]) > 0 for k in range(1, 5))
 
 
 def test_sigkill_and_resume_equals_uninterrupted(base):
     tmp, args = base
-    args = args + ["train.steps=40", "train.checkpoint_every=5", "train.val_every=20", "model.hidden=32"]
+    args = args + [
+        "train.steps=40",
+        "train.checkpoint_every=5",
+        "train.val_every=20",
+        "model.hidden=32",
+    ]
     r = train(2, args + ["run.name=straight"])
     assert r.returncode == 0, r.stderr[-3000:]
     cmd = launch_cmd(2, args + ["run.name=killed"])
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = tmp / "runs" / "killed" / "checkpoints" / "step_000010" / "meta.json"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -185,8 +259,16 @@ def test_two_nodes_on_loopback_equal_one_process(base):
     tmp, args = base
     port = free_port()
     a = args + ["run.name=nodes"]
-    procs = [subprocess.Popen(launch_cmd(2, a, port, machines=2, machine_rank=r), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            launch_cmd(2, a, port, machines=2, machine_rank=r),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert "on 2 process(es)" in outs[0][0]
@@ -196,34 +278,43 @@ def test_two_nodes_on_loopback_equal_one_process(base):
 
 
 def test_uneven_split_is_a_clear_error(base):
-    tmp, args = base
+    _tmp, args = base
     r = train(3, args + ["run.name=uneven"])
     assert r.returncode != 0
     assert "train.meta_batch_size=8 does not split evenly over 3 processes" in r.stderr
 
 
 def test_launch_without_process_group_is_an_error(base):
-    tmp, args = base
-    r = train(2, args + ["run.name=nogroup"], env={"METADIST_CPU": "0"})   # Accelerator(cpu=False) on a CPU machine
+    _tmp, args = base
+    # Accelerator(cpu=False) on a CPU machine
+    r = train(2, args + ["run.name=nogroup"], env={"METADIST_CPU": "0"})
     assert r.returncode != 0
     assert "no process group was formed" in r.stderr
 
 
 def test_twenty_consecutive_two_process_launches_exit_zero(base):
-    tmp, args = base
+    _tmp, args = base
     for i in range(20):
-        r = train(2, args + [f"run.name=rep{i}", "train.steps=1", "train.val_every=1", "eval.test_episodes=8"])
+        r = train(
+            2,
+            args
+            + [f"run.name=rep{i}", "train.steps=1", "train.val_every=1", "eval.test_episodes=8"],
+        )
         assert r.returncode == 0, (i, r.stderr[-3000:])
 
 
 def test_offline_tracking_records_config_metrics_and_summary(base):
     from tests.wandb_log import read_run
+
     tmp, args = base
-    r = train(2, args + ["run.name=tracked", "tracking.mode=offline", "train.steps=4", "train.val_every=2"])
+    r = train(
+        2,
+        args + ["run.name=tracked", "tracking.mode=offline", "train.steps=4", "train.val_every=2"],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp / "runs" / "tracked"
     files = list(run.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files          # the main process only
+    assert len(files) == 1, files  # the main process only
     got = read_run(files[0])
     assert got["run"] == "tracked"
     assert got["config"]["train"]["steps"] == 4 and got["config"]["algo"]["name"] == "maml"
@@ -235,7 +326,10 @@ def test_offline_tracking_records_config_metrics_and_summary(base):
     assert got["summary"]["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     assert "test_ci95" in got["summary"]
     # a resumed run continues the same W&B run
-    r = train(1, args + ["run.name=tracked", "tracking.mode=offline", "train.steps=6", "train.val_every=2"])
+    r = train(
+        1,
+        args + ["run.name=tracked", "tracking.mode=offline", "train.steps=6", "train.val_every=2"],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ids = {p.name.split("-")[-1] for p in run.glob("wandb/offline-run-*")}
     assert ids == {(run / "wandb_id").read_text().strip()}
@@ -259,20 +353,32 @@ def test_sigterm_to_the_launcher_checkpoints_that_step_and_resumes_exactly(base)
     due): both ranks finish the step, agree where to stop, one checkpoint is written at that step;
     the relaunch resumes there and ends with the uninterrupted run's weights."""
     tmp, args = base
-    args = args + ["train.steps=60", "train.checkpoint_every=1000", "train.val_every=1000", "model.hidden=32",
-                   "train.log_every=1"]
+    args = args + [
+        "train.steps=60",
+        "train.checkpoint_every=1000",
+        "train.val_every=1000",
+        "model.hidden=32",
+        "train.log_every=1",
+    ]
     r = train(2, args + ["run.name=term-straight"])
     assert r.returncode == 0, r.stderr[-3000:]
-    proc = subprocess.Popen(launch_cmd(2, args + ["run.name=term"]), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        launch_cmd(2, args + ["run.name=term"]),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp / "runs" / "term" / "metrics.jsonl"
     _wait_for_steps(metrics, 8, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     at = _steps_logged(metrics)[-1]
     assert 8 <= at < 60 and f"after step {at}" in err
-    assert sorted(p.name for p in (tmp / "runs" / "term" / "checkpoints").iterdir()) == [f"step_{at:06d}"]
+    assert sorted(p.name for p in (tmp / "runs" / "term" / "checkpoints").iterdir()) == [
+        f"step_{at:06d}"
+    ]
     r = train(2, args + ["run.name=term"])
     assert r.returncode == 0 and f"from step_{at:06d}" in r.stdout, r.stderr[-3000:]
     assert max_diff(weights(tmp / "runs" / "term-straight"), weights(tmp / "runs" / "term")) == 0.0
@@ -283,48 +389,84 @@ def test_a_stopped_rank_fails_the_launch_within_the_collective_timeout(base):
     all-reduce after train.collective_timeout_s, the launch exits non-zero, and a relaunch resumes
     exactly from the last checkpoint."""
     tmp, args = base
-    args = args + ["train.steps=40", "train.checkpoint_every=5", "train.val_every=1000", "model.hidden=32",
-                   "train.collective_timeout_s=10"]
-    proc = subprocess.Popen(launch_cmd(2, args + ["run.name=stuck"]), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = args + [
+        "train.steps=40",
+        "train.checkpoint_every=5",
+        "train.val_every=1000",
+        "model.hidden=32",
+        "train.collective_timeout_s=10",
+    ]
+    proc = subprocess.Popen(
+        launch_cmd(2, args + ["run.name=stuck"]),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for_steps(tmp / "runs" / "stuck" / "metrics.jsonl", 6, proc)
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    workers = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+    ]
     assert len(workers) == 2, workers
     stopped = time.time()
     os.kill(workers[1], signal.SIGSTOP)
     try:
-        out, err = proc.communicate(timeout=10 + 60)
+        _out, err = proc.communicate(timeout=10 + 60)
     finally:
         for w in workers:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert proc.returncode != 0 and time.time() - stopped < 10 + 60
     assert "collective_timeout_s=10" in err and "rank 0" in err
     r = train(2, args + ["run.name=stuck"])
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
     r = train(2, args + ["run.name=stuck-straight"])
-    assert max_diff(weights(tmp / "runs" / "stuck-straight"), weights(tmp / "runs" / "stuck")) == 0.0
+    assert (
+        max_diff(weights(tmp / "runs" / "stuck-straight"), weights(tmp / "runs" / "stuck")) == 0.0
+    )
 
 
 def test_workers_stop_when_their_launcher_is_killed(base):
     """SIGKILL to the launcher alone: its workers get SIGTERM (PR_SET_PDEATHSIG), checkpoint and
     exit instead of training on as orphans; the relaunch then owns the folder and resumes."""
     tmp, args = base
-    args = args + ["train.steps=400", "train.checkpoint_every=1000", "train.val_every=1000", "model.hidden=32"]
-    proc = subprocess.Popen(launch_cmd(2, args + ["run.name=orphan"]), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = args + [
+        "train.steps=400",
+        "train.checkpoint_every=1000",
+        "train.val_every=1000",
+        "model.hidden=32",
+    ]
+    proc = subprocess.Popen(
+        launch_cmd(2, args + ["run.name=orphan"]),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_for_steps(tmp / "runs" / "orphan" / "metrics.jsonl", 3, proc)
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    workers = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+    ]
     assert len(workers) == 2
     proc.kill()
     proc.wait()
     deadline = time.time() + 60
-    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
-                                         open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
+    while time.time() < deadline and any(
+        os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
+        for w in workers
+    ):
         time.sleep(0.1)
-    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    alive = [
+        w
+        for w in workers
+        if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
+    ]
     assert not alive, f"orphaned workers still running: {alive}"
     ckpts = list((tmp / "runs" / "orphan" / "checkpoints").iterdir())
     assert len(ckpts) == 1 and not (tmp / "runs" / "orphan" / "summary.json").exists()
@@ -338,10 +480,22 @@ def test_two_nodes_stream_their_shards_over_http_without_raw_data(base, http_ser
     tmp, args = base
     url = http_server(tmp / "shards")
     env = {k: v for k, v in os.environ.items() if k != "OMNIGLOT_DIR"}
-    a = [x for x in args if not x.startswith(("data.raw=", "data.shards="))] + [f"data.shards={url}", "run.name=http-nodes"]
+    a = [x for x in args if not x.startswith(("data.raw=", "data.shards="))] + [
+        f"data.shards={url}",
+        "run.name=http-nodes",
+    ]
     port = free_port()
-    procs = [subprocess.Popen(launch_cmd(2, a, port, machines=2, machine_rank=r), cwd=tmp, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            launch_cmd(2, a, port, machines=2, machine_rank=r),
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     r = train(1, args + ["run.name=http-single"])
@@ -352,10 +506,17 @@ def test_two_nodes_stream_their_shards_over_http_without_raw_data(base, http_ser
 
 def test_maml_plus_plus_settings_are_world_size_invariant_and_resume_exactly(base):
     """Per-step rates, the multi-step loss (annealed across the resume point) and per-step
-    BatchNorm weights: 2 processes equal 1, and a 2-process run resumed midway equals one that was not."""
+    BatchNorm weights: 2 processes equal 1, and a 2-process run resumed midway equals one that was
+    not."""
     tmp, args = base
-    args = args + ["algo.learn_inner_lr=layer_step", "algo.multi_step_loss=4", "algo.per_step_bn=true",
-                   "train.steps=6", "train.checkpoint_every=3", "train.val_every=3"]
+    args = args + [
+        "algo.learn_inner_lr=layer_step",
+        "algo.multi_step_loss=4",
+        "algo.per_step_bn=true",
+        "train.steps=6",
+        "train.checkpoint_every=3",
+        "train.val_every=3",
+    ]
     for n, name in ((1, "pp1"), (2, "pp2")):
         r = train(n, args + [f"run.name={name}"])
         assert r.returncode == 0, r.stderr[-3000:]

@@ -1,11 +1,12 @@
 """Episodes: layout (support then query, class-major) against the source drawings; the sampler's
 draws; task augmentation."""
+
 import numpy as np
 import torch
 
-from metadist.data.sources import omniglot
 from metadist.data.episodes import labels, rotate_tasks, task_rotations
 from metadist.data.prepare import shards_dir
+from metadist.data.sources import omniglot
 from metadist.data.store import read_manifest
 from metadist.data.stream import EpisodeSource
 
@@ -23,11 +24,16 @@ def test_episode_layout_matches_labels(prepared):
     bg = omniglot.load(prepared.data.raw, "images_background")
     ways, shots, queries = m["ways"], m["shots"], m["queries"]
     ys, yq = labels(ways, shots), labels(ways, queries)
-    assert x.shape == (ways * (shots + queries), 1, 28, 28) and record.shape == (ways * (shots + queries), 3)
+    assert x.shape == (ways * (shots + queries), 1, 28, 28) and record.shape == (
+        ways * (shots + queries),
+        3,
+    )
     for i, img in enumerate(x):
         c = (ys[i] if i < ways * shots else yq[i - ways * shots]).item()
-        assert record[i, 0] == record[c * shots if i < ways * shots else i, 0]        # one class per label
-        name = m["classes"][record[i, 0]]                                              # images_background/<alphabet>/<character>
+        # one class per label
+        assert record[i, 0] == record[c * shots if i < ways * shots else i, 0]
+        # images_background/<alphabet>/<character>
+        name = m["classes"][record[i, 0]]
         drawings = bg.images[bg.names.index(tuple(name.split("/")[1:]))]
         assert np.array_equal(img, np.rot90(drawings[record[i, 1]], record[i, 2], axes=(-2, -1))), i
 
@@ -36,6 +42,7 @@ def test_sampler_draws_are_those_of_choice_over_the_class_list():
     """Picking classes by index draws exactly what numpy's choice over the list itself draws
     (the sampler before format 2 chose from the list of character indices)."""
     from metadist.data.episodes import sample_episode
+
     chars = [3, 8, 9, 14, 20, 21, 30]
     for seed in range(20):
         a, b = np.random.default_rng(seed), np.random.default_rng(seed)
@@ -45,7 +52,9 @@ def test_sampler_draws_are_those_of_choice_over_the_class_list():
         drawers = [b.choice(20, size=3, replace=False) for _ in range(5)]
         assert [chars[c] for c in rec[::1, 0][:5]] == list(picked)
         assert list(rec[:5, 2]) == list(rots)
-        assert [list(rec[[c, 5 + 2 * c, 6 + 2 * c], 1]) for c in range(5)] == [list(d) for d in drawers]
+        assert [list(rec[[c, 5 + 2 * c, 6 + 2 * c], 1]) for c in range(5)] == [
+            list(d) for d in drawers
+        ]
 
 
 def test_task_augmentation_rotates_whole_tasks():

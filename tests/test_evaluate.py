@@ -1,5 +1,6 @@
 """Evaluation and prediction: predict on exported tasks equals evaluate; bad task folders and bad
 weights give one clear line and exit 2."""
+
 import csv
 import json
 
@@ -23,9 +24,9 @@ def test_predict_on_exported_tasks_equals_evaluate(trained):
     rows = list(csv.reader(open(tmp / "out.csv")))
     assert rows[0] == ["id", "class"] and len(rows) == 1 + 24 * 5
     assert [int(x[0]) for x in rows[1:]] == list(range(120))
-    truth = list(range(5)) * 24                        # query image j of every task is class j
+    truth = list(range(5)) * 24  # query image j of every task is class j
     acc = sum(int(x[1]) == t for x, t in zip(rows[1:], truth)) / len(truth)
-    assert abs(acc - ev["accuracy"]) < 1e-6          # per-episode accuracies are float32
+    assert abs(acc - ev["accuracy"]) < 1e-6  # per-episode accuracies are float32
 
 
 def test_predict_input_errors(trained, tmp_path):
@@ -36,7 +37,7 @@ def test_predict_input_errors(trained, tmp_path):
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "empty", "--out", tmp_path / "o.csv")
     assert r.returncode == 2 and "no task folders" in r.stderr
     r = run_cli("export-tasks", *args, "--split", "test", "--out", tmp_path / "t", "--limit", "2")
-    (tmp_path / "t" / "support" / "0001" / "image_4.png").unlink()          # a 4-way task
+    (tmp_path / "t" / "support" / "0001" / "image_4.png").unlink()  # a 4-way task
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "t", "--out", tmp_path / "o.csv")
     assert r.returncode == 2 and "task 0001" in r.stderr and "4 support images" in r.stderr
     (tmp_path / "t" / "support" / "0001" / "image_4.png").write_bytes(b"not a png")
@@ -52,7 +53,12 @@ def test_bad_runs_and_weights(trained, tmp_path):
     weights, meta = load_weights(tmp / "runs" / "t" / "model.safetensors")
     meta["config"]["model"]["hidden"] = 16
     from safetensors.torch import save_file
-    save_file(weights, str(tmp_path / "other.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()})
+
+    save_file(
+        weights,
+        str(tmp_path / "other.safetensors"),
+        metadata={k: json.dumps(v) for k, v in meta.items()},
+    )
     r = run_cli("evaluate", "--run", tmp_path / "other.safetensors")
     assert r.returncode == 2 and "do not fit the architecture" in r.stderr
     r = run_cli("train", *args, "algo.name=reptile")

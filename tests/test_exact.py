@@ -1,6 +1,7 @@
 """The exact reduction (metadist/exact.py and MetaStep's exact mode): the tree sum of chunk
 gradients is bit-identical for every world size, in-process (the real multi-process runs are in
 test_distributed.py)."""
+
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from tests.conftest import OneProcess, model_for
 
 
 def tree_reference(vectors, lo, size):
-    """The canonical tree, written recursively: node [lo, lo+size) over the K = len(vectors) leaves."""
+    """The canonical tree, written recursively: node [lo, lo+size) over the K = len(vectors)
+    leaves."""
     if size == 1:
         return vectors[lo]
     half = size // 2
@@ -37,7 +39,10 @@ def sum_as(world, vectors):
 def test_tree_sum_is_bit_identical_for_every_world_size(k):
     g = torch.Generator().manual_seed(k)
     # values of very different magnitudes: any change of summation order shows in the bits
-    vectors = [torch.randn(257, generator=g) * 10.0 ** torch.randint(-6, 6, (257,), generator=g) for _ in range(k)]
+    vectors = [
+        torch.randn(257, generator=g) * 10.0 ** torch.randint(-6, 6, (257,), generator=g)
+        for _ in range(k)
+    ]
     p2 = 1 << (k - 1).bit_length()
     ref = tree_reference(vectors, 0, p2)
     for world in (w for w in range(1, k + 1) if k % w == 0):
@@ -45,10 +50,12 @@ def test_tree_sum_is_bit_identical_for_every_world_size(k):
         assert torch.equal(got, ref), (k, world)
     # it is a sum: within float32 rounding (k additions) of the float64 one, element by element
     stacked = torch.stack(vectors).double()
-    assert ((ref.double() - stacked.sum(0)).abs() <= k * 2.0 ** -23 * stacked.abs().sum(0)).all()
+    assert ((ref.double() - stacked.sum(0)).abs() <= k * 2.0**-23 * stacked.abs().sum(0)).all()
     # and another order really does change bits (the test can fail for its reason)
     if k >= 4:
-        assert not torch.equal(ref, torch.stack(vectors).sum(0)) or not torch.equal(ref, sum(reversed(vectors)))
+        assert not torch.equal(ref, torch.stack(vectors).sum(0)) or not torch.equal(
+            ref, sum(reversed(vectors))
+        )
 
 
 def test_blocks_tile_a_range_with_maximal_dyadic_blocks():
@@ -62,15 +69,26 @@ def test_blocks_tile_a_range_with_maximal_dyadic_blocks():
             assert sum(s for _, s in b) == hi - lo and all(a % s == 0 for a, s in b)
 
 
-@pytest.mark.parametrize("overrides", [[], ["algo.inner_steps=2", "algo.learn_inner_lr=layer"], ["algo.name=fomaml"],
-                                       ["algo.tasks_per_chunk=2", "algo.strategy=loop"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["algo.inner_steps=2", "algo.learn_inner_lr=layer"],
+        ["algo.name=fomaml"],
+        ["algo.tasks_per_chunk=2", "algo.strategy=loop"],
+    ],
+)
 def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
     """Every rank's chunk gradients (the batch sliced as the reader slices it), summed by the tree:
     the meta-gradient of 1, 2, 4 and 8 ranks is the same to the last bit."""
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=8", *overrides])
     g = torch.Generator().manual_seed(0)
-    batch = {"x_support": torch.rand(8, 5, 1, 28, 28, generator=g), "y_support": torch.arange(5).expand(8, -1),
-             "x_query": torch.rand(8, 5, 1, 28, 28, generator=g), "y_query": torch.arange(5).expand(8, -1)}
+    batch = {
+        "x_support": torch.rand(8, 5, 1, 28, 28, generator=g),
+        "y_support": torch.arange(5).expand(8, -1),
+        "x_query": torch.rand(8, 5, 1, 28, 28, generator=g),
+        "y_query": torch.arange(5).expand(8, -1),
+    }
     sums = {}
     for world in (1, 2, 4, 8):
         if world > 8 // max(1, cfg.algo.tasks_per_chunk):
@@ -78,12 +96,15 @@ def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
         items = []
         for r in range(world):
             torch.manual_seed(0)
-            step = from_config(cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None)
+            step = from_config(
+                cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None
+            )
             step.use_strategy(cfg.algo.strategy if cfg.algo.strategy != "auto" else "batched")
-            share = {k: v[r * 8 // world:(r + 1) * 8 // world] for k, v in batch.items()}
+            share = {k: v[r * 8 // world : (r + 1) * 8 // world] for k, v in batch.items()}
             out = step.backward(False, share)
             items += [(a, s, v) for (a, s), v in zip(step.reduction.layout[r], out[2:])]
-        sums[world] = exact.merge(items)[:step.reduction.n_grad + 2]   # gradient and votes; the padding varies with W
+        # gradient and votes; the padding varies with W
+        sums[world] = exact.merge(items)[: step.reduction.n_grad + 2]
     ref = sums.pop(1)
     assert ref.abs().sum() > 0
     for world, got in sums.items():
@@ -92,7 +113,7 @@ def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
 
 def test_exact_mode_checks_that_the_chunks_split_over_the_processes():
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=8", "algo.tasks_per_chunk=4"])
-    with pytest.raises(config.ConfigError, match="algo.tasks_per_chunk=4"):
+    with pytest.raises(config.ConfigError, match=r"algo\.tasks_per_chunk=4"):
         from_config(cfg, model_for(cfg), OneProcess(0, 4), 2, say=lambda *a: None)
     with pytest.raises(config.ConfigError, match="choose a divisor"):
         config.load(None, ["train.meta_batch_size=8", "algo.tasks_per_chunk=3"])

@@ -1,5 +1,6 @@
 """The shard format (metadist/data/format.py): manifest and checksums, and damaged or foreign
 shards stopping the run naming them."""
+
 import pytest
 
 from metadist.data.format import decode_records, verify
@@ -14,8 +15,15 @@ def test_manifest_counts_and_checksums(prepared):
         m = read_manifest(shards_dir(prepared.data) / split)
         assert m["episodes"] == n == sum(s["episodes"] for s in m["shards"])
         assert len(m["shards"]) == -(-n // 16) and len(m["classes"]) == len(m["class_images"]) > 0
-        assert m["metadist_version"] and m["seed"] == 0 and m["protocol"] == "alphabets" and m["format"] == 2
-        assert m["image_shape"] == [1, 28, 28] and sum(p["classes"] for p in m["pool"]) == len(m["classes"])
+        assert (
+            m["metadist_version"]
+            and m["seed"] == 0
+            and m["protocol"] == "alphabets"
+            and m["format"] == 2
+        )
+        assert m["image_shape"] == [1, 28, 28] and sum(p["classes"] for p in m["pool"]) == len(
+            m["classes"]
+        )
         assert m["bytes"] == sum(s["bytes"] for s in m["shards"] + m["pool"])
         verify(shards_dir(prepared.data) / split)
 
@@ -36,7 +44,12 @@ def test_damaged_shard_stops_naming_it(prepared, tmp_path, damage):
         list(meta_batches(d, StreamSpec(0, 8, 0, 1, 0, 12)))
     # train itself: manifests match, so no raw data is needed (none is given); 12 steps of 8 read
     # every episode of the epoch, so it must reach the damaged shard and stop naming it
-    r = run_cli("train", *small_overrides("/nonexistent", tmp_path), f"data.shards={d.parent}", "train.steps=12")
+    r = run_cli(
+        "train",
+        *small_overrides("/nonexistent", tmp_path),
+        f"data.shards={d.parent}",
+        "train.steps=12",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert victim.name in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
 
@@ -44,6 +57,7 @@ def test_damaged_shard_stops_naming_it(prepared, tmp_path, damage):
 def test_reader_refuses_foreign_members(prepared, tmp_path):
     import io
     import tarfile
+
     d = copy_prepared(prepared, tmp_path) / "val"
     bad = d / "val-000000.tar"
     with tarfile.open(bad, "w") as t:
@@ -57,16 +71,16 @@ def test_reader_refuses_foreign_members(prepared, tmp_path):
 
 def test_records_pointing_outside_the_pool_are_refused(prepared):
     import io
+
     import numpy as np
     import webdataset as wds
+
     buf = io.BytesIO()
     with wds.TarWriter(buf, encoder=False) as sink:
         rec = np.zeros((10, 3), np.int32)
-        rec[4, 1] = 25                                   # image 25 of a class of 20
+        rec[4, 1] = 25  # image 25 of a class of 20
         npy = io.BytesIO()
         np.save(npy, rec, allow_pickle=False)
         sink.write({"__key__": "00000000", "index.npy": npy.getvalue()})
     with pytest.raises(ShardError, match="points outside the split's 8 classes"):
         decode_records("crafted.tar", buf.getvalue(), 1, 10, [20] * 8)
-
-

@@ -1,5 +1,6 @@
 """Launch recipes that cannot run here (no SLURM, no Kubernetes): their syntax is checked, and
 the metadist command they run is parsed by metadist's own config loader."""
+
 import subprocess
 
 import yaml
@@ -17,13 +18,17 @@ def test_the_kubernetes_job_is_an_elastic_pytorchjob_running_metadist():
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     container = pod["containers"][0]
     cmd = container["command"]
-    assert "torchrun" in cmd[0] and cmd[cmd.index("-m") + 1:cmd.index("-m") + 3] == ["metadist", "train"]
-    rest = cmd[cmd.index("train") + 1:]
-    cfg = config.load(ROOT / rest[rest.index("--config") + 1], [a for a in rest if "=" in a])   # keys exist and parse
+    assert "torchrun" in cmd[0] and cmd[cmd.index("-m") + 1 : cmd.index("-m") + 3] == [
+        "metadist",
+        "train",
+    ]
+    rest = cmd[cmd.index("train") + 1 :]
+    # keys exist and parse
+    cfg = config.load(ROOT / rest[rest.index("--config") + 1], [a for a in rest if "=" in a])
     assert cfg.run.root == "/runs" and cfg.data.shards.startswith("http")
     assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert cfg.run.root in mounts                      # the run folder is shared by every pod
+    assert cfg.run.root in mounts  # the run folder is shared by every pod
 
 
 def test_the_shell_recipes_parse():

@@ -1,5 +1,6 @@
 """Raw Omniglot: ingest from folders and zips, preprocessing, the documented splits, layout errors,
 and the real data set in ../shared."""
+
 import shutil
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from metadist import config
-from metadist.data.sources import omniglot
 from metadist.data.prepare import prepare
+from metadist.data.sources import omniglot
 from metadist.data.store import read_manifest
 from tests.conftest import REAL_OMNIGLOT, run_cli, write_synthetic
 
@@ -26,11 +27,11 @@ def test_ingest_folder_and_zip_agree(omniglot_dir, omniglot_zips):
 
 def test_preprocess_polarity_and_size():
     png = torch.full((1, 1, 105, 105), 255, dtype=torch.uint8)
-    png[..., 40:60, :] = 0                         # a dark horizontal stroke on white
+    png[..., 40:60, :] = 0  # a dark horizontal stroke on white
     out = omniglot.preprocess(png)
     assert out.shape == (1, 1, 28, 28)
     assert out[0, 0, 0, 0] == 0 and out[0, 0, 13, 14] == 255
-    assert omniglot.preprocess(png, 56).shape == (1, 1, 56, 56)           # data.image_size
+    assert omniglot.preprocess(png, 56).shape == (1, 1, 56, 56)  # data.image_size
 
 
 @pytest.mark.parametrize("protocol", ["alphabets", "characters"])
@@ -64,7 +65,7 @@ def test_wrong_layout_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "unexpected entry" in r.stderr and "notes.png" in r.stderr
     extra.unlink()
     next((root / "images_evaluation" / "Omega" / "character02").glob("*_07.png")).unlink()
-    with pytest.raises(omniglot.DataError, match="expected drawers 01..20"):
+    with pytest.raises(omniglot.DataError, match=r"expected drawers 01\.\.20"):
         omniglot.load(root, "images_evaluation")
 
 
@@ -81,13 +82,34 @@ def test_real_omniglot_counts_and_splits(tmp_path):
         got = tuple(len(s[k].chars) for k in ("train", "val", "test"))
         assert got == sizes
         assert len(set(s["train"].chars) | set(s["val"].chars) | set(s["test"].chars)) == sum(sizes)
-    cfg = config.load(None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path}", "data.train_episodes=50",
-                             "data.val_episodes=20", "data.test_episodes=640", "data.protocol=characters"])
+    cfg = config.load(
+        None,
+        [
+            f"data.raw={REAL_OMNIGLOT}",
+            f"data.shards={tmp_path}",
+            "data.train_episodes=50",
+            "data.val_episodes=20",
+            "data.test_episodes=640",
+            "data.protocol=characters",
+        ],
+    )
     prepare(cfg.data, **quiet)
     m = read_manifest(tmp_path / "test")
     src = m["source_info"]
-    assert (src["images_background"]["alphabets"], src["images_background"]["characters"], src["images_background"]["images"]) == (30, 964, 19280)
-    assert (src["images_evaluation"]["alphabets"], src["images_evaluation"]["characters"], src["images_evaluation"]["images"]) == (20, 659, 13180)
-    assert m["episodes"] == 640 and len(m["classes"]) == 423 and m["rotations_deg"] == [0, 90, 180, 270]
+    assert (
+        src["images_background"]["alphabets"],
+        src["images_background"]["characters"],
+        src["images_background"]["images"],
+    ) == (30, 964, 19280)
+    assert (
+        src["images_evaluation"]["alphabets"],
+        src["images_evaluation"]["characters"],
+        src["images_evaluation"]["images"],
+    ) == (20, 659, 13180)
+    assert (
+        m["episodes"] == 640
+        and len(m["classes"]) == 423
+        and m["rotations_deg"] == [0, 90, 180, 270]
+    )
     train_chars = set(read_manifest(tmp_path / "train")["classes"])
     assert not train_chars & set(m["classes"])

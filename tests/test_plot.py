@@ -1,6 +1,5 @@
 """`metadist plot`: learning curves of a run as a PNG."""
 
-
 from tests.conftest import run_cli
 
 

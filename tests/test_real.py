@@ -1,8 +1,11 @@
 """Real Omniglot (../shared/data/omniglot), bounded in steps: 150 steps of strong.yaml on one
 process must learn: on the first 160 of the 640 fixed test tasks, at least 0.70 and at least 0.06
 above the same evaluation of the untrained weights (which, adapting 10 steps, already reach 0.68;
-trained 0.80 on this AMD EPYC: the paired difference is what the bound is about). (A fixed 0.80 was one CPU's luck: an Intel Xeon
-gave 0.80+, an AMD EPYC 0.796 with the same code; 160 tasks carry a 95% interval of about +-0.03.)"""
+trained 0.80 on this AMD EPYC: the paired difference is what the bound is about). (A fixed 0.80 was
+one CPU's luck: an Intel Xeon gave 0.80+, an AMD EPYC 0.796 with the same code; 160 tasks carry a
+95% interval of about
++-0.03.)"""
+
 import json
 
 import pytest
@@ -14,11 +17,23 @@ pytestmark = pytest.mark.slow
 
 def test_strong_150_steps_on_real_omniglot(tmp_path):
     assert REAL_OMNIGLOT.is_dir(), f"the real Omniglot is expected at {REAL_OMNIGLOT}"
-    r = run_cli("train", "--config", "configs/strong.yaml", f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path / 'shards'}",
-                "data.train_episodes=5000", "train.steps=150", "train.val_every=75", "train.checkpoint_every=150",
-                "eval.test_episodes=160", f"run.root={tmp_path / 'runs'}", "run.name=real", "tracking.mode=disabled",
-                "algo.strategy=batched",
-                timeout=1500)
+    r = run_cli(
+        "train",
+        "--config",
+        "configs/strong.yaml",
+        f"data.raw={REAL_OMNIGLOT}",
+        f"data.shards={tmp_path / 'shards'}",
+        "data.train_episodes=5000",
+        "train.steps=150",
+        "train.val_every=75",
+        "train.checkpoint_every=150",
+        "eval.test_episodes=160",
+        f"run.root={tmp_path / 'runs'}",
+        "run.name=real",
+        "tracking.mode=disabled",
+        "algo.strategy=batched",
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
     assert s["steps"] == 150 and s["test_episodes"] == 160
@@ -29,15 +44,25 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
     from metadist.data.stream import EpisodeSource
     from metadist.evaluate import evaluate
     from tests.conftest import model_for
+
     _, cfg = load_model(tmp_path / "runs" / "real")
-    torch.manual_seed(cfg.seed)                       # the run's own initialisation, untrained
+    torch.manual_seed(cfg.seed)  # the run's own initialisation, untrained
     model = model_for(cfg)
-    untrained = evaluate(model, EpisodeSource(tmp_path / "shards", "test").all(160),
-                         eval_inner(cfg.algo, model, 5, cfg.eval.inner_steps), cfg.eval.tasks_per_batch,
-                         "cpu")["accuracy"]
+    untrained = evaluate(
+        model,
+        EpisodeSource(tmp_path / "shards", "test").all(160),
+        eval_inner(cfg.algo, model, 5, cfg.eval.inner_steps),
+        cfg.eval.tasks_per_batch,
+        "cpu",
+    )["accuracy"]
     assert s["test_accuracy"] >= max(0.70, untrained + 0.06), (s, untrained)
     # the final checkpoint is self-describing and evaluates like the run's own summary did
-    r = run_cli("evaluate", "--run", tmp_path / "runs" / "real" / "checkpoints" / "step_000150", "eval.test_episodes=160")
+    r = run_cli(
+        "evaluate",
+        "--run",
+        tmp_path / "runs" / "real" / "checkpoints" / "step_000150",
+        "eval.test_episodes=160",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1])["episodes"] == 160
 
@@ -45,28 +70,50 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
 def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path):
     """The official zips extracted to folders, read by data.source=folder (classes 3 deep under the
     folder holding both sets: <set>/<alphabet>/<character>; the alphabets split as class lists;
-    1 channel, 28 px, inverted): every pool and episode shard byte-identical to the native path's."""
+    1 channel, 28 px, inverted): every pool and episode shard byte-identical to the native
+    path's."""
     import zipfile
+
     from metadist import config
     from metadist.data.prepare import prepare, shards_dir
     from metadist.data.store import read_manifest
+
     raw = tmp_path / "omniglot"
     for name in ("images_background", "images_evaluation"):
         with zipfile.ZipFile(REAL_OMNIGLOT / f"{name}.zip") as z:
             z.extractall(raw)
     counts = ["data.train_episodes=2000", "data.val_episodes=320", "data.test_episodes=640"]
-    native = config.load(None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path / 'native'}", *counts])
+    native = config.load(
+        None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path / 'native'}", *counts]
+    )
     prepare(native.data, log=lambda *a: None)
     lists = tmp_path / "lists"
     lists.mkdir()
     for s in ("train", "val", "test"):
-        (lists / f"{s}.txt").write_text("".join(c + "\n" for c in read_manifest(shards_dir(native.data), s)["classes"]))
-    generic = config.load(None, [f"data.raw={raw}", f"data.shards={tmp_path / 'generic'}", *counts, "data.source=folder",
-                                 "data.folder.split=lists", f"data.folder.split_dir={lists}", "data.folder.class_depth=3",
-                                 "data.folder.invert=true",
-                                 "data.name=omniglot"])
+        (lists / f"{s}.txt").write_text(
+            "".join(c + "\n" for c in read_manifest(shards_dir(native.data), s)["classes"])
+        )
+    generic = config.load(
+        None,
+        [
+            f"data.raw={raw}",
+            f"data.shards={tmp_path / 'generic'}",
+            *counts,
+            "data.source=folder",
+            "data.folder.split=lists",
+            f"data.folder.split_dir={lists}",
+            "data.folder.class_depth=3",
+            "data.folder.invert=true",
+            "data.name=omniglot",
+        ],
+    )
     prepare(generic.data, log=lambda *a: None)
     for s in ("train", "val", "test"):
         a, b = read_manifest(shards_dir(native.data), s), read_manifest(shards_dir(generic.data), s)
-        assert len(a["classes"]) == {"train": 771, "val": 193, "test": 659}[s] and a["classes"] == b["classes"]
-        assert [p["sha256"] for p in a["pool"] + a["shards"]] == [p["sha256"] for p in b["pool"] + b["shards"]], s
+        assert (
+            len(a["classes"]) == {"train": 771, "val": 193, "test": 659}[s]
+            and a["classes"] == b["classes"]
+        )
+        assert [p["sha256"] for p in a["pool"] + a["shards"]] == [
+            p["sha256"] for p in b["pool"] + b["shards"]
+        ], s

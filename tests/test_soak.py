@@ -1,6 +1,7 @@
 """The short soak (`make soak` is the long one): a 2-process run killed 3 times at random moments
 (SIGTERM or SIGKILL, to the launcher or to every process) and relaunched until it completes ends
 with the weights of an uninterrupted run."""
+
 import pytest
 
 from bench.soak import soak

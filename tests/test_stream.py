@@ -1,20 +1,32 @@
 """The meta-batch readers (metadist/data/stream.py): the world-size-independent stream (1/2/4
 processes, start-at-step, workers, the device-resident reader)."""
+
 import pytest
 import torch
 
 from metadist.data.prepare import shards_dir
-from metadist.data.stream import EpisodeSource, MetaBatches, ResidentBatches, StreamSpec, meta_batches
+from metadist.data.stream import (
+    EpisodeSource,
+    MetaBatches,
+    ResidentBatches,
+    StreamSpec,
+    meta_batches,
+)
 
 
 def _global_batch(cfg, step, world):
     src = EpisodeSource(shards_dir(cfg.data) / "train", seed=cfg.seed)
-    parts = [MetaBatches(src, StreamSpec(cfg.seed, 8, r, world, 0, 10, task_aug=0.5)).batch_at(step)
-             for r in range(world)]
-    return {k: torch.cat([p[k] for p in parts]) for k in ("x_support", "x_query", "y_support", "y_query")}
+    parts = [
+        MetaBatches(src, StreamSpec(cfg.seed, 8, r, world, 0, 10, task_aug=0.5)).batch_at(step)
+        for r in range(world)
+    ]
+    return {
+        k: torch.cat([p[k] for p in parts])
+        for k in ("x_support", "x_query", "y_support", "y_query")
+    }
 
 
-@pytest.mark.parametrize("step", [0, 5, 13])          # 13 * 8 > 96 episodes: crosses into epoch 1
+@pytest.mark.parametrize("step", [0, 5, 13])  # 13 * 8 > 96 episodes: crosses into epoch 1
 def test_same_global_meta_batch_for_1_2_4_processes(prepared, step):
     one = _global_batch(prepared, step, 1)
     assert one["x_support"].shape == (8, 5, 1, 28, 28) and one["x_query"].shape == (8, 5, 1, 28, 28)
@@ -28,7 +40,7 @@ def test_epoch_visits_every_episode_once(prepared):
     src = EpisodeSource(shards_dir(prepared.data) / "train", seed=0)
     seen = [src.locate(p) for p in range(src.size)]
     assert len(set(seen)) == src.size
-    assert [src.locate(p) for p in range(src.size, 2 * src.size)] != seen   # next epoch, new order
+    assert [src.locate(p) for p in range(src.size, 2 * src.size)] != seen  # next epoch, new order
 
 
 def test_start_at_step_equals_skipping(prepared):
@@ -37,7 +49,9 @@ def test_start_at_step_equals_skipping(prepared):
     late = list(meta_batches(d, StreamSpec(0, 8, 0, 1, 5, 8, task_aug=0.4)))
     assert [b["step"] for b in late] == [5, 6, 7]
     for a, b in zip(full[5:], late):
-        assert torch.equal(a["x_support"], b["x_support"]) and torch.equal(a["x_query"], b["x_query"])
+        assert torch.equal(a["x_support"], b["x_support"]) and torch.equal(
+            a["x_query"], b["x_query"]
+        )
 
 
 def test_workers_deliver_the_same_stream(prepared):
@@ -56,6 +70,8 @@ def test_device_resident_split_gives_the_same_batches(prepared, world):
     src = EpisodeSource(shards_dir(prepared.data) / "train", seed=0)
     for rank in range(world):
         stream = MetaBatches(src, StreamSpec(0, 8, rank, world, 0, 14, task_aug=0.5))
-        resident = ResidentBatches(src, StreamSpec(0, 8, rank, world, 0, 14, task_aug=0.5, device="cpu"))
+        resident = ResidentBatches(
+            src, StreamSpec(0, 8, rank, world, 0, 14, task_aug=0.5, device="cpu")
+        )
         for a, b in zip(stream, resident):
             assert a["step"] == b["step"] and all(torch.equal(a[k], b[k]) for k in a if k != "step")

@@ -1,4 +1,5 @@
 """W&B tracking: a failure is reported once and never stops training."""
+
 from metadist import config
 from metadist.tracking import NullTracker, WandbTracker, make_tracker
 
@@ -6,7 +7,7 @@ from metadist.tracking import NullTracker, WandbTracker, make_tracker
 def test_a_failing_tracker_reports_once_and_goes_quiet(tmp_path, capsys):
     cfg = config.load(None, ["tracking.mode=offline", "run.name=guard"])
     t = WandbTracker(cfg.tracking, cfg.run.name, cfg.to_dict(), tmp_path)
-    t.run.finish()                       # a real failure: logging to a finished W&B run raises
+    t.run.finish()  # a real failure: logging to a finished W&B run raises
     t.log({"loss": 1.0}, 1)
     t.log({"loss": 0.5}, 2)
     t.summary({"test_accuracy": 0.9})

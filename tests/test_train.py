@@ -1,5 +1,6 @@
 """Meta-training end to end on the synthetic set (single process): the run folder, every algorithm,
 learned inner rates, debug mode, resume, and the knobs of the loop."""
+
 import json
 
 import pytest
@@ -13,7 +14,13 @@ from tests.conftest import run_cli, small_overrides
 def test_run_folder_has_everything(trained):
     tmp, _, r = trained
     run = tmp / "runs" / "t"
-    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "best.safetensors", "summary.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "model.safetensors",
+        "best.safetensors",
+        "summary.json",
+    ):
         assert (run / name).is_file(), name
     assert config.load(run / "config.yaml").data.shards == str(tmp / "shards")
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -21,11 +28,18 @@ def test_run_folder_has_everything(trained):
     assert {"loss", "accuracy", "tasks_per_s", "lr", "grad_norm"} <= set(recs[0])
     assert "val_accuracy" in recs[2] and "val_accuracy" in recs[5]
     s = json.loads((run / "summary.json").read_text())
-    assert s["steps"] == 6 and s["test_episodes"] == 24 and 0 <= s["test_accuracy"] <= 1 and s["test_ci95"] >= 0
+    assert (
+        s["steps"] == 6
+        and s["test_episodes"] == 24
+        and 0 <= s["test_accuracy"] <= 1
+        and s["test_ci95"] >= 0
+    )
     assert "test accuracy" in r.stdout
     # stderr is a file here (as in SLURM's .out or CI): one plain line per log step, no progress bar
     lines = [x for x in r.stdout.splitlines() if x.startswith("step ") and "/6: loss" in x]
-    assert [x.split("/")[0] for x in lines] == [f"step {i}" for i in range(1, 7)] and "tasks/s" in lines[0]
+    assert [x.split("/")[0] for x in lines] == [
+        f"step {i}" for i in range(1, 7)
+    ] and "tasks/s" in lines[0]
     assert "\r" not in r.stdout + r.stderr
     # final checkpoint is complete and readable
     assert (run / "checkpoints" / "step_000006" / "meta.json").is_file()
@@ -34,22 +48,29 @@ def test_run_folder_has_everything(trained):
 @pytest.mark.parametrize("algo", ["fomaml", "anil", "transfer"])
 def test_every_algorithm_trains(omniglot_dir, tmp_path, algo):
     from metadist.train import train
-    cfg = config.load(None, small_overrides(omniglot_dir, tmp_path, **{"algo.name": algo, "train.steps": 2,
-                                                                       "data.task_aug": 0.4}))
+
+    cfg = config.load(
+        None,
+        small_overrides(
+            omniglot_dir, tmp_path, **{"algo.name": algo, "train.steps": 2, "data.task_aug": 0.4}
+        ),
+    )
     s = train(cfg, log=lambda *a: None)
     assert s["steps"] == 2 and s["algorithm"] == algo
 
 
 def test_learned_inner_lrs_train_save_and_evaluate(omniglot_dir, tmp_path):
-    args = small_overrides(omniglot_dir, tmp_path, **{"algo.learn_inner_lr": "layer", "train.steps": 3})
+    args = small_overrides(
+        omniglot_dir, tmp_path, **{"algo.learn_inner_lr": "layer", "train.steps": 3}
+    )
     r = run_cli("train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     weights, _ = load_weights(run / "model.safetensors")
     lrs = {k: v for k, v in weights.items() if k.startswith("inner_lr.")}
     assert len(lrs) == len(weights) - len(lrs) and all(v.numel() == 1 for v in lrs.values())
-    assert any(abs(v.item() - 0.4) > 1e-6 for v in lrs.values())      # they moved: meta-learned
-    model, cfg = load_model(run)
+    assert any(abs(v.item() - 0.4) > 1e-6 for v in lrs.values())  # they moved: meta-learned
+    _model, cfg = load_model(run)
     assert cfg.algo.learn_inner_lr == "layer"
     r = run_cli("evaluate", "--run", run)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -59,14 +80,22 @@ def test_debug_mode_cross_checks_and_stops_on_nan(omniglot_dir, tmp_path):
     r = run_cli("train", "--debug", *small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2}))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batched vs loop meta-gradient agree" in r.stdout
-    r = run_cli("train", "--debug", *small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2, "algo.inner_lr": 1e30,
-                                                                                "run.name": "nan"}))
+    r = run_cli(
+        "train",
+        "--debug",
+        *small_overrides(
+            omniglot_dir, tmp_path, **{"train.steps": 2, "algo.inner_lr": 1e30, "run.name": "nan"}
+        ),
+    )
     assert r.returncode == 2 and "step 1" in r.stderr and "non-finite" in r.stderr
 
 
 def test_resume_continues_an_existing_run(omniglot_dir, tmp_path):
     from metadist.train import train
-    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
+
+    base = small_overrides(
+        omniglot_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2}
+    )
     full = train(config.load(None, base + ["run.name=full"]), log=lambda *a: None)
     train(config.load(None, base + ["run.name=part", "train.steps=2"]), log=lambda *a: None)
     said = []
@@ -80,26 +109,48 @@ def test_resume_continues_an_existing_run(omniglot_dir, tmp_path):
 
 def test_max_minutes_stops_checkpoints_and_tests(omniglot_dir, tmp_path):
     from metadist.train import train
+
     said = []
-    cfg = config.load(None, small_overrides(omniglot_dir, tmp_path, **{"train.steps": 50, "train.max_minutes": 1e-6,
-                                                                       "train.checkpoint_every": 100}))
+    cfg = config.load(
+        None,
+        small_overrides(
+            omniglot_dir,
+            tmp_path,
+            **{"train.steps": 50, "train.max_minutes": 1e-6, "train.checkpoint_every": 100},
+        ),
+    )
     s = train(cfg, log=said.append)
     assert s["steps"] == 1 and any("train.max_minutes=1e-06 reached at step 1" in x for x in said)
     run = tmp_path / "runs" / "t"
-    assert (run / "checkpoints" / "step_000001" / "meta.json").is_file() and (run / "summary.json").is_file()
+    assert (run / "checkpoints" / "step_000001" / "meta.json").is_file() and (
+        run / "summary.json"
+    ).is_file()
 
 
 def test_keep_checkpoints_keeps_the_last_k(omniglot_dir, tmp_path):
     from metadist.train import train
-    train(config.load(None, small_overrides(omniglot_dir, tmp_path, **{"train.steps": 5, "train.checkpoint_every": 1,
-                                                                       "train.keep_checkpoints": 2})), log=lambda *a: None)
+
+    train(
+        config.load(
+            None,
+            small_overrides(
+                omniglot_dir,
+                tmp_path,
+                **{"train.steps": 5, "train.checkpoint_every": 1, "train.keep_checkpoints": 2},
+            ),
+        ),
+        log=lambda *a: None,
+    )
     names = sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir())
     assert names == ["step_000004", "step_000005"]
 
 
 def test_run_fresh_starts_over(omniglot_dir, tmp_path):
     from metadist.train import train
-    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
+
+    base = small_overrides(
+        omniglot_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2}
+    )
     train(config.load(None, base), log=lambda *a: None)
     run = tmp_path / "runs" / "t"
     (run / "stale.txt").write_text("from the old run")
@@ -109,7 +160,8 @@ def test_run_fresh_starts_over(omniglot_dir, tmp_path):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     said = []
-    train(config.load(None, base + ["train.steps=6"]), log=said.append)       # and without it, resumes
+    # and without it, resumes
+    train(config.load(None, base + ["train.steps=6"]), log=said.append)
     assert any("resuming" in s and "step_000004" in s for s in said)
 
 
@@ -122,23 +174,38 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, 
     import time
 
     from tests.conftest import ROOT
-    args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 60, "train.checkpoint_every": 1000,
-                                                      "train.val_every": 1000, "model.hidden": 16})
+
+    args = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{
+            "train.steps": 60,
+            "train.checkpoint_every": 1000,
+            "train.val_every": 1000,
+            "model.hidden": 16,
+        },
+    )
     r = run_cli("train", *args, "run.name=straight")
     assert r.returncode == 0, r.stderr[-2000:]
     cmd = [sys.executable, "-m", "metadist", "train", *map(str, args), "run.name=stopped"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "runs" / "stopped" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 5
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    at = len(metrics.read_text().splitlines())            # log_every=1: one record per finished step
+    # log_every=1: one record per finished step
+    at = len(metrics.read_text().splitlines())
     assert 5 <= at < 60 and f"after step {at}" in err and "launch the same command again" in err
     ckpts = sorted(p.name for p in (tmp_path / "runs" / "stopped" / "checkpoints").iterdir())
-    assert ckpts == [f"step_{at:06d}"]                    # written at the signal's step (none was due)
+    # written at the signal's step (none was due)
+    assert ckpts == [f"step_{at:06d}"]
     r = run_cli("train", *args, "run.name=stopped")
     assert r.returncode == 0 and f"from step_{at:06d}" in r.stdout, r.stderr[-2000:]
     a = load_weights(tmp_path / "runs" / "straight" / "model.safetensors")[0]
@@ -146,13 +213,20 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(omniglot_dir, tmp_path, monkeypatch):
+def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(
+    omniglot_dir, tmp_path, monkeypatch
+):
     """algo.strategy=auto measures once per machine and task shape and caches the answer: the same
     command twice gives the same strategy and bit-identical weights; a resumed run keeps its
     checkpoint's strategy whatever the cache says later; another shape is measured anew."""
     from metadist.train import train
+
     monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
-    base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 2, "train.checkpoint_every": 2})
+    base = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{"algo.strategy": "auto", "train.steps": 2, "train.checkpoint_every": 2},
+    )
     said = []
     s1 = train(config.load(None, base + ["run.name=one"]), log=said.append)
     assert any("measured now, cached in" in x for x in said)
@@ -163,58 +237,107 @@ def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(omniglot_dir, 
     assert rec["key"]["threads"] == torch.get_num_threads() and rec["key"]["shape"]["ways"] == 5
     said = []
     s2 = train(config.load(None, base + ["run.name=two"]), log=said.append)
-    assert s2["strategy"] == s1["strategy"] and any("cached in" in x and "measured now" not in x for x in said)
+    assert s2["strategy"] == s1["strategy"] and any(
+        "cached in" in x and "measured now" not in x for x in said
+    )
     a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("one", "two"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "runs" / "one" / "strategy.json").read_text())
-    assert record["strategy"] == s1["strategy"] and "algo.strategy=auto on this CPU" in record["why"]
-    # the cache now says the other strategy: a resumed run keeps its own, a new run takes the cache's
+    assert (
+        record["strategy"] == s1["strategy"] and "algo.strategy=auto on this CPU" in record["why"]
+    )
+    # the cache now says the other strategy: a resumed run keeps its own, a new run takes
+    # the cache's
     other = {"batched": "loop", "loop": "batched"}[s1["strategy"]]
     cached[0].write_text(json.dumps(dict(rec, strategy=other)))
-    assert train(config.load(None, base + ["run.name=one", "train.steps=4"]), log=lambda *a: None)["strategy"] == s1["strategy"]
-    assert train(config.load(None, base + ["run.name=three"]), log=lambda *a: None)["strategy"] == other
+    assert (
+        train(config.load(None, base + ["run.name=one", "train.steps=4"]), log=lambda *a: None)[
+            "strategy"
+        ]
+        == s1["strategy"]
+    )
+    assert (
+        train(config.load(None, base + ["run.name=three"]), log=lambda *a: None)["strategy"]
+        == other
+    )
     # another shape is another key
     said = []
-    train(config.load(None, base + ["run.name=four", "data.queries=2", f"data.shards={tmp_path / 'shards2'}"]), log=said.append)
-    assert any("measured now" in x for x in said) and len(list((tmp_path / "cache").glob("strategy-*.json"))) == 2
+    train(
+        config.load(
+            None, base + ["run.name=four", "data.queries=2", f"data.shards={tmp_path / 'shards2'}"]
+        ),
+        log=said.append,
+    )
+    assert (
+        any("measured now" in x for x in said)
+        and len(list((tmp_path / "cache").glob("strategy-*.json"))) == 2
+    )
 
 
 def test_concurrent_runs_measure_once_and_agree(omniglot_dir, tmp_path):
-    """Two launches at once on an empty cache: one measures, the other waits on the lock and reads it."""
+    """Two launches at once on an empty cache: one measures, the other waits on the lock and reads
+    it."""
     import os
     import subprocess
     import sys
+
     from metadist.data.prepare import prepare
+
     base = small_overrides(omniglot_dir, tmp_path, **{"algo.strategy": "auto", "train.steps": 1})
     prepare(config.load(None, base).data, log=lambda *a: None)
     env = dict(os.environ, METADIST_CACHE_DIR=str(tmp_path / "cache"))
-    procs = [subprocess.Popen([sys.executable, "-m", "metadist", "train", *base, f"run.name=c{i}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "metadist", "train", *base, f"run.name=c{i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert sum("measured now" in o[0] for o in outs) == 1
-    chosen = {json.loads((tmp_path / "runs" / f"c{i}" / "summary.json").read_text())["strategy"] for i in range(2)}
+    chosen = {
+        json.loads((tmp_path / "runs" / f"c{i}" / "summary.json").read_text())["strategy"]
+        for i in range(2)
+    }
     assert len(chosen) == 1
 
 
 def test_maml_plus_plus_settings_train_save_and_evaluate(omniglot_dir, tmp_path):
-    args = small_overrides(omniglot_dir, tmp_path, **{"algo.learn_inner_lr": "layer_step", "algo.multi_step_loss": 2,
-                                                      "algo.per_step_bn": "true", "algo.inner_steps": 2, "train.steps": 3})
+    args = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{
+            "algo.learn_inner_lr": "layer_step",
+            "algo.multi_step_loss": 2,
+            "algo.per_step_bn": "true",
+            "algo.inner_steps": 2,
+            "train.steps": 3,
+        },
+    )
     r = run_cli("train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    model, cfg = load_model(tmp_path / "runs" / "t")
+    model, _cfg = load_model(tmp_path / "runs" / "t")
     assert model.get_parameter("inner_lr.head_weight").shape == (2, 1, 1)
     assert model.get_parameter("blocks.0.norm.weight").shape == (2, 8)
     assert not any(k.startswith("inner_lr.blocks_0_norm") for k, _ in model.named_parameters())
-    r = run_cli("evaluate", "--run", tmp_path / "runs" / "t", "eval.inner_steps=5")     # more steps than trained
+    # more steps than trained
+    r = run_cli("evaluate", "--run", tmp_path / "runs" / "t", "eval.inner_steps=5")
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_device_resident_data_trains_the_same_weights(omniglot_dir, tmp_path):
     from metadist.train import train
+
     base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 14, "data.task_aug": 0.5})
     for mode in ("off", "on"):
-        train(config.load(None, base + [f"data.device_cache={mode}", f"run.name={mode}"]), log=lambda *a: None)
+        train(
+            config.load(None, base + [f"data.device_cache={mode}", f"run.name={mode}"]),
+            log=lambda *a: None,
+        )
     a, b = (load_weights(tmp_path / "runs" / m / "model.safetensors")[0] for m in ("off", "on"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -223,7 +346,10 @@ def test_pretrain_then_maml_from_its_backbone(omniglot_dir, tmp_path):
     """The two documented commands: a classifier over every train class (its head as wide as the
     train split has classes), whose backbone.safetensors (no head, no rates) starts a MAML run."""
     from metadist.data.store import read_manifest
-    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 3, "algo.learn_inner_lr": "layer"})
+
+    base = small_overrides(
+        omniglot_dir, tmp_path, **{"train.steps": 3, "algo.learn_inner_lr": "layer"}
+    )
     r = run_cli("train", *base, "algo.name=pretrain", "run.name=pre")
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "pre"
@@ -233,20 +359,42 @@ def test_pretrain_then_maml_from_its_backbone(omniglot_dir, tmp_path):
     body, _ = load_weights(run / "backbone.safetensors")
     assert not any(k.startswith("head.") or k.startswith("inner_lr.") for k in body)
     assert set(body) == {k for k in weights if not k.startswith(("head.", "inner_lr."))}
-    r = run_cli("evaluate", "--run", run)                 # a new head per task, from the prototypes
+    r = run_cli("evaluate", "--run", run)  # a new head per task, from the prototypes
     assert r.returncode == 0 and '"episodes": 24' in r.stdout, r.stderr[-2000:]
-    r = run_cli("train", *base, f"model.init={run / 'backbone.safetensors'}", "run.name=maml", "train.steps=1",
-                "train.meta_lr=1e-12")
+    r = run_cli(
+        "train",
+        *base,
+        f"model.init={run / 'backbone.safetensors'}",
+        "run.name=maml",
+        "train.steps=1",
+        "train.meta_lr=1e-12",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "started from its tensors; at their initialisation: head.bias, head.weight, inner_lr." in r.stdout
+    assert (
+        "started from its tensors; at their initialisation: head.bias, head.weight, inner_lr."
+        in r.stdout
+    )
     after, _ = load_weights(tmp_path / "runs" / "maml" / "model.safetensors")
-    assert all(torch.allclose(after[k], body[k], atol=1e-6) for k in body)    # the body started there
-    r = run_cli("train", *base, f"model.init={run / 'model.safetensors'}", "run.name=wide", "train.steps=1")
-    assert r.returncode == 2 and f"head.weight ({classes}, 8) (the model's (5, 8))" in r.stderr.strip().splitlines()[-1]
+    # the body started there
+    assert all(torch.allclose(after[k], body[k], atol=1e-6) for k in body)
+    r = run_cli(
+        "train", *base, f"model.init={run / 'model.safetensors'}", "run.name=wide", "train.steps=1"
+    )
+    assert (
+        r.returncode == 2
+        and f"head.weight ({classes}, 8) (the model's (5, 8))" in r.stderr.strip().splitlines()[-1]
+    )
 
 
-@pytest.mark.parametrize("overrides", [["algo.name=protonet"], ["algo.head_init=shared"], ["algo.head_init=proto"],
-                                       ["algo.head_init=zero", "algo.name=anil"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo.name=protonet"],
+        ["algo.head_init=shared"],
+        ["algo.head_init=proto"],
+        ["algo.head_init=zero", "algo.name=anil"],
+    ],
+)
 def test_protonet_and_head_inits_train_evaluate_and_predict(omniglot_dir, tmp_path, overrides):
     args = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2})
     r = run_cli("train", *args, *overrides)
@@ -257,26 +405,41 @@ def test_protonet_and_head_inits_train_evaluate_and_predict(omniglot_dir, tmp_pa
     r = run_cli("export-tasks", *args, "--out", tmp_path / "tasks", "--limit", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "tasks", "--out", tmp_path / "p.csv")
-    assert r.returncode == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 3 * 5, r.stderr[-2000:]
+    assert r.returncode == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 3 * 5, (
+        r.stderr[-2000:]
+    )
 
 
-def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(omniglot_dir, tmp_path, monkeypatch):
+def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
+    omniglot_dir, tmp_path, monkeypatch
+):
     """train.budget_schedule: the count is fixed at the probe from the (cached) timings; the same
     command twice gives that count and the same weights; the learning rate holds until the probe
     and anneals to 0 at the count; a resume keeps the count."""
     from metadist.train import train
+
     monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
-    base = small_overrides(omniglot_dir, tmp_path, **{"train.steps": 60, "train.max_minutes": 0.5, "train.budget_schedule": "true",
-                                                      "train.budget_probe": 6, "train.schedule": "cosine",
-                                                      "train.val_every": 5, "train.checkpoint_every": 5,
-                                                      "train.keep_checkpoints": 100})
+    base = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{
+            "train.steps": 60,
+            "train.max_minutes": 0.5,
+            "train.budget_schedule": "true",
+            "train.budget_probe": 6,
+            "train.schedule": "cosine",
+            "train.val_every": 5,
+            "train.checkpoint_every": 5,
+            "train.keep_checkpoints": 100,
+        },
+    )
     train(config.load(None, base + ["run.name=first", "train.steps=8"]), log=lambda *a: None)
     rec_file = next((tmp_path / "cache").glob("budget-*.json"))
     rec = json.loads(rec_file.read_text())
     assert rec["step_s"] > 0 and rec["val_s"] > 0
     # pretend this machine is slow, so that fewer steps than train.steps fit the budget
     rec_file.write_text(json.dumps(dict(rec, step_s=1.0, val_s=2.0)))
-    want = int(30 * 0.97 / (1.0 + 2.0 / 5))                              # 20
+    want = int(30 * 0.97 / (1.0 + 2.0 / 5))  # 20
     said = []
     a = train(config.load(None, base + ["run.name=a"]), log=said.append)
     assert any(f"the schedule ends at step {want}" in x for x in said)
@@ -284,18 +447,26 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(omniglot_dir
     assert a["steps"] == b["steps"] == want
     wa, wb = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    lrs = [json.loads(x)["lr"] for x in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    lrs = [
+        json.loads(x)["lr"]
+        for x in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()
+        if '"lr"' in x
+    ]
     assert lrs[:6] == [lrs[0]] * 6 and lrs[-1] == 0.0 and lrs[10] < lrs[0]
     assert json.loads((tmp_path / "runs" / "a" / "schedule.json").read_text())["steps"] == want
     # resumed from step 10 (after the probe): the count comes from the checkpoint, not the cache
     import shutil
+
     shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "d")
     for p in (tmp_path / "runs" / "d" / "checkpoints").iterdir():
         if int(p.name[5:]) > 10:
             shutil.rmtree(p)
-    rec_file.write_text(json.dumps(dict(rec, step_s=10.0, val_s=2.0)))          # a count of 2, were it asked
+    # a count of 2, were it asked
+    rec_file.write_text(json.dumps(dict(rec, step_s=10.0, val_s=2.0)))
     said = []
     d = train(config.load(None, base + ["run.name=d"]), log=said.append)
-    assert any("from step_000010" in x for x in said) and not any("schedule ends" in x for x in said)
+    assert any("from step_000010" in x for x in said) and not any(
+        "schedule ends" in x for x in said
+    )
     wd = load_weights(tmp_path / "runs" / "d" / "model.safetensors")[0]
     assert d["steps"] == want and all(torch.equal(wa[k], wd[k]) for k in wa)

@@ -1,6 +1,7 @@
 """Read a W&B offline run file (run-<id>.wandb) back, without wandb's internals: the file is a
 7-byte header then a LevelDB-style log (32 KiB blocks; records of crc32c(4) length(2) type(1)
 data, split FIRST/MIDDLE/LAST across blocks) whose records are wandb's protobuf `Record`s."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ def records(path: Path):
     pos, pending = HEADER, b""
     while pos + HEADER <= len(data):
         left = BLOCK - pos % BLOCK
-        if left < HEADER:                       # block trailer padding
+        if left < HEADER:  # block trailer padding
             pos += left
             continue
-        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
             continue

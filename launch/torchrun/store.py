@@ -5,6 +5,7 @@ the job ends when that agent does). Run it on a machine that stays (a login node
 then start every node with RDZV_ENDPOINT=<this host>:29400 RDZV_CONF=is_host=false
 launch/torchrun/elastic.sh ...  It serves until it gets SIGTERM or SIGINT.
 """
+
 import argparse
 import signal
 import sys
@@ -17,8 +18,14 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--host", default="0.0.0.0")
 p.add_argument("--port", type=int, default=29400)
 args = p.parse_args()
-store = TCPStore(args.host, args.port, is_master=True, multi_tenant=True, wait_for_workers=False,
-                 timeout=timedelta(seconds=60))
+store = TCPStore(
+    args.host,
+    args.port,
+    is_master=True,
+    multi_tenant=True,
+    wait_for_workers=False,
+    timeout=timedelta(seconds=60),
+)
 done = threading.Event()
 for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, lambda *_: done.set())

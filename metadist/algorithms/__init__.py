@@ -1,12 +1,13 @@
 """The algorithms as a table: `ALGORITHMS` maps `algo.name` to its class (algorithms/base.py says
 what an algorithm owns). Adding an algorithm is one module and one entry here; `check` validates
 `algo.name` and `algo.head_init` against it (config.py imports none of this). The model a config
-describes is metadist.models.build_model; which strategy runs a rank's tasks is metadist/strategy.py's
-business.
+describes is metadist.models.build_model; which strategy runs a rank's tasks is
+metadist/strategy.py's business.
 
 `Algorithm.train_inner` is the inner loop of meta-training; `test_inner(steps, lr)` the one of
 validation, test and predict (always first order, no meta-graph).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 def get(a: AlgoConfig) -> type[Algorithm]:
     """The class of algo.name, its settings checked (a one-line error)."""
     from metadist.config import ConfigError
+
     if a.name not in ALGORITHMS:
         raise ConfigError(f"algo.name={a.name!r}: allowed values are {', '.join(ALGORITHMS)}")
     cls = ALGORITHMS[a.name]

@@ -4,6 +4,7 @@ its training loss over a chunk of tasks (`task_losses`), the inner loop it train
 the batches it trains on (`stream`) and what it writes at the end of a run (`outputs`); the
 trainer asks it, never which algorithm it runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,22 +25,28 @@ class Algorithm:
     train_inner: Inner
 
     # what a subclass is (class attributes)
-    inner_loop = True             # False: no inner loop in training (transfer, protonet, pretrain)
-    first_order = False           # inner gradients are constants
-    head_only = False             # the inner loop adapts the head only (ANIL)
-    forced_head = None            # the head every task starts from, whatever algo.head_init (protonet: proto)
-    test_steps = None             # forced test-time steps (protonet: 0, the prototypes alone)
-    test_head_only = False        # evaluation adapts the head only (pretrain: a new head on the features)
+    inner_loop = True  # False: no inner loop in training (transfer, protonet, pretrain)
+    first_order = False  # inner gradients are constants
+    head_only = False  # the inner loop adapts the head only (ANIL)
+    # the head every task starts from, whatever algo.head_init (protonet: proto)
+    forced_head = None
+    test_steps = None  # forced test-time steps (protonet: 0, the prototypes alone)
+    # evaluation adapts the head only (pretrain: a new head on the features)
+    test_head_only = False
 
     # ---- built from the config ----
     @classmethod
     def check(cls, a) -> None:
         """algo.head_init makes sense for this algorithm (a one-line AlgorithmError)."""
         if a.head_init not in HEAD_INITS:
-            raise AlgorithmError(f"algo.head_init={a.head_init!r}: allowed values are {', '.join(HEAD_INITS)}")
+            raise AlgorithmError(
+                f"algo.head_init={a.head_init!r}: allowed values are {', '.join(HEAD_INITS)}"
+            )
         if a.head_init != "learned" and not cls.takes_head_init():
-            raise AlgorithmError(f"algo.head_init={a.head_init!r} is for maml, fomaml, anil and pretrain's "
-                                 f"evaluation; {a.name} trains no inner loop")
+            raise AlgorithmError(
+                f"algo.head_init={a.head_init!r} is for maml, fomaml, anil and pretrain's "
+                f"evaluation; {a.name} trains no inner loop"
+            )
 
     @classmethod
     def takes_head_init(cls) -> bool:
@@ -53,21 +60,32 @@ class Algorithm:
 
     @classmethod
     def head_rows(cls, a, ways: int, train_classes: int) -> int:
-        """The rows of the model's head: one per class of a task (one shared row for head_init=shared)."""
+        """The rows of the model's head: one per class of a task (one shared row for
+        head_init=shared)."""
         return 1 if a.head_init == "shared" else ways
 
     @classmethod
-    def build(cls, a, model: Backbone, ways: int, first_order: bool = False) -> "Algorithm":
+    def build(cls, a, model: Backbone, ways: int, first_order: bool = False) -> Algorithm:
         """For algo section `a` and `model`, tasks of `ways` classes; `first_order=True` forces
         first-order inner gradients (derivative-order annealing's first steps)."""
         if cls.head_only:
             names = model.head_names()
-        elif a.per_step_bn:         # per-step BatchNorm weights are meta-learned only (as in MAML++)
-            names = tuple(k for k, _ in model.named_parameters() if not is_lr(k) and not model.is_norm(k))
+        # per-step BatchNorm weights are meta-learned only (as in MAML++)
+        elif a.per_step_bn:
+            names = tuple(
+                k for k, _ in model.named_parameters() if not is_lr(k) and not model.is_norm(k)
+            )
         else:
             names = None
-        inner = Inner(a.inner_steps if cls.inner_loop else 0, a.inner_lr, first_order or a.first_order or cls.first_order,
-                      names, a.checkpoint_inner, cls.head_init(a), ways)
+        inner = Inner(
+            a.inner_steps if cls.inner_loop else 0,
+            a.inner_lr,
+            first_order or a.first_order or cls.first_order,
+            names,
+            a.checkpoint_inner,
+            cls.head_init(a),
+            ways,
+        )
         return cls(a.name, inner)
 
     # ---- training ----
@@ -84,15 +102,20 @@ class Algorithm:
         """This rank's training batches (metadist.data.stream): episodes of the train split. (The
         data modules are imported here, when a run starts: algorithms import no webdataset.)"""
         from metadist.data.stream import meta_batches
+
         return meta_batches(source, spec)
 
     def outputs(self, model: Backbone) -> dict[str, dict]:
-        """Weights files this algorithm writes at the end of a run besides the model: name -> tensors."""
+        """Weights files this algorithm writes at the end of a run besides the model: name ->
+        tensors."""
         return {}
 
     # ---- evaluation ----
     def test_inner(self, steps: int, lr: float, head_names: tuple[str, ...] | None = None) -> Inner:
-        """The inner loop of evaluation: `steps` (the algorithm's own, if it forces them), first order."""
+        """The inner loop of evaluation: `steps` (the algorithm's own, if it forces them), first
+        order."""
         names = head_names if self.test_head_only else self.train_inner.adapt_names
         steps = steps if self.test_steps is None else self.test_steps
-        return dataclasses.replace(self.train_inner, steps=steps, lr=lr, first_order=True, adapt_names=names)
+        return dataclasses.replace(
+            self.train_inner, steps=steps, lr=lr, first_order=True, adapt_names=names
+        )

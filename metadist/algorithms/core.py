@@ -16,6 +16,7 @@ of the body's weights; the inner loop treats it as a parameter of its own (its g
 partial derivatives, the head held fixed, in both orders), and the meta-gradient flows through
 the prototypes into the body.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,31 +35,49 @@ HEAD_INITS = ("learned", "zero", "shared", "proto")
 @dataclass(frozen=True)
 class Inner:
     """Inner-loop settings; variants of MAML are settings of the same loop."""
+
     steps: int
     lr: float
     first_order: bool = False
-    adapt_names: tuple[str, ...] | None = None   # None = all parameters (ANIL: the head only)
-    checkpoint: bool = False                      # recompute activations of each inner step in backward
-    head_init: str = "learned"                    # the head a task starts from (see the module's docstring)
-    ways: int = 0                                 # classes per task (the head_init=zero/shared/proto head's rows)
+    adapt_names: tuple[str, ...] | None = None  # None = all parameters (ANIL: the head only)
+    # recompute activations of each inner step in backward
+    checkpoint: bool = False
+    # the head a task starts from (see the module's docstring)
+    head_init: str = "learned"
+    # classes per task (the head_init=zero/shared/proto head's rows)
+    ways: int = 0
 
 
 class Forward:
-    """forward(params, x, step=0): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n, ways);
-    forward.features(params, x, step=0) -> (T, n, F). `step` is the inner step (per-step BatchNorm
-    weights). native: torch's fused batch-norm kernel, where no double backward goes through it.
-    rng: the generator of the backbone's random layers (DropBlock), None in evaluation."""
+    """forward(params, x, step=0): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n,
+    ways); forward.features(params, x, step=0) -> (T, n, F). `step` is the inner step (per-step
+    BatchNorm weights). native: torch's fused batch-norm kernel, where no double backward goes
+    through it. rng: the generator of the backbone's random layers (DropBlock), None in
+    evaluation."""
 
-    def __init__(self, model: Backbone, strategy: str, native: bool, rng: torch.Generator | None = None):
+    def __init__(
+        self, model: Backbone, strategy: str, native: bool, rng: torch.Generator | None = None
+    ):
         if strategy not in ("batched", "loop"):
             raise ValueError(f"unknown strategy {strategy!r}")
         self.model, self.loop, self.native, self.rng = model, strategy == "loop", native, rng
 
     def _run(self, fn, p: Params, x: torch.Tensor, step: int) -> torch.Tensor:
-        if not self.loop or x.shape[0] == 1:     # the loop's meta-training chunks are single tasks: no slicing, no cat
+        # the loop's meta-training chunks are single tasks: no slicing, no cat
+        if not self.loop or x.shape[0] == 1:
             return fn(p, x, step, self.native, self.rng)
-        return torch.cat([fn({k: v[t:t + 1] for k, v in p.items()}, x[t:t + 1], step, self.native, self.rng)
-                          for t in range(x.shape[0])])
+        return torch.cat(
+            [
+                fn(
+                    {k: v[t : t + 1] for k, v in p.items()},
+                    x[t : t + 1],
+                    step,
+                    self.native,
+                    self.rng,
+                )
+                for t in range(x.shape[0])
+            ]
+        )
 
     def __call__(self, p: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         return self._run(self.model.tasks_forward, p, x, step)
@@ -82,7 +101,7 @@ def init_head(forward: Forward, params: Params, x_support: torch.Tensor, inner: 
     mode = inner.head_init
     if mode == "learned":
         return params
-    w, b = params["head.weight"], params["head.bias"]              # (T, rows, F), (T, rows)
+    w, b = params["head.weight"], params["head.bias"]  # (T, rows, F), (T, rows)
     T, F_ = w.shape[0], w.shape[-1]
     ways = inner.ways or w.shape[1]
     if mode == "zero":
@@ -90,7 +109,7 @@ def init_head(forward: Forward, params: Params, x_support: torch.Tensor, inner: 
     elif mode == "shared":
         w, b = w.expand(T, ways, F_), b.expand(T, ways)
     elif mode == "proto":
-        c = forward.features(params, x_support, 0).reshape(T, ways, -1, F_).mean(2)   # (T, ways, F)
+        c = forward.features(params, x_support, 0).reshape(T, ways, -1, F_).mean(2)  # (T, ways, F)
         w, b = 2 * c, -(c * c).sum(-1)
     else:
         raise ValueError(f"unknown head_init {mode!r}")
@@ -99,7 +118,9 @@ def init_head(forward: Forward, params: Params, x_support: torch.Tensor, inner: 
 
 def per_task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each task: logits (T, n, ways), y (T, n) -> (T,)."""
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return (
+        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    )
 
 
 def per_task_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -113,14 +134,40 @@ def adapted(params: Params, inner: Inner) -> tuple[str, ...]:
 
 
 def step_lr(lr, weight: torch.Tensor, step: int):
-    """The inner learning rate of one step: a float, or a learned rate (T, *shape) / per step (T, steps, ...)."""
+    """The inner learning rate of one step: a float, or a learned rate (T, *shape) / per step (T,
+    steps, ...)."""
     if isinstance(lr, torch.Tensor) and lr.dim() == weight.dim() + 1:
         return lr.select(1, min(step, lr.shape[1] - 1))
     return lr
 
 
-def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: torch.Tensor, inner: Inner,
-          trajectory: bool = False):
+def _start(forward: Forward, params: Params, x_support, inner: Inner, names) -> Params:
+    """The weights the inner loop starts from: `params` with the head `inner.head_init` makes."""
+    fast = init_head(forward, dict(params), x_support, inner)
+    if not (inner.steps and torch.is_grad_enabled()):
+        return fast
+    # a head made of constants (zero, or detached prototypes) is still adapted
+    fast = dict(
+        fast, **{k: fast[k].detach().requires_grad_() for k in names if not fast[k].requires_grad}
+    )
+    if inner.head_init == "proto" and not inner.first_order:
+        # the inner gradient of the body is taken on aliases, so it does not run back through the
+        # prototypes (a partial derivative, as first order's detached copies give); the
+        # meta-gradient reaches the body both ways
+        fast = dict(
+            fast, **{k: fast[k].view_as(fast[k]) for k in names if not k.startswith("head.")}
+        )
+    return fast
+
+
+def adapt(
+    forward: Forward,
+    params: Params,
+    x_support: torch.Tensor,
+    y_support: torch.Tensor,
+    inner: Inner,
+    trajectory: bool = False,
+):
     """`inner.steps` SGD steps on each task's support loss, from the head `inner.head_init` makes;
     returns the fast weights (with trajectory=True, the list of fast weights after each step).
 
@@ -132,17 +179,15 @@ def adapt(forward: Forward, params: Params, x_support: torch.Tensor, y_support: 
     """
     names = adapted(params, inner)
     lrs = {k: params.get(lr_key(k), inner.lr) for k in names}
-    fast, path = init_head(forward, dict(params), x_support, inner), []
-    if inner.steps and torch.is_grad_enabled():     # a head made of constants (zero, or detached prototypes) is still adapted
-        fast = dict(fast, **{k: fast[k].detach().requires_grad_() for k in names if not fast[k].requires_grad})
-        if inner.head_init == "proto" and not inner.first_order:
-            # the inner gradient of the body is taken on aliases, so it does not run back through the
-            # prototypes (a partial derivative, as first order's detached copies give); the
-            # meta-gradient reaches the body both ways
-            fast = dict(fast, **{k: fast[k].view_as(fast[k]) for k in names if not k.startswith("head.")})
+    fast, path = _start(forward, params, x_support, inner, names), []
     for i in range(inner.steps):
-        def support_loss(*ws):
-            return per_task_loss(forward({**fast, **dict(zip(names, ws))}, x_support, i), y_support).sum()
+        # the step's weights and index are bound here: checkpoint (algo.checkpoint_inner) calls
+        # this again in the backward, when the loop has moved on
+        def support_loss(*ws, fast=fast, i=i):
+            return per_task_loss(
+                forward({**fast, **dict(zip(names, ws))}, x_support, i), y_support
+            ).sum()
+
         ws = [fast[k] for k in names]
         # first order: the inner gradient is a constant, so it is taken on detached copies; the
         # support forward then never reaches weights the meta-loss still needs (the prototypes of
@@ -168,7 +213,7 @@ def chunks(batch: dict, size: int):
     tasks = batch["x_support"].shape[0]
     size = size or tasks
     for s in range(0, tasks, size):
-        yield {k: v[s:s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        yield {k: v[s : s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 @dataclass(frozen=True)
@@ -177,6 +222,7 @@ class Chunking:
     strategy's fast mode: one task each), `scale` times each task's loss; `tree` (a
     metadist.exact.TreeSum) takes each chunk's flat gradient with `extra` zeros appended instead of
     accumulating; `rng(i)`: the generator of chunk i's random layers (DropBlock), or None."""
+
     size: int = 0
     scale: float = 1.0
     tree: object = None
@@ -184,8 +230,15 @@ class Chunking:
     rng: object = None
 
 
-def meta_backward(task_losses, model: Backbone, params: Params, batch: dict, strategy: str, cut: Chunking,
-                  second_order: bool = True):
+def meta_backward(
+    task_losses,
+    model: Backbone,
+    params: Params,
+    batch: dict,
+    strategy: str,
+    cut: Chunking,
+    second_order: bool = True,
+):
     """cut.scale * d(sum of the tasks' losses)/d(params), chunk by chunk (see Chunking).
 
     `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (no
@@ -206,23 +259,41 @@ def meta_backward(task_losses, model: Backbone, params: Params, batch: dict, str
             total.backward()
         else:
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
-            cut.tree.push(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                     for g, p in zip(grads, leaves)] + [leaves[0].new_zeros(cut.extra)]))
+            cut.tree.push(
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                        for g, p in zip(grads, leaves)
+                    ]
+                    + [leaves[0].new_zeros(cut.extra)]
+                )
+            )
         loss_sum = loss_sum + losses.detach().sum()
         acc_sum = acc_sum + accs.detach().sum()
     return loss_sum, acc_sum
 
 
-def adapt_and_predict(model: Backbone, params: Params, x_support, y_support, x_query, inner: Inner,
-                      strategy: str = "batched") -> torch.Tensor:
+def adapt_and_predict(
+    model: Backbone,
+    params: Params,
+    x_support,
+    y_support,
+    x_query,
+    inner: Inner,
+    strategy: str = "batched",
+) -> torch.Tensor:
     """Evaluation: adapt detached copies of the weights (first order, no meta-graph), then
     predict the query. Returns query logits (T, n, ways)."""
     forward = make_forward(model, strategy, second_order=False)
     T = x_support.shape[0]
     names = set(adapted(params, inner))
-    fast = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_(k in names)
-            for k, v in params.items()}
+    fast = {
+        k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_(k in names)
+        for k, v in params.items()
+    }
     with torch.enable_grad():
-        fast = adapt(forward, fast, x_support, y_support, dataclasses.replace(inner, first_order=True))
+        fast = adapt(
+            forward, fast, x_support, y_support, dataclasses.replace(inner, first_order=True)
+        )
     with torch.no_grad():
         return forward({k: v.detach() for k, v in fast.items()}, x_query, max(0, inner.steps - 1))

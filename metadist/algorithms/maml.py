@@ -4,6 +4,7 @@ task_losses -> (query loss per task, query accuracy per task). With `batch["msl_
 (tasks, steps), MAML++'s multi-step loss: the query loss after every inner step, weighted; the
 accuracy is the last step's.
 """
+
 from __future__ import annotations
 
 from metadist.algorithms.base import Algorithm
@@ -12,7 +13,9 @@ from metadist.algorithms.core import Inner, adapt, per_task_accuracy, per_task_l
 
 def task_losses(forward, params, batch, inner: Inner):
     if "msl_weights" in batch and inner.steps > 1:
-        path = adapt(forward, params, batch["x_support"], batch["y_support"], inner, trajectory=True)
+        path = adapt(
+            forward, params, batch["x_support"], batch["y_support"], inner, trajectory=True
+        )
         w = batch["msl_weights"]
         loss = 0.0
         for i, fast in enumerate(path):
@@ -26,8 +29,10 @@ def task_losses(forward, params, batch, inner: Inner):
 
 def msl_weights(step: int, steps: int, anneal: int):
     """MAML++'s per-step loss importance at meta-step `step`: uniform at first, the non-final
-    steps decaying linearly to 0.03/steps over `anneal` meta-steps, the last step taking the rest."""
+    steps decaying linearly to 0.03/steps over `anneal` meta-steps, the last step taking the
+    rest."""
     import torch
+
     progress = min(1.0, step / max(1, anneal))
     floor = 0.03 / steps
     w = torch.full((steps,), max(1.0 / steps - progress / steps, floor), dtype=torch.float64)
@@ -44,9 +49,11 @@ class MAML(Algorithm):
 
 class FOMAML(MAML):
     """First-order MAML: the inner gradients are constants."""
+
     first_order = True
 
 
 class ANIL(MAML):
     """ANIL (Raghu et al. 2020): only the head adapts in the inner loop."""
+
     head_only = True

@@ -5,6 +5,7 @@ images per "task"); evaluated like a meta-learner, each task's head started from
 writes backbone.safetensors, the body without the head or learned rates: what `model.init` starts
 a meta-learning run from.
 """
+
 from __future__ import annotations
 
 from metadist.algorithms.base import Algorithm
@@ -18,7 +19,7 @@ class Pretrain(Algorithm):
 
     @classmethod
     def takes_head_init(cls) -> bool:
-        return True           # the head its evaluation starts from
+        return True  # the head its evaluation starts from
 
     @classmethod
     def head_init(cls, a) -> str:
@@ -35,6 +36,7 @@ class Pretrain(Algorithm):
 
     def stream(self, source, spec):
         from metadist.data.stream import ClassBatches, loader
+
         group = source.ways * (source.shots + source.queries)
         return loader(ClassBatches(source, spec, group), spec.num_workers)
 

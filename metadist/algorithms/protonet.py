@@ -2,6 +2,7 @@
 prototypes (the proto head of algorithms/core.py: weights 2 c_k, bias -|c_k|^2), so the query's
 cross-entropy is the Euclidean prototypical loss; at test each query goes to the nearest prototype.
 """
+
 from __future__ import annotations
 
 from metadist.algorithms.maml import MAML

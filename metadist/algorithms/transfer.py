@@ -2,6 +2,7 @@
 sampled tasks (support and query images together, labels within the task); at test time the
 weights are fine-tuned on the support set by the same `adapt` and predict the query.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ is one file and one line in this table.
 `build_model(model_cfg, algo_cfg, image_shape, ways)` is the model a config describes;
 `checkpoint.load_init(model, path)` starts it from a weights file (model.init: a pre-trained start).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -28,10 +29,14 @@ BACKBONES = {
 
 def check(m: ModelConfig) -> None:
     if m.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={m.backbone!r}: allowed values are {', '.join(BACKBONES)}")
+        raise ConfigError(
+            f"model.backbone={m.backbone!r}: allowed values are {', '.join(BACKBONES)}"
+        )
 
 
-def build_model(m: ModelConfig, a: AlgoConfig, image_shape: tuple[int, int, int], ways: int) -> Backbone:
+def build_model(
+    m: ModelConfig, a: AlgoConfig, image_shape: tuple[int, int, int], ways: int
+) -> Backbone:
     """The model of section `m` for images of `image_shape` (C, H, W: the shards' manifest says
     it) with a head of `ways` rows; algo section `a` says which inner learning rates it learns and
     whether its BatchNorm weights are per inner step."""
@@ -39,13 +44,25 @@ def build_model(m: ModelConfig, a: AlgoConfig, image_shape: tuple[int, int, int]
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"square images expected, got {h}x{w}")
-    return BACKBONES[m.backbone](ways, (c, h, w), m, InnerRates(a.learn_inner_lr, a.inner_lr, a.inner_steps,
-                                                                a.per_step_bn))
+    return BACKBONES[m.backbone](
+        ways, (c, h, w), m, InnerRates(a.learn_inner_lr, a.inner_lr, a.inner_steps, a.per_step_bn)
+    )
 
 
 def backbone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The body's weights: no head, no learned inner rates (what a pre-training run hands on)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.") and not is_lr(k)}
+    return {
+        k: v for k, v in model.state_dict().items() if not k.startswith("head.") and not is_lr(k)
+    }
 
 
-__all__ = ["BACKBONES", "Backbone", "InnerRates", "backbone_weights", "build_model", "check", "is_lr", "lr_key"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "InnerRates",
+    "backbone_weights",
+    "build_model",
+    "check",
+    "is_lr",
+    "lr_key",
+]

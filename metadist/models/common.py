@@ -7,6 +7,7 @@ BatchNorm is written from mean and variance and never keeps running statistics: 
 behaviour in training and at test time (as the reference), and a second-order gradient that is
 exact (torch 2.14's vmap over F.batch_norm gets it wrong).
 """
+
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
@@ -20,8 +21,11 @@ EPS = 1e-5
 LR_PREFIX = "inner_lr."
 
 
-def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dims=(0, 2, 3)) -> torch.Tensor:
-    """Normalise with the batch's own statistics over `dims` (biased variance), then scale and shift.
+def batch_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dims=(0, 2, 3)
+) -> torch.Tensor:
+    """Normalise with the batch's own statistics over `dims` (biased variance), then scale and
+    shift.
 
     Folded into one per-channel scale and shift, so the full-size tensor meets a single addcmul:
     its double backward (most of second-order MAML's time on CPU) touches fewer large tensors.
@@ -42,7 +46,9 @@ class BatchStatNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(shape))
 
     def forward(self, x):
-        w, b = (self.weight[0], self.bias[0]) if self.weight.dim() == 2 else (self.weight, self.bias)
+        w, b = (
+            (self.weight[0], self.bias[0]) if self.weight.dim() == 2 else (self.weight, self.bias)
+        )
         return batch_norm(x, w.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
 
 
@@ -67,7 +73,9 @@ def task_conv(h: torch.Tensor, w: torch.Tensor, padding: int = 1) -> torch.Tenso
     return F.conv2d(h, w.reshape(T * w.shape[1], *w.shape[2:]), None, padding=padding, groups=T)
 
 
-def task_norm(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, step: int = 0, native: bool = False) -> torch.Tensor:
+def task_norm(
+    h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, step: int = 0, native: bool = False
+) -> torch.Tensor:
     """Each task's BatchNorm (its own statistics and weights): h (n, T*C, H, W), g and b (T, C), or
     (T, steps, C) per inner step (row `step`, the last for later steps). native: torch's fused
     kernel, right and faster where no second-order graph goes through it."""
@@ -84,6 +92,7 @@ class InnerRates:
     """The inner learning rates a backbone carries as meta-parameters: `learn` none | layer |
     layer_step | element (see Backbone), started at `init`; `steps` inner steps (the per-step
     rates' and BatchNorm weights' rows); `per_step_bn`: MAML++'s per-step BatchNorm weights."""
+
     learn: str = "none"
     init: float = 0.4
     steps: int = 1
@@ -91,7 +100,8 @@ class InnerRates:
 
     @property
     def bn_steps(self) -> int:
-        """Rows of each BatchNorm weight: the inner steps with per-step BatchNorm, else 0 (one row)."""
+        """Rows of each BatchNorm weight: the inner steps with per-step BatchNorm, else 0 (one
+        row)."""
         return max(1, self.steps) if self.per_step_bn else 0
 
 
@@ -99,8 +109,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     """A backbone is a body (`features`, plain; `tasks_features`, many tasks at once, each with
     its own weights) and a linear head of `ways` outputs, built by `finish()` after the body.
 
-    rates.learn: "none" (one fixed inner lr), "layer" (a learned inner lr per parameter tensor, shared
-    by the inner steps), "layer_step" (one per tensor and inner step, MAML++'s LSLR: shape
+    rates.learn: "none" (one fixed inner lr), "layer" (a learned inner lr per parameter tensor,
+    shared by the inner steps), "layer_step" (one per tensor and inner step, MAML++'s LSLR: shape
     (steps, 1, ...)) or "element" (one per weight, Meta-SGD). The learned rates are
     meta-parameters like the weights (`inner_lr.*`), started at `rates.init`; the inner loop uses
     them in training and at test time (steps past `steps` use the last step's rate). Per-step
@@ -109,18 +119,33 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     feature_dim: int
 
     def finish(self, ways: int, rates: InnerRates = InnerRates()) -> None:
-        learn_lr, lr_init, steps, per_step_bn = rates.learn, rates.init, rates.steps, rates.per_step_bn
+        learn_lr, lr_init, steps, per_step_bn = (
+            rates.learn,
+            rates.init,
+            rates.steps,
+            rates.per_step_bn,
+        )
         self.ways, self.learn_lr = ways, learn_lr
         self.head = nn.Linear(self.feature_dim, ways)
         if learn_lr != "none":
+
             def shape(v):
                 if learn_lr == "element":
                     return v.shape
                 return ((max(1, steps),) if learn_lr == "layer_step" else ()) + (1,) * v.dim()
-            shapes = {k: shape(v) for k, v in self.named_parameters() if not (per_step_bn and self.is_norm(k))}
+
+            shapes = {
+                k: shape(v)
+                for k, v in self.named_parameters()
+                if not (per_step_bn and self.is_norm(k))
+            }
             # registered as "inner_lr.<name with _ for .>", i.e. lr_key(name)
-            self.inner_lr = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.full(s, float(lr_init)))
-                                              for k, s in shapes.items()})
+            self.inner_lr = nn.ParameterDict(
+                {
+                    k.replace(".", "_"): nn.Parameter(torch.full(s, float(lr_init)))
+                    for k, s in shapes.items()
+                }
+            )
 
     @abstractmethod
     def is_norm(self, name: str) -> bool:
@@ -130,7 +155,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> (n, feature_dim), one set of weights."""
 
-    def forward(self, x):                                         # (n, C, H, W) -> logits (n, ways)
+    def forward(self, x):  # (n, C, H, W) -> logits (n, ways)
         return self.head(self.features(x))
 
     def head_names(self) -> tuple[str, ...]:
@@ -138,14 +163,29 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return ("head.weight", "head.bias")
 
     @abstractmethod
-    def tasks_features(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
-                       native_norm: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
-        """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n, feature_dim).
-        rng: the generator of random layers (DropBlock) in meta-training; None: none drop."""
+    def tasks_features(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        step: int = 0,
+        native_norm: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n,
+        feature_dim). rng: the generator of random layers (DropBlock) in meta-training; None: none
+        drop."""
 
-    def tasks_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
-                      native_norm: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
+    def tasks_forward(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        step: int = 0,
+        native_norm: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Run T tasks at once, task t with its own weights params[k][t]; `step` is the inner step
         (per-step BatchNorm weights). x: (T, n, C, H, W) -> logits (T, n, ways)."""
         h = self.tasks_features(params, x, step, native_norm, rng)
-        return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))
+        return torch.baddbmm(
+            params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2)
+        )

@@ -3,6 +3,7 @@ batch statistics -> ReLU -> max-pool 2], then a linear head over the flattened f
 `model.hidden` filters (64 for Omniglot, 32 for the MAML paper's mini-ImageNet), input channels
 and size from the shards' manifest: 28 -> 14 -> 7 -> 3 -> 1 for Omniglot, 84 -> ... -> 5 at 84 px.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -32,12 +33,23 @@ def feature_side(depth: int, side: int = 28) -> int:
 
 
 class ConvNet(Backbone):
-    def __init__(self, ways: int, hidden: int = 64, depth: int = 4, in_channels: int = 1, side: int = 28,
-                 rates: InnerRates = InnerRates()):
+    def __init__(
+        self,
+        ways: int,
+        hidden: int = 64,
+        depth: int = 4,
+        in_channels: int = 1,
+        side: int = 28,
+        rates: InnerRates = InnerRates(),
+    ):
         super().__init__()
         self.hidden, self.depth = hidden, depth
-        self.blocks = nn.Sequential(*[Block(in_channels if i == 0 else hidden, hidden, rates.bn_steps)
-                                      for i in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                Block(in_channels if i == 0 else hidden, hidden, rates.bn_steps)
+                for i in range(depth)
+            ]
+        )
         self.feature_dim = hidden * feature_side(depth, side) ** 2
         self.finish(ways, rates)
 
@@ -54,15 +66,22 @@ class ConvNet(Backbone):
         h = fold(x)
         for i in range(self.depth):
             h = task_conv(h, params[f"blocks.{i}.conv.weight"])
-            h = task_norm(h, params[f"blocks.{i}.norm.weight"], params[f"blocks.{i}.norm.bias"], step, native_norm)
+            h = task_norm(
+                h,
+                params[f"blocks.{i}.norm.weight"],
+                params[f"blocks.{i}.norm.bias"],
+                step,
+                native_norm,
+            )
             h = F.max_pool2d(F.relu(h), 2)
-        return h.reshape(n, T, -1).transpose(0, 1)                          # (T, n, features)
+        return h.reshape(n, T, -1).transpose(0, 1)  # (T, n, features)
 
 
 def build(ways: int, image_shape: tuple[int, int, int], model, rates: InnerRates) -> ConvNet:
     c, side, _ = image_shape
     if side >> model.depth < 1:
-        raise ConfigError(f"model.depth={model.depth}: each block halves the image, {side} px allows at most "
-                          f"{side.bit_length() - 1} blocks")
+        raise ConfigError(
+            f"model.depth={model.depth}: each block halves the image, {side} px allows at most "
+            f"{side.bit_length() - 1} blocks"
+        )
     return ConvNet(ways, model.hidden, model.depth, in_channels=c, side=side, rates=rates)
-

@@ -6,6 +6,7 @@ head (640). DropBlock (Ghiasi et al. 2018) after blocks 3 and 4 when `model.drop
 drop rate; block size 5 at 84 px), in meta-training only, its masks drawn from the generator the
 meta-step gives each chunk of tasks (the forward's `rng`), so runs stay reproducible.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,14 +39,26 @@ class ResBlock(nn.Module):
 
 
 class ResNet12(Backbone):
-    def __init__(self, ways: int, widths=(64, 160, 320, 640), in_channels: int = 3, side: int = 84,
-                 rates: InnerRates = InnerRates(), dropblock: float = 0.0):
+    def __init__(
+        self,
+        ways: int,
+        widths=(64, 160, 320, 640),
+        in_channels: int = 3,
+        side: int = 84,
+        rates: InnerRates = InnerRates(),
+        dropblock: float = 0.0,
+    ):
         super().__init__()
         self.widths, self.dropblock = tuple(widths), dropblock
-        self.blocks = nn.Sequential(*[ResBlock(in_channels if i == 0 else widths[i - 1], w, rates.bn_steps)
-                                      for i, w in enumerate(widths)])
+        self.blocks = nn.Sequential(
+            *[
+                ResBlock(in_channels if i == 0 else widths[i - 1], w, rates.bn_steps)
+                for i, w in enumerate(widths)
+            ]
+        )
         self.feature_dim = widths[-1]
-        self.block_size = max(1, min(5, side // 16))     # 5 at 84 px (the feature maps there are 10 and 5 wide)
+        # 5 at 84 px (the feature maps there are 10 and 5 wide)
+        self.block_size = max(1, min(5, side // 16))
         self.finish(ways, rates)
 
     def is_norm(self, name: str) -> bool:
@@ -60,12 +73,14 @@ class ResNet12(Backbone):
             return h
         n, tc, H, W = h.shape
         bs = min(self.block_size, H, W)
-        gamma = self.dropblock / bs ** 2 * (H * W) / ((H - bs + 1) * (W - bs + 1))
-        seeds = (torch.rand((n, tc, H - bs + 1, W - bs + 1), generator=rng, device="cpu") < gamma).to(h)
+        gamma = self.dropblock / bs**2 * (H * W) / ((H - bs + 1) * (W - bs + 1))
+        seeds = (
+            torch.rand((n, tc, H - bs + 1, W - bs + 1), generator=rng, device="cpu") < gamma
+        ).to(h)
         pad = bs - 1
         blocks = F.max_pool2d(F.pad(seeds, (pad, pad, pad, pad)), bs, stride=1)[..., :H, :W]
         keep = 1.0 - blocks
-        kept = keep.reshape(n, T, -1, H, W).sum((0, 2, 3, 4)).clamp_min(1.0)        # per task
+        kept = keep.reshape(n, T, -1, H, W).sum((0, 2, 3, 4)).clamp_min(1.0)  # per task
         scale = (keep.numel() / T) / kept
         return h * keep * scale.repeat_interleave(tc // T).view(1, tc, 1, 1)
 
@@ -75,15 +90,23 @@ class ResNet12(Backbone):
         for i in range(len(self.widths)):
             p = f"blocks.{i}."
 
-            def conv_norm(inp, conv, bn, padding=1):
-                return task_norm(task_conv(inp, params[p + conv + ".weight"], padding),
-                                 params[p + bn + ".weight"], params[p + bn + ".bias"], step, native_norm)
+            def conv_norm(inp, conv, bn, padding=1, p=p):
+                return task_norm(
+                    task_conv(inp, params[p + conv + ".weight"], padding),
+                    params[p + bn + ".weight"],
+                    params[p + bn + ".bias"],
+                    step,
+                    native_norm,
+                )
+
             out = F.leaky_relu(conv_norm(h, "conv1", "bn1"), SLOPE)
             out = F.leaky_relu(conv_norm(out, "conv2", "bn2"), SLOPE)
             out = conv_norm(out, "conv3", "bn3")
-            h = F.max_pool2d(F.leaky_relu(out + conv_norm(h, "shortcut", "bn_sc", padding=0), SLOPE), 2)
+            h = F.max_pool2d(
+                F.leaky_relu(out + conv_norm(h, "shortcut", "bn_sc", padding=0), SLOPE), 2
+            )
             h = self._drop(h, i, T, rng)
-        return h.mean((2, 3)).reshape(n, T, -1).transpose(0, 1)             # (T, n, widths[-1])
+        return h.mean((2, 3)).reshape(n, T, -1).transpose(0, 1)  # (T, n, widths[-1])
 
 
 def build(ways: int, image_shape: tuple[int, int, int], model, rates: InnerRates) -> ResNet12:
@@ -91,9 +114,15 @@ def build(ways: int, image_shape: tuple[int, int, int], model, rates: InnerRates
     try:
         widths = tuple(int(w) for w in model.widths.split(","))
     except ValueError:
-        raise ConfigError(f"model.widths={model.widths!r}: four comma-separated integers, e.g. 64,160,320,640") from None
+        raise ConfigError(
+            f"model.widths={model.widths!r}: four comma-separated integers, e.g. 64,160,320,640"
+        ) from None
     if len(widths) != 4 or min(widths) < 1:
-        raise ConfigError(f"model.widths={model.widths!r}: four positive widths, e.g. 64,160,320,640")
+        raise ConfigError(
+            f"model.widths={model.widths!r}: four positive widths, e.g. 64,160,320,640"
+        )
     if side < 16:
-        raise ConfigError(f"data.image_size={side}: ResNet-12 halves the image four times; use at least 16 px")
+        raise ConfigError(
+            f"data.image_size={side}: ResNet-12 halves the image four times; use at least 16 px"
+        )
     return ResNet12(ways, widths, in_channels=c, side=side, rates=rates, dropblock=model.dropblock)
