@@ -169,6 +169,60 @@ def accelerate_bin() -> str:
     return str(exe) if exe.exists() else shutil.which("accelerate")
 
 
+def launch_cmd(nproc: int, args, port=None, machines=1, machine_rank=0) -> list[str]:
+    """The command of `metadist train` with `nproc` processes: a plain process for one, else
+    `accelerate launch` on this machine (or node `machine_rank` of `machines`, on loopback)."""
+    if nproc == 1 and machines == 1:
+        return [sys.executable, "-m", "metadist", "train", *map(str, args)]
+    cmd = [
+        accelerate_bin(),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        str(machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+    ]
+    if machines > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    return cmd + ["-m", "metadist", "train", *map(str, args)]
+
+
+def launch(nproc, args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`metadist train` with `nproc` processes (accelerate launch, gloo), waited for."""
+    r = subprocess.run(
+        launch_cmd(nproc, args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+    return r
+
+
+def weights(run_dir: Path) -> dict:
+    """A run's final weights."""
+    return _load_weights(run_dir / "model.safetensors")[0]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two sets of weights."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _load_weights(path):
+    from metadist.checkpoint import load_weights
+
+    return load_weights(path)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, omniglot_dir):
     tmp = tmp_path_factory.mktemp("trained")

@@ -21,53 +21,19 @@ import time
 import pytest
 
 from metadist.checkpoint import load_weights
-from tests.conftest import ROOT, accelerate_bin, free_port, run_cli, small_overrides
+from tests.conftest import (
+    ROOT,
+    free_port,
+    launch,
+    launch_cmd,
+    max_diff,
+    run_cli,
+    small_overrides,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 WEIGHT_TOL = 1e-5
-
-
-def launch_cmd(nproc: int, args, port=None, machines=1, machine_rank=0):
-    if nproc == 1 and machines == 1:
-        return [sys.executable, "-m", "metadist", "train", *map(str, args)]
-    cmd = [
-        accelerate_bin(),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(nproc),
-        "--num_machines",
-        str(machines),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port or free_port()),
-    ]
-    if machines > 1:
-        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-    return cmd + ["-m", "metadist", "train", *map(str, args)]
-
-
-def train(nproc, args, env=None, timeout=600):
-    r = subprocess.run(
-        launch_cmd(nproc, args),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        env=dict(os.environ, **(env or {})),
-    )
-    return r
-
-
-def weights(run_dir):
-    return load_weights(run_dir / "model.safetensors")[0]
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +68,14 @@ def exact_args(base, steps):
     ]
 
 
-def test_1_2_4_processes_are_bit_identical_after_100_steps(base):
-    """Exact mode: the same weights to the last bit, the same losses and validation accuracies."""
-    tmp, args = exact_args(base, 100)
+def test_1_2_4_processes_are_bit_identical_after_30_steps(base):
+    """Exact mode: the same weights to the last bit, the same losses and validation accuracies
+    (any difference in one step's reduction would show in the bits of the next; 30 steps carry it
+    through Adam's moments and two epochs of the 96 train episodes)."""
+    tmp, args = exact_args(base, 30)
     runs = {}
     for n in (1, 2, 4):
-        r = train(n, args + [f"run.name=x{n}"])
+        r = launch(n, args + [f"run.name=x{n}"])
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"on {n} process(es)" in r.stdout and "reduce=exact" in r.stdout
         runs[n] = tmp / "runs" / f"x{n}"
@@ -128,19 +96,21 @@ def test_1_2_4_processes_are_bit_identical_after_100_steps(base):
 
 
 def test_a_run_resumed_2_then_1_then_4_processes_equals_the_uninterrupted_one(base):
-    tmp, args = exact_args(base, 60)
-    r = train(1, args + ["run.name=straight-x"])
+    tmp, args = exact_args(base, 30)
+    r = launch(1, args + ["run.name=straight-x"])
     assert r.returncode == 0, r.stderr[-3000:]
-    for n, upto in ((2, 20), (1, 40), (4, 60)):
-        r = train(n, args + ["run.name=hopped", f"train.steps={upto}", "train.checkpoint_every=20"])
+    for n, upto in ((2, 10), (1, 20), (4, 30)):
+        r = launch(
+            n, args + ["run.name=hopped", f"train.steps={upto}", "train.checkpoint_every=10"]
+        )
         assert r.returncode == 0, r.stderr[-3000:]
-        if upto > 20:
-            assert f"from step_{upto - 20:06d}" in r.stdout and f", now {n})" in r.stdout
+        if upto > 10:
+            assert f"from step_{upto - 10:06d}" in r.stdout and f", now {n})" in r.stdout
     meta = json.loads(
-        (tmp / "runs" / "hopped" / "checkpoints" / "step_000060" / "meta.json").read_text()
+        (tmp / "runs" / "hopped" / "checkpoints" / "step_000030" / "meta.json").read_text()
     )
-    assert meta["world_size"] == 4 and meta["reduce"] == "exact" and meta["data_position"] == 60 * 8
-    # constant learning rate: the legs stopped at 20 and 40 take the same steps as the run of 60
+    assert meta["world_size"] == 4 and meta["reduce"] == "exact" and meta["data_position"] == 30 * 8
+    # constant learning rate: the legs stopped at 10 and 20 take the same steps as the run of 30
     assert max_diff(weights(tmp / "runs" / "straight-x"), weights(tmp / "runs" / "hopped")) == 0.0
 
 
@@ -151,7 +121,7 @@ def test_the_same_command_twice_gives_the_same_weights_with_auto_strategy(base, 
     env = {"METADIST_CACHE_DIR": str(tmp_path / "cache")}
     outs = []
     for name in ("auto-a", "auto-b"):
-        r = train(2, args + [f"run.name={name}", "algo.strategy=auto"], env=env)
+        r = launch(2, args + [f"run.name={name}", "algo.strategy=auto"], env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(r.stdout)
     assert "measured now" in outs[0] and "measured now" not in outs[1] and "cached in" in outs[1]
@@ -163,12 +133,12 @@ def test_fast_mode_agrees_within_float32_reordering(base):
     args = args + ["train.reduce=fast"]
     runs = {}
     for n in (1, 2):
-        r = train(n, args + [f"run.name=f{n}"])
+        r = launch(n, args + [f"run.name=f{n}"])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[n] = tmp / "runs" / f"f{n}"
     ref = weights(runs[1])
     # the same sum, reordered
-    r = train(1, args + ["run.name=f1-chunked", "algo.tasks_per_chunk=4"])
+    r = launch(1, args + ["run.name=f1-chunked", "algo.tasks_per_chunk=4"])
     assert r.returncode == 0, r.stderr[-3000:]
     tol = max(WEIGHT_TOL, 10 * max_diff(ref, weights(tmp / "runs" / "f1-chunked")))
     assert max_diff(ref, weights(runs[2])) <= tol
@@ -225,12 +195,12 @@ def test_five_seeds_train_from_one_shard_set_without_raw_data(base, tmp_path):
 def test_sigkill_and_resume_equals_uninterrupted(base):
     tmp, args = base
     args = args + [
-        "train.steps=40",
+        "train.steps=25",
         "train.checkpoint_every=5",
-        "train.val_every=20",
+        "train.val_every=25",
         "model.hidden=32",
     ]
-    r = train(2, args + ["run.name=straight"])
+    r = launch(2, args + ["run.name=straight"])
     assert r.returncode == 0, r.stderr[-3000:]
     cmd = launch_cmd(2, args + ["run.name=killed"])
     proc = subprocess.Popen(
@@ -245,13 +215,13 @@ def test_sigkill_and_resume_equals_uninterrupted(base):
     proc.wait()
     assert not (tmp / "runs" / "killed" / "summary.json").exists()
     time.sleep(1)
-    r = train(2, args + ["run.name=killed"])
+    r = launch(2, args + ["run.name=killed"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stdout
     a, b = weights(tmp / "runs" / "straight"), weights(tmp / "runs" / "killed")
     assert max_diff(a, b) == 0.0
     # and a checkpoint written by 2 processes resumes under 1
-    r = train(1, args + ["run.name=killed", "train.steps=45"])
+    r = launch(1, args + ["run.name=killed", "train.steps=27"])
     assert r.returncode == 0 and "written by 2 process(es), now 1" in r.stdout, r.stderr[-3000:]
 
 
@@ -272,14 +242,14 @@ def test_two_nodes_on_loopback_equal_one_process(base):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert "on 2 process(es)" in outs[0][0]
-    r = train(1, args + ["run.name=single"])
+    r = launch(1, args + ["run.name=single"])
     assert r.returncode == 0
     assert max_diff(weights(tmp / "runs" / "single"), weights(tmp / "runs" / "nodes")) <= WEIGHT_TOL
 
 
 def test_uneven_split_is_a_clear_error(base):
     _tmp, args = base
-    r = train(3, args + ["run.name=uneven"])
+    r = launch(3, args + ["run.name=uneven"])
     assert r.returncode != 0
     assert "train.meta_batch_size=8 does not split evenly over 3 processes" in r.stderr
 
@@ -287,15 +257,18 @@ def test_uneven_split_is_a_clear_error(base):
 def test_launch_without_process_group_is_an_error(base):
     _tmp, args = base
     # Accelerator(cpu=False) on a CPU machine
-    r = train(2, args + ["run.name=nogroup"], env={"METADIST_CPU": "0"})
+    r = launch(2, args + ["run.name=nogroup"], env={"METADIST_CPU": "0"})
     assert r.returncode != 0
     assert "no process group was formed" in r.stderr
 
 
-def test_twenty_consecutive_two_process_launches_exit_zero(base):
+def test_consecutive_two_process_launches_exit_zero(base):
+    """A rank that ran collectives leaves without the interpreter shutdown (distributed.leave):
+    before, about 1 launch in 45 aborted after a complete run. Eight launches here, and every
+    other multi-process test of this suite (some thirty launches) asserts exit 0 as well."""
     _tmp, args = base
-    for i in range(20):
-        r = train(
+    for i in range(8):
+        r = launch(
             2,
             args
             + [f"run.name=rep{i}", "train.steps=1", "train.val_every=1", "eval.test_episodes=8"],
@@ -307,7 +280,7 @@ def test_offline_tracking_records_config_metrics_and_summary(base):
     from tests.wandb_log import read_run
 
     tmp, args = base
-    r = train(
+    r = launch(
         2,
         args + ["run.name=tracked", "tracking.mode=offline", "train.steps=4", "train.val_every=2"],
     )
@@ -326,7 +299,7 @@ def test_offline_tracking_records_config_metrics_and_summary(base):
     assert got["summary"]["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     assert "test_ci95" in got["summary"]
     # a resumed run continues the same W&B run
-    r = train(
+    r = launch(
         1,
         args + ["run.name=tracked", "tracking.mode=offline", "train.steps=6", "train.val_every=2"],
     )
@@ -354,13 +327,13 @@ def test_sigterm_to_the_launcher_checkpoints_that_step_and_resumes_exactly(base)
     the relaunch resumes there and ends with the uninterrupted run's weights."""
     tmp, args = base
     args = args + [
-        "train.steps=60",
+        "train.steps=30",
         "train.checkpoint_every=1000",
         "train.val_every=1000",
         "model.hidden=32",
         "train.log_every=1",
     ]
-    r = train(2, args + ["run.name=term-straight"])
+    r = launch(2, args + ["run.name=term-straight"])
     assert r.returncode == 0, r.stderr[-3000:]
     proc = subprocess.Popen(
         launch_cmd(2, args + ["run.name=term"]),
@@ -375,11 +348,11 @@ def test_sigterm_to_the_launcher_checkpoints_that_step_and_resumes_exactly(base)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     at = _steps_logged(metrics)[-1]
-    assert 8 <= at < 60 and f"after step {at}" in err
+    assert 8 <= at < 30 and f"after step {at}" in err
     assert sorted(p.name for p in (tmp / "runs" / "term" / "checkpoints").iterdir()) == [
         f"step_{at:06d}"
     ]
-    r = train(2, args + ["run.name=term"])
+    r = launch(2, args + ["run.name=term"])
     assert r.returncode == 0 and f"from step_{at:06d}" in r.stdout, r.stderr[-3000:]
     assert max_diff(weights(tmp / "runs" / "term-straight"), weights(tmp / "runs" / "term")) == 0.0
 
@@ -390,7 +363,7 @@ def test_a_stopped_rank_fails_the_launch_within_the_collective_timeout(base):
     exactly from the last checkpoint."""
     tmp, args = base
     args = args + [
-        "train.steps=40",
+        "train.steps=25",
         "train.checkpoint_every=5",
         "train.val_every=1000",
         "model.hidden=32",
@@ -422,9 +395,9 @@ def test_a_stopped_rank_fails_the_launch_within_the_collective_timeout(base):
                 os.kill(w, signal.SIGKILL)
     assert proc.returncode != 0 and time.time() - stopped < 10 + 60
     assert "collective_timeout_s=10" in err and "rank 0" in err
-    r = train(2, args + ["run.name=stuck"])
+    r = launch(2, args + ["run.name=stuck"])
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
-    r = train(2, args + ["run.name=stuck-straight"])
+    r = launch(2, args + ["run.name=stuck-straight"])
     assert (
         max_diff(weights(tmp / "runs" / "stuck-straight"), weights(tmp / "runs" / "stuck")) == 0.0
     )
@@ -470,7 +443,7 @@ def test_workers_stop_when_their_launcher_is_killed(base):
     assert not alive, f"orphaned workers still running: {alive}"
     ckpts = list((tmp / "runs" / "orphan" / "checkpoints").iterdir())
     assert len(ckpts) == 1 and not (tmp / "runs" / "orphan" / "summary.json").exists()
-    r = train(2, args + ["run.name=orphan", "train.steps=" + str(int(ckpts[0].name[5:]) + 2)])
+    r = launch(2, args + ["run.name=orphan", "train.steps=" + str(int(ckpts[0].name[5:]) + 2)])
     assert r.returncode == 0 and f"from {ckpts[0].name}" in r.stdout, r.stderr[-3000:]
 
 
@@ -498,7 +471,7 @@ def test_two_nodes_stream_their_shards_over_http_without_raw_data(base, http_ser
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    r = train(1, args + ["run.name=http-single"])
+    r = launch(1, args + ["run.name=http-single"])
     assert r.returncode == 0
     nodes = load_weights(tmp / "runs" / "http-nodes" / "model.safetensors")[0]
     assert max_diff(weights(tmp / "runs" / "http-single"), nodes) <= WEIGHT_TOL
@@ -518,11 +491,11 @@ def test_maml_plus_plus_settings_are_world_size_invariant_and_resume_exactly(bas
         "train.val_every=3",
     ]
     for n, name in ((1, "pp1"), (2, "pp2")):
-        r = train(n, args + [f"run.name={name}"])
+        r = launch(n, args + [f"run.name={name}"])
         assert r.returncode == 0, r.stderr[-3000:]
     assert max_diff(weights(tmp / "runs" / "pp1"), weights(tmp / "runs" / "pp2")) <= WEIGHT_TOL
-    r = train(2, args + ["run.name=pp-resumed", "train.steps=3"])
+    r = launch(2, args + ["run.name=pp-resumed", "train.steps=3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = train(2, args + ["run.name=pp-resumed"])
+    r = launch(2, args + ["run.name=pp-resumed"])
     assert r.returncode == 0 and "from step_000003" in r.stdout, r.stderr[-3000:]
     assert max_diff(weights(tmp / "runs" / "pp2"), weights(tmp / "runs" / "pp-resumed")) == 0.0

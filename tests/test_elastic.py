@@ -18,7 +18,7 @@ from metadist.checkpoint import load_weights
 from tests.conftest import ROOT, free_port, run_cli, small_overrides
 
 pytestmark = pytest.mark.slow
-STEPS = 150
+STEPS = 100
 
 
 @pytest.fixture(scope="module")

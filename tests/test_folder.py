@@ -14,7 +14,7 @@ from metadist.data.prepare import prepare, shards_dir
 from metadist.data.store import read_manifest
 from metadist.data.stream import EpisodeSource
 from metadist.data.synthetic import FolderSpec, write_folder_dataset
-from tests.conftest import run_cli
+from tests.conftest import launch, run_cli, weights
 
 quiet = dict(log=lambda *a: None)
 
@@ -294,7 +294,6 @@ def test_parallel_decoding_gives_the_same_images(tmp_path):
 def test_rgb_84_is_world_size_invariant_and_resumes_exactly(tmp_path):
     """84x84 RGB episodes from the pool format: 1 and 2 processes give the same weights bit for bit
     (exact mode, one thread each), and a 2-process run stopped at step 3 and resumed equals them."""
-    from tests.test_distributed import train, weights
 
     root = write_folder_dataset(
         tmp_path / "raw", "folders", FolderSpec(size=84, channels=3, fmt="jpg")
@@ -310,7 +309,7 @@ def test_rgb_84_is_world_size_invariant_and_resumes_exactly(tmp_path):
         (2, "resumed", ["train.steps=3"]),
         (2, "resumed", []),
     ):
-        r = train(n, args + [f"run.name={name}", *extra])
+        r = launch(n, args + [f"run.name={name}", *extra])
         assert r.returncode == 0, r.stderr[-3000:]
     w = {name: weights(tmp_path / "runs" / name) for name in ("one", "two", "resumed")}
     assert all(w["one"][k].equal(w[n][k]) for n in ("two", "resumed") for k in w["one"])
@@ -322,7 +321,6 @@ def test_resnet12_at_84_trains_and_two_processes_equal_one(tmp_path):
     and `accelerate launch` with 2 processes gives the 1-process weights bit for bit (exact mode,
     one thread each). With DropBlock (small widths, 32 px) too: its masks are named by seed, step
     and chunk."""
-    from tests.test_distributed import train, weights
 
     root = write_folder_dataset(
         tmp_path / "raw",
@@ -362,7 +360,7 @@ def test_resnet12_at_84_trains_and_two_processes_equal_one(tmp_path):
         r = run_cli("prepare", *args)
         assert r.returncode == 0, r.stderr[-2000:]
         for n in (1, 2):
-            r = train(n, args + [f"run.name={case}{n}"])
+            r = launch(n, args + [f"run.name={case}{n}"])
             assert r.returncode == 0, r.stderr[-3000:]
     a, b = (weights(tmp_path / "runs" / f"full{n}") for n in (1, 2))
     assert a["blocks.3.conv3.weight"].shape == (640, 640, 3, 3) and a["head.weight"].shape == (
@@ -372,7 +370,7 @@ def test_resnet12_at_84_trains_and_two_processes_equal_one(tmp_path):
     assert all(a[k].equal(b[k]) for k in a)
     a, b = (weights(tmp_path / "small" / "runs" / f"db{n}") for n in (1, 2))
     assert all(a[k].equal(b[k]) for k in a)
-    r = train(1, runs["db"] + ["run.name=nodb", "model.dropblock=0"])
+    r = launch(1, runs["db"] + ["run.name=nodb", "model.dropblock=0"])
     assert r.returncode == 0
     c = weights(tmp_path / "small" / "runs" / "nodb")
     assert not all(a[k].equal(c[k]) for k in a)  # DropBlock did drop something

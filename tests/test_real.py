@@ -1,10 +1,9 @@
 """Real Omniglot (../shared/data/omniglot), bounded in steps: 150 steps of strong.yaml on one
 process must learn: on the first 160 of the 640 fixed test tasks, at least 0.70 and at least 0.06
 above the same evaluation of the untrained weights (which, adapting 10 steps, already reach 0.68;
-trained 0.80 on this AMD EPYC: the paired difference is what the bound is about). (A fixed 0.80 was
-one CPU's luck: an Intel Xeon gave 0.80+, an AMD EPYC 0.796 with the same code; 160 tasks carry a
-95% interval of about
-+-0.03.)"""
+trained 0.80 on this AMD EPYC: the paired difference is what the bound is about). (A fixed 0.80
+was one CPU's luck: an Intel Xeon gave 0.80+, an AMD EPYC 0.796 with the same code; 160 tasks
+carry a 95% interval of about +-0.03.) The real shards are prepared once for both tests."""
 
 import json
 
@@ -13,19 +12,32 @@ import pytest
 from tests.conftest import REAL_OMNIGLOT, run_cli
 
 pytestmark = pytest.mark.slow
+COUNTS = ["data.train_episodes=2000", "data.val_episodes=320", "data.test_episodes=640"]
 
 
-def test_strong_150_steps_on_real_omniglot(tmp_path):
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory):
+    """The native shards of real Omniglot (alphabets, 5-way 1-shot), prepared once."""
+    from metadist import config
+    from metadist.data.prepare import prepare
+
     assert REAL_OMNIGLOT.is_dir(), f"the real Omniglot is expected at {REAL_OMNIGLOT}"
+    out = tmp_path_factory.mktemp("real") / "native"
+    cfg = config.load(None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={out}", *COUNTS])
+    prepare(cfg.data, log=lambda *a: None)
+    return out
+
+
+def test_strong_150_steps_on_real_omniglot(tmp_path, real_shards):
     r = run_cli(
         "train",
         "--config",
         "configs/strong.yaml",
         f"data.raw={REAL_OMNIGLOT}",
-        f"data.shards={tmp_path / 'shards'}",
-        "data.train_episodes=5000",
+        f"data.shards={real_shards}",
+        *COUNTS,
         "train.steps=150",
-        "train.val_every=75",
+        "train.val_every=150",
         "train.checkpoint_every=150",
         "eval.test_episodes=160",
         f"run.root={tmp_path / 'runs'}",
@@ -35,6 +47,7 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
         timeout=1500,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "preparing" not in r.stdout
     s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
     assert s["steps"] == 150 and s["test_episodes"] == 160
     import torch
@@ -50,7 +63,7 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
     model = model_for(cfg)
     untrained = evaluate(
         model,
-        EpisodeSource(tmp_path / "shards", "test").all(160),
+        EpisodeSource(real_shards, "test").all(160),
         eval_inner(cfg.algo, model, 5, cfg.eval.inner_steps),
         cfg.eval.tasks_per_batch,
         "cpu",
@@ -67,7 +80,7 @@ def test_strong_150_steps_on_real_omniglot(tmp_path):
     assert json.loads(r.stdout.splitlines()[-1])["episodes"] == 160
 
 
-def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path):
+def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path, real_shards):
     """The official zips extracted to folders, read by data.source=folder (classes 3 deep under the
     folder holding both sets: <set>/<alphabet>/<character>; the alphabets split as class lists;
     1 channel, 28 px, inverted): every pool and episode shard byte-identical to the native
@@ -82,23 +95,18 @@ def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path)
     for name in ("images_background", "images_evaluation"):
         with zipfile.ZipFile(REAL_OMNIGLOT / f"{name}.zip") as z:
             z.extractall(raw)
-    counts = ["data.train_episodes=2000", "data.val_episodes=320", "data.test_episodes=640"]
-    native = config.load(
-        None, [f"data.raw={REAL_OMNIGLOT}", f"data.shards={tmp_path / 'native'}", *counts]
-    )
-    prepare(native.data, log=lambda *a: None)
     lists = tmp_path / "lists"
     lists.mkdir()
     for s in ("train", "val", "test"):
         (lists / f"{s}.txt").write_text(
-            "".join(c + "\n" for c in read_manifest(shards_dir(native.data), s)["classes"])
+            "".join(c + "\n" for c in read_manifest(real_shards, s)["classes"])
         )
     generic = config.load(
         None,
         [
             f"data.raw={raw}",
             f"data.shards={tmp_path / 'generic'}",
-            *counts,
+            *COUNTS,
             "data.source=folder",
             "data.folder.split=lists",
             f"data.folder.split_dir={lists}",
@@ -109,7 +117,7 @@ def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path)
     )
     prepare(generic.data, log=lambda *a: None)
     for s in ("train", "val", "test"):
-        a, b = read_manifest(shards_dir(native.data), s), read_manifest(shards_dir(generic.data), s)
+        a, b = read_manifest(real_shards, s), read_manifest(shards_dir(generic.data), s)
         assert (
             len(a["classes"]) == {"train": 771, "val": 193, "test": 659}[s]
             and a["classes"] == b["classes"]

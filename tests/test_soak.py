@@ -10,5 +10,5 @@ pytestmark = pytest.mark.slow
 
 
 def test_three_random_kills_and_relaunches_equal_an_uninterrupted_run(tmp_path):
-    r = soak(tmp_path, kills=3, steps=80, seed=1, log=print)
+    r = soak(tmp_path, kills=3, steps=60, seed=1, log=print)
     assert len(r["kills"]) == 3 and r["equal"], r

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session (about 9 minutes of device time), for a machine that has PyTorch but cannot
+# One GPU run (about 9 minutes), for a machine that has PyTorch but cannot
 # install (wheels of webdataset and braceexpand travel in .whl/, the Omniglot zips in
 # .gpudata/omniglot/). Everything it measures lands in $OUT:
 #   1. recipes: several training recipes on real Omniglot side by side, bounded in steps, with a

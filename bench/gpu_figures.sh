@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check of issues 10 and 11, one call of under 8 minutes on one GPU (bounded by timeouts),
-# written before any GPU was lent; run as `OUT=$OUT bash bench/gpu_wave2.sh` through the device
-# tool (with .gpudata/omniglot carried for the real-data part). Everything lands in $OUT:
+# The GPU figures not yet measured (docs/results.md), one run of under 8 minutes on one GPU (bounded
+# by timeouts): `OUT=$OUT bash bench/gpu_figures.sh` (with .gpudata/omniglot holding the Omniglot
+# zips for the real-data part). Everything lands in $OUT:
 #   1. train_vs_step.txt: `metadist train` tasks/s against its own graphed meta-step (bench.py
 #      --only meta: the "graph" row), second-order 5-way 1-shot meta-batch 32 and 20-way meta-batch 16;
 #      eager and graph runs must end with equal weights.

@@ -1,0 +1,76 @@
+"""Which strategy runs a rank's tasks (metadist/strategy.py): the rule, the measurement and its
+per-machine cache (metadist/machine.py), with a measured chunk that is a fake with a known speed."""
+
+import pytest
+import torch
+
+from metadist import machine, strategy
+
+
+class Chunks:
+    """run_chunk(strategy) -> tasks, taking `costs[strategy]` seconds of a fake clock."""
+
+    def __init__(self, monkeypatch, costs: dict[str, float]):
+        self.costs, self.now, self.calls = costs, 0.0, []
+        monkeypatch.setattr(strategy.time, "perf_counter", lambda: self.now)
+
+    def __call__(self, name: str) -> int:
+        self.calls.append(name)
+        self.now += self.costs[name]
+        return 4
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_measure_interleaves_and_keeps_the_best_round(monkeypatch):
+    costs = {"batched": 0.5, "loop": 0.25}
+    run = Chunks(monkeypatch, costs)
+    speed = strategy.measure(run, rounds=2)
+    # a warm-up round, then two measured ones, the strategies taking turns
+    assert run.calls == ["batched", "loop"] * 3
+    assert speed == {"batched": 4 / 0.5, "loop": 4 / 0.25}
+
+
+def test_an_explicit_strategy_is_used_as_asked_and_a_gpu_takes_batched(monkeypatch, cache):
+    run = Chunks(monkeypatch, {"batched": 1.0, "loop": 0.1})
+    assert strategy.choose("batched", torch.device("cpu"), {}, run)["strategy"] == "batched"
+    assert strategy.choose("loop", torch.device("cpu"), {}, run)["why"] == "algo.strategy=loop"
+    got = strategy.choose("auto", torch.device("cuda"), {}, run)
+    assert got["strategy"] == "batched" and "cuda" in got["why"]
+    assert run.calls == [] and not cache.exists()  # nothing was measured
+
+
+def test_auto_on_a_cpu_measures_once_per_machine_and_shape(monkeypatch, cache):
+    run = Chunks(monkeypatch, {"batched": 0.4, "loop": 0.2})
+    first = strategy.choose("auto", torch.device("cpu"), {"ways": 5}, run, say=lambda *a: None)
+    assert first["strategy"] == "loop" and "measured now" in first["why"]
+    n = len(run.calls)
+    # the same machine and shape: read, not measured, even if the speeds have changed since
+    run.costs = {"batched": 0.1, "loop": 0.4}
+    again = strategy.choose("auto", torch.device("cpu"), {"ways": 5}, run)
+    assert again["strategy"] == "loop" and "cached in" in again["why"] and len(run.calls) == n
+    # another shape is measured anew
+    other = strategy.choose("auto", torch.device("cpu"), {"ways": 20}, run)
+    assert other["strategy"] == "batched" and len(run.calls) > n
+    # and so is another machine fact: the key holds the CPU, torch and the thread count
+    key = first["key"]
+    assert key["shape"] == {"ways": 5} and {"cpu", "torch", "threads"} <= set(key)
+    monkeypatch.setattr(machine, "machine", lambda: dict(key, threads=key["threads"] + 7))
+    n = len(run.calls)
+    strategy.choose("auto", torch.device("cpu"), {"ways": 5}, run)
+    assert len(run.calls) > n
+
+
+def test_an_unwritable_cache_measures_for_this_run_and_says_so(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(blocker / "cache"))
+    run = Chunks(monkeypatch, {"batched": 0.2, "loop": 0.4})
+    said = []
+    got = strategy.choose("auto", torch.device("cpu"), {}, run, say=said.append)
+    assert got["strategy"] == "batched" and "measured now" in got["why"]
+    assert len(said) == 1 and "cannot use the cache" in said[0] and "METADIST_CACHE_DIR" in said[0]
