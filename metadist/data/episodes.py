@@ -7,6 +7,7 @@ An episode is a record of which images it uses: (ways*(shots+queries), 3) int32 
 (class within the split, image within the class, quarter turns), support first, then query,
 class-major (labels arange(ways).repeat_interleave(k)); the pixels come from the split's pool.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,20 +16,29 @@ import torch
 from metadist.data.sources import DataError
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-_AUG_STREAM = 7   # keeps the augmentation generator apart from the episode generators
+_AUG_STREAM = 7  # keeps the augmentation generator apart from the episode generators
 
 
 def episode_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_IDS[split], index])
 
 
-def sample_episode(class_sizes: list[int], rotations: tuple[int, ...], ways: int, shots: int, queries: int,
-                   rng: np.random.Generator, split: str = "") -> np.ndarray:
+def sample_episode(
+    class_sizes: list[int],
+    rotations: tuple[int, ...],
+    ways: int,
+    shots: int,
+    queries: int,
+    rng: np.random.Generator,
+    split: str = "",
+) -> np.ndarray:
     """One task: `ways` distinct classes of the split (class_sizes[c]: images of its class c), each
     with a rotation from `rotations`, `shots + queries` distinct images per class.
     Returns (ways*(shots+queries), 3) int32: (class, image, quarter turns) per image."""
     if ways > len(class_sizes):
-        raise DataError(f"{split}: {ways}-way episodes need {ways} classes, the split has {len(class_sizes)}")
+        raise DataError(
+            f"{split}: {ways}-way episodes need {ways} classes, the split has {len(class_sizes)}"
+        )
     classes = rng.choice(len(class_sizes), size=ways, replace=False)
     rots = rng.choice(rotations, size=ways)
     support, query = [], []

@@ -11,6 +11,7 @@ episode is 1.7 MB of pixels but a 1 KB record.
 `write_split` writes a split, `decode_pool` / `decode_records` read checked shard bytes back,
 `verify` reads a whole split.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,17 +30,23 @@ from metadist.data.sources import ClassSet
 from metadist.data.store import ShardError, Store, locate, read_manifest, sha256_file
 
 FORMAT = 2
-POOL_SHARD_BYTES = 256 * 2**20     # a pool shard holds whole classes, up to about this many bytes
+POOL_SHARD_BYTES = 256 * 2**20  # a pool shard holds whole classes, up to about this many bytes
 
 
 def check_format(manifest: dict, where: str) -> None:
     if manifest.get("format") != FORMAT:
-        raise ShardError(f"{where}: shards of format {manifest.get('format')!r} "
-                         f"(metadist {manifest.get('metadist_version', '?')}); this metadist reads format {FORMAT}: "
-                         "prepare the split again into a new folder (`metadist prepare` with data.shards unset picks one)")
+        raise ShardError(
+            f"{where}: shards of format {manifest.get('format')!r} "
+            f"(metadist {manifest.get('metadist_version', '?')}); this metadist reads format "
+            f"{FORMAT}: "
+            "prepare the split again into a new folder (`metadist prepare` with data.shards unset "
+            "picks one)"
+        )
 
 
-def verify(root: str | Path, split: str | None = None, manifest: dict | None = None, cache_dir: str = "") -> dict:
+def verify(
+    root: str | Path, split: str | None = None, manifest: dict | None = None, cache_dir: str = ""
+) -> dict:
     """Read every shard of a split (pool and episodes) and check it against the manifest; name
     the first bad one."""
     if split is None:
@@ -55,6 +62,7 @@ def verify(root: str | Path, split: str | None = None, manifest: dict | None = N
 
 # ---- writing ----
 
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
@@ -65,8 +73,10 @@ _TAR = {"encoder": False, "mtime": 0.0, "user": "metadist", "group": "metadist",
 
 
 def _shard_entries(folder: Path, pattern: str, counts: list[int], key: str) -> list[dict]:
-    return [{"name": p.name, key: c, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p, c in zip(sorted(folder.glob(pattern)), counts)]
+    return [
+        {"name": p.name, key: c, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p, c in zip(sorted(folder.glob(pattern)), counts)
+    ]
 
 
 def _pool_groups(classes: ClassSet, ids: list[int]) -> list[list[int]]:
@@ -88,15 +98,26 @@ def _write_pool(tmp: Path, classes: ClassSet, ids: list[int]) -> list[dict]:
     for j, group in enumerate(groups):
         with wds.TarWriter(str(tmp / f"pool-{j:06d}.tar"), **_TAR) as sink:
             for k in group:
-                sink.write({"__key__": f"{k:06d}", "images.npy": _npy_bytes(classes.images[ids[k]])})
+                sink.write(
+                    {"__key__": f"{k:06d}", "images.npy": _npy_bytes(classes.images[ids[k]])}
+                )
     return _shard_entries(tmp, "pool-*.tar", [len(g) for g in groups], "classes")
 
 
 def _write_records(tmp: Path, split: str, sizes: list[int], rotations, spec: dict) -> list[dict]:
-    ways, shots, queries, per = spec["ways"], spec["shots"], spec["queries"], spec["episodes_per_shard"]
-    with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per, maxsize=1e12, verbose=0, **_TAR) as sink:
+    ways, shots, queries, per = (
+        spec["ways"],
+        spec["shots"],
+        spec["queries"],
+        spec["episodes_per_shard"],
+    )
+    with wds.ShardWriter(
+        str(tmp / f"{split}-%06d.tar"), maxcount=per, maxsize=1e12, verbose=0, **_TAR
+    ) as sink:
         for i in range(spec["episodes"]):
-            record = sample_episode(sizes, rotations, ways, shots, queries, episode_rng(spec["seed"], split, i), split)
+            record = sample_episode(
+                sizes, rotations, ways, shots, queries, episode_rng(spec["seed"], split, i), split
+            )
             sink.write({"__key__": f"{i:08d}", "index.npy": _npy_bytes(record)})
     counts = [min(per, spec["episodes"] - j * per) for j in range(-(-spec["episodes"] // per))]
     return _shard_entries(tmp, f"{split}-*.tar", counts, "episodes")
@@ -119,7 +140,9 @@ def _reusable(final: Path, out: Path, split: str, spec: dict, log) -> dict | Non
     return old
 
 
-def write_split(out: Path, split: str, classes: ClassSet, spec: dict, log=print, info: dict | None = None) -> dict:
+def write_split(
+    out: Path, split: str, classes: ClassSet, spec: dict, log=print, info: dict | None = None
+) -> dict:
     """Write (or reuse: same `spec`, every shard intact) `out/<split>/`: the split's classes as
     pool shards, its episodes as records; `info` goes into the manifest as well, without deciding
     reuse. Returns the manifest. Same spec + data -> same bytes."""
@@ -130,28 +153,44 @@ def write_split(out: Path, split: str, classes: ClassSet, spec: dict, log=print,
     sizes = [len(classes.images[c]) for c in ids]
     shape = list(classes.images[ids[0]].shape[1:])
     if spec.get("image_shape", shape) != shape:
-        raise ValueError(f"{split}: images are {shape} after preprocessing, the spec says {spec['image_shape']}")
+        raise ValueError(
+            f"{split}: images are {shape} after preprocessing, the spec says {spec['image_shape']}"
+        )
     tmp = Path(out) / f".{split}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pool = _write_pool(tmp, classes, ids)
     shards = _write_records(tmp, split, sizes, classes.rotations[split], spec)
     ways, shots, queries = spec["ways"], spec["shots"], spec["queries"]
-    manifest = dict(spec, **(info or {}), image_shape=shape, classes=[classes.names[c] for c in ids],
-                    class_images=sizes, rotations_deg=[k * 90 for k in classes.rotations[split]], pool=pool,
-                    shards=shards, images_per_episode=ways * (shots + queries),
-                    pool_bytes=sum(s["bytes"] for s in pool), bytes=sum(s["bytes"] for s in shards + pool),
-                    metadist_version=__version__)
+    manifest = dict(
+        spec,
+        **(info or {}),
+        image_shape=shape,
+        classes=[classes.names[c] for c in ids],
+        class_images=sizes,
+        rotations_deg=[k * 90 for k in classes.rotations[split]],
+        pool=pool,
+        shards=shards,
+        images_per_episode=ways * (shots + queries),
+        pool_bytes=sum(s["bytes"] for s in pool),
+        bytes=sum(s["bytes"] for s in shards + pool),
+        metadist_version=__version__,
+    )
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    log(f"{final}: wrote {len(ids)} classes ({sum(sizes)} images, {manifest['pool_bytes'] / 1e6:.1f} MB) and "
-        f"{spec['episodes']} episodes in {len(shards)} shards ({sum(s['bytes'] for s in shards) / 1e6:.1f} MB)")
+    log(
+        f"{final}: wrote {len(ids)} classes ({sum(sizes)} images, "
+        f"{manifest['pool_bytes'] / 1e6:.1f} MB) and "
+        f"{spec['episodes']} episodes in {len(shards)} shards "
+        f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB)"
+    )
     return manifest
 
 
 # ---- reading checked bytes ----
+
 
 def _samples(url: str, data: bytes, member: str) -> list[tuple[str, np.ndarray]]:
     """(key, array) of every sample of one (checked) shard, in key order; only `member` (an .npy
@@ -164,15 +203,21 @@ def _samples(url: str, data: bytes, member: str) -> list[tuple[str, np.ndarray]]
     for sample in raw:
         extra = set(sample) - {"__key__", "__url__", "__local_path__", member}
         if extra:
-            raise ShardError(f"{url}: unexpected member(s) {sorted(extra)} in sample {sample.get('__key__')}")
+            raise ShardError(
+                f"{url}: unexpected member(s) {sorted(extra)} in sample {sample.get('__key__')}"
+            )
         try:
             out.append((sample["__key__"], np.load(io.BytesIO(sample[member]), allow_pickle=False)))
         except (KeyError, ValueError) as e:
-            raise ShardError(f"{url}: sample {sample.get('__key__')} cannot be decoded ({e})") from None
+            raise ShardError(
+                f"{url}: sample {sample.get('__key__')} cannot be decoded ({e})"
+            ) from None
     return out
 
 
-def decode_records(url: str, data: bytes, expected: int, n: int, class_images: list[int]) -> np.ndarray:
+def decode_records(
+    url: str, data: bytes, expected: int, n: int, class_images: list[int]
+) -> np.ndarray:
     """The episode records of one episode shard: (episodes, n, 3) int32, each checked to point
     inside the pool (a record that does not is a damaged or foreign shard)."""
     samples = _samples(url, data, "index.npy")
@@ -180,22 +225,31 @@ def decode_records(url: str, data: bytes, expected: int, n: int, class_images: l
         raise ShardError(f"shard {url}: {len(samples)} episodes, manifest says {expected}")
     recs = np.stack([a for _, a in samples]) if samples else np.zeros((0, n, 3), np.int32)
     if recs.dtype != np.int32 or recs.shape[1:] != (n, 3):
-        raise ShardError(f"{url}: episode records are {recs.dtype} {recs.shape[1:]}, expected int32 ({n}, 3)")
+        raise ShardError(
+            f"{url}: episode records are {recs.dtype} {recs.shape[1:]}, expected int32 ({n}, 3)"
+        )
     sizes = np.asarray(class_images)
     c, m, k = recs[..., 0], recs[..., 1], recs[..., 2]
     outside = (c < 0) | (c >= len(sizes)) | (m < 0) | (k < 0) | (k > 3)
     if outside.any() or (m >= sizes[np.clip(c, 0, len(sizes) - 1)]).any():
-        raise ShardError(f"{url}: an episode record points outside the split's {len(sizes)} classes")
+        raise ShardError(
+            f"{url}: an episode record points outside the split's {len(sizes)} classes"
+        )
     return recs
 
 
-def decode_pool(url: str, data: bytes, first: int, class_images: list[int], shape: tuple) -> list[np.ndarray]:
-    """The classes of one pool shard, starting at class `first`, each checked against the manifest."""
+def decode_pool(
+    url: str, data: bytes, first: int, class_images: list[int], shape: tuple
+) -> list[np.ndarray]:
+    """The classes of one pool shard, starting at class `first`, each checked against the
+    manifest."""
     out = []
     for i, (key, a) in enumerate(_samples(url, data, "images.npy")):
         k = first + i
         want = (class_images[k], *shape) if k < len(class_images) else None
         if a.dtype != np.uint8 or a.shape != want or key != f"{k:06d}":
-            raise ShardError(f"{url}: class sample {key} is {a.dtype} {a.shape}, the manifest says uint8 {want}")
+            raise ShardError(
+                f"{url}: class sample {key} is {a.dtype} {a.shape}, the manifest says uint8 {want}"
+            )
         out.append(a)
     return out

@@ -1,6 +1,6 @@
-"""Shards for a data section: `prepare(d)` (the `metadist prepare` command) turns raw images (Omniglot,
-or your own class folders: data.source) into train/val/test episode shards, re-hashing what is
-there and rebuilding what is damaged;
+"""Shards for a data section: `prepare(d)` (the `metadist prepare` command) turns raw images
+(Omniglot, or your own class folders: data.source) into train/val/test episode shards, re-hashing
+what is there and rebuilding what is damaged;
 `ensure(d)` (what train does) only reads manifests: a split whose manifest matches the
 requested spec is used as it is, a missing split is prepared from raw data, and a split that
 differs is never rewritten (another run may be reading it): train stops and says what differs.
@@ -10,6 +10,7 @@ The episodes depend on `data.seed` (and the data.* keys), never on the run's `se
 seeds 0..4 share one shard set and are tested on the same test episodes. Only one `prepare`
 writes a shards folder at a time (a lock file beside the splits); another waits for it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from metadist.config import DataConfig
 from metadist.data.format import FORMAT, write_split
-from metadist.data.store import ShardError, is_remote, locate, read_manifest
 from metadist.data.sources import DataError, folder, omniglot
+from metadist.data.store import ShardError, is_remote, locate, read_manifest
 
 SPLITS = ("train", "val", "test")
 
@@ -40,7 +41,10 @@ def dataset_name(d: DataConfig) -> str:
     if d.source == "omniglot":
         return "omniglot"
     if not d.raw:
-        raise DataError("data.source=folder needs data.name (a node with only the shards) or data.raw (the dataset's root)")
+        raise DataError(
+            "data.source=folder needs data.name (a node with only the shards) or data.raw (the "
+            "dataset's root)"
+        )
     return Path(d.raw).expanduser().resolve().name
 
 
@@ -52,22 +56,43 @@ def preprocessing(d: DataConfig) -> dict:
     """How raw images become the model's input (`predict` applies the same to a task's images)."""
     if d.source == "omniglot":
         return {"channels": 1, "size": d.image_size, "resize": "stretch", "invert": True}
-    return {"channels": d.channels, "size": d.image_size, "resize": d.folder.resize, "invert": d.folder.invert}
+    return {
+        "channels": d.channels,
+        "size": d.image_size,
+        "resize": d.folder.resize,
+        "invert": d.folder.invert,
+    }
 
 
 def requested(d: DataConfig, split: str) -> dict:
     """What a split's manifest must say to be usable for `d` (the keys that decide its episodes).
     The manifest's `seed` is the data seed (`data.seed`)."""
-    spec = {"format": FORMAT, "split": split, "dataset": dataset_name(d), "source": d.source, "ways": d.ways,
-            "shots": d.shots, "queries": d.queries, "episodes": _counts(d)[split],
-            "episodes_per_shard": d.episodes_per_shard, "seed": d.seed, "image_shape": image_shape(d),
-            "preprocessing": preprocessing(d)}
+    spec = {
+        "format": FORMAT,
+        "split": split,
+        "dataset": dataset_name(d),
+        "source": d.source,
+        "ways": d.ways,
+        "shots": d.shots,
+        "queries": d.queries,
+        "episodes": _counts(d)[split],
+        "episodes_per_shard": d.episodes_per_shard,
+        "seed": d.seed,
+        "image_shape": image_shape(d),
+        "preprocessing": preprocessing(d),
+    }
     if d.source == "omniglot":
-        spec.update(protocol=d.protocol, val_fraction=d.val_fraction if d.protocol == "alphabets" else None)
+        spec.update(
+            protocol=d.protocol, val_fraction=d.val_fraction if d.protocol == "alphabets" else None
+        )
     else:
         f = d.folder
-        spec.update(layout=f.split, class_depth=f.class_depth, small_classes=f.small_classes,
-                    fractions=[d.val_fraction, f.test_fraction] if f.split == "fractions" else None)
+        spec.update(
+            layout=f.split,
+            class_depth=f.class_depth,
+            small_classes=f.small_classes,
+            fractions=[d.val_fraction, f.test_fraction] if f.split == "fractions" else None,
+        )
     return spec
 
 
@@ -86,12 +111,23 @@ def shards_dir(d: DataConfig) -> str | Path:
     return Path(d.shards or f"data/shards/{label}-{d.ways}w{d.shots}s{d.queries}q-{digest(d)}")
 
 
-_NAMES = {"seed": "data.seed", "protocol": "data.protocol", "ways": "data.ways", "shots": "data.shots",
-          "queries": "data.queries", "episodes_per_shard": "data.episodes_per_shard", "val_fraction": "data.val_fraction",
-          "dataset": "data.name", "source": "data.source", "image_shape": "data.channels/data.image_size",
-          "layout": "data.folder.split", "class_depth": "data.folder.class_depth",
-          "small_classes": "data.folder.small_classes", "fractions": "data.val_fraction/data.folder.test_fraction",
-          "preprocessing": "data.folder.resize/data.folder.invert"}
+_NAMES = {
+    "seed": "data.seed",
+    "protocol": "data.protocol",
+    "ways": "data.ways",
+    "shots": "data.shots",
+    "queries": "data.queries",
+    "episodes_per_shard": "data.episodes_per_shard",
+    "val_fraction": "data.val_fraction",
+    "dataset": "data.name",
+    "source": "data.source",
+    "image_shape": "data.channels/data.image_size",
+    "layout": "data.folder.split",
+    "class_depth": "data.folder.class_depth",
+    "small_classes": "data.folder.small_classes",
+    "fractions": "data.val_fraction/data.folder.test_fraction",
+    "preprocessing": "data.folder.resize/data.folder.invert",
+}
 
 
 def _differences(d: DataConfig, split: str, m: dict) -> list[str]:
@@ -120,8 +156,12 @@ class SplitDiffers(ShardError):
 
 
 def _how_to_separate(d: DataConfig) -> str:
-    return ("point data.shards at another folder (`metadist prepare` writes it; leaving data.shards unset "
-            "picks a folder named after the data settings) or set the data.* keys to the folder's values")
+    return (
+        "point data.shards at another folder (`metadist prepare` writes it; leaving data.shards "
+        "unset "
+        "picks a folder named after the data settings) or set the data.* keys to the folder's "
+        "values"
+    )
 
 
 def ensure(d: DataConfig, log=print) -> str | Path:
@@ -140,15 +180,21 @@ def ensure(d: DataConfig, log=print) -> str | Path:
             differ[s] = diff
     if differ:
         split, diff = next(iter(differ.items()))
-        raise SplitDiffers(f"{locate(root, split)} holds another {split} split ({', '.join(diff)}); "
-                           f"train never rewrites shards another run may read: {_how_to_separate(d)}")
+        raise SplitDiffers(
+            f"{locate(root, split)} holds another {split} split ({', '.join(diff)}); "
+            f"train never rewrites shards another run may read: {_how_to_separate(d)}"
+        )
     if not missing:
         return root
     split, why = next(iter(missing.items()))
-    how = ("run `metadist prepare` with the same data.* settings where the raw data is, "
-           "and point data.shards at its output")
+    how = (
+        "run `metadist prepare` with the same data.* settings where the raw data is, "
+        "and point data.shards at its output"
+    )
     if is_remote(root):
-        raise ShardError(f"no usable {split} split at {locate(root, split)} ({why}); {how} (published at {root})")
+        raise ShardError(
+            f"no usable {split} split at {locate(root, split)} ({why}); {how} (published at {root})"
+        )
     try:
         if d.source == "omniglot":
             omniglot.locate(d.raw, log=log)
@@ -198,7 +244,10 @@ def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) ->
     replaced only with `overwrite` (else SplitDiffers)."""
     out = shards_dir(d)
     if is_remote(out):
-        raise ShardError(f"data.shards={out}: prepare writes a local folder; prepare there and publish it at that URL")
+        raise ShardError(
+            f"data.shards={out}: prepare writes a local folder; prepare there and publish it at "
+            "that URL"
+        )
     with folder_lock(out, log):
         for s in splits:
             try:
@@ -206,8 +255,11 @@ def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) ->
             except ShardError:
                 continue
             if (diff := _differences(d, s, m)) and not overwrite:
-                raise SplitDiffers(f"{out / s} holds another {s} split ({', '.join(diff)}); runs may be reading it, "
-                                   f"so prepare leaves it: {_how_to_separate(d)}, or pass --overwrite if none does")
+                raise SplitDiffers(
+                    f"{out / s} holds another {s} split ({', '.join(diff)}); runs may be reading "
+                    "it, "
+                    f"so prepare leaves it: {_how_to_separate(d)}, or pass --overwrite if none does"
+                )
         classes = load_classes(d, log)
         for name in splits:
             spec = dict(requested(d, name), content_sha256=classes.digest(name))
@@ -218,15 +270,28 @@ def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) ->
 def load_classes(d: DataConfig, log=print):
     """The configured source's classes and split (metadist.data.sources.ClassSet), checked."""
     if d.source == "omniglot":
-        classes = omniglot.class_set(d.raw, d.protocol, d.seed, d.val_fraction, d.image_size, log=log)
+        classes = omniglot.class_set(
+            d.raw, d.protocol, d.seed, d.val_fraction, d.image_size, log=log
+        )
     else:
-        log(f"reading {d.raw} (data.folder.split={d.folder.split}, class depth {d.folder.class_depth})")
+        log(
+            f"reading {d.raw} (data.folder.split={d.folder.split}, class depth "
+            f"{d.folder.class_depth})"
+        )
         classes = folder.load(d, d.shots + d.queries, log=log)
-        log(", ".join(f"{s}: {len(classes.splits[s])} classes, {sum(len(classes.images[c]) for c in classes.splits[s])} images"
-                      for s in SPLITS))
+        log(
+            ", ".join(
+                f"{s}: {len(classes.splits[s])} classes, "
+                f"{sum(len(classes.images[c]) for c in classes.splits[s])} images"
+                for s in SPLITS
+            )
+        )
     classes.check()
     for s in SPLITS:
         if d.ways > len(classes.splits[s]):
-            raise DataError(f"{s}: {d.ways}-way episodes need {d.ways} classes, the split has {len(classes.splits[s])} "
-                            f"(data.ways, or the split's fractions)")
+            raise DataError(
+                f"{s}: {d.ways}-way episodes need {d.ways} classes, the split has "
+                f"{len(classes.splits[s])} "
+                f"(data.ways, or the split's fractions)"
+            )
     return classes

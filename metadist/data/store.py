@@ -6,6 +6,7 @@ decodes it: altered bytes never reach training.
 
 `Store(root, cache_dir)` is one shards root; `read_manifest(root, split)` its split's manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,16 @@ def locate(root: str | Path, *parts: str) -> str:
     return str(Path(root, *parts))
 
 
-_CURL = {6: "host not found", 7: "connection refused", 18: "transfer ended early",
-         22: "HTTP error (e.g. 404 not found)", 28: "timed out", 35: "TLS handshake failed", 52: "empty reply",
-         56: "connection lost"}
+_CURL = {
+    6: "host not found",
+    7: "connection refused",
+    18: "transfer ended early",
+    22: "HTTP error (e.g. 404 not found)",
+    28: "timed out",
+    35: "TLS handshake failed",
+    52: "empty reply",
+    56: "connection lost",
+}
 
 
 def why(e: Exception) -> str:
@@ -95,7 +103,10 @@ def read_manifest(root: str | Path, split: str | None = None) -> dict:
 def checked(url: str, data: bytes, entry: dict) -> bytes:
     """`data` if it has the manifest entry's size and sha256; else a ShardError naming `url`."""
     if len(data) != entry["bytes"]:
-        raise ShardError(f"shard truncated or altered: {url} has {len(data)} bytes, manifest says {entry['bytes']}")
+        raise ShardError(
+            f"shard truncated or altered: {url} has {len(data)} bytes, manifest says "
+            f"{entry['bytes']}"
+        )
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ShardError(f"shard fails its checksum: {url}")
     return data
@@ -107,8 +118,15 @@ class Store:
 
     def __init__(self, root: str | Path, cache_dir: str = ""):
         self.root, self.remote = str(root), is_remote(root)
-        self.cache = FileCache(cache_dir, url_to_name=lambda u: urllib.parse.quote(u, safe="")[-200:],
-                               validator=None) if cache_dir and self.remote else None
+        self.cache = (
+            FileCache(
+                cache_dir,
+                url_to_name=lambda u: urllib.parse.quote(u, safe="")[-200:],
+                validator=None,
+            )
+            if cache_dir and self.remote
+            else None
+        )
 
     def url(self, split: str, name: str) -> str:
         return locate(self.root, split, name)
@@ -123,15 +141,19 @@ class Store:
             if not path.is_file():
                 raise ShardError(f"shard missing: {path}")
             if path.stat().st_size != s["bytes"]:
-                raise ShardError(f"shard truncated or altered: {path} has {path.stat().st_size} bytes, "
-                                 f"manifest says {s['bytes']}")
+                raise ShardError(
+                    f"shard truncated or altered: {path} has {path.stat().st_size} bytes, "
+                    f"manifest says {s['bytes']}"
+                )
 
     def read(self, split: str, entry: dict) -> bytes:
         url = self.url(split, entry["name"])
         try:
             return checked(url, self._fetch(url), entry)
-        except ShardError:          # a damaged cached copy: fetch it once more
-            cached = Path(self.cache.cache_dir) / self.cache.url_to_name(url) if self.cache else None
+        except ShardError:  # a damaged cached copy: fetch it once more
+            cached = (
+                Path(self.cache.cache_dir) / self.cache.url_to_name(url) if self.cache else None
+            )
             if cached is None or not cached.is_file():
                 raise
             cached.unlink()

@@ -7,6 +7,7 @@ in a permutation of (seed, e, shard); global position p = step * meta_batch + ta
 takes tasks [r*B/W, (r+1)*B/W) of every step, so the global batch is the same for any W.
 DataLoader workers take steps round-robin; task augmentation is drawn per (seed, step, task).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ class Episodes:
     84x84 RGB 15-query test split is 1 GB of pixels: never held at once). len(); [i] or [a:b]
     -> uint8 (..., n, C, H, W); iterating gives one episode at a time."""
 
-    def __init__(self, source: "EpisodeSource", records: np.ndarray):
+    def __init__(self, source: EpisodeSource, records: np.ndarray):
         self.source, self.records = source, records
 
     def __len__(self) -> int:
@@ -45,7 +46,7 @@ class Episodes:
     def shape(self) -> tuple:
         return (len(self), self.records.shape[1], *self.source.image_shape)
 
-    def first(self, n: int) -> "Episodes":
+    def first(self, n: int) -> Episodes:
         """The first n episodes."""
         return Episodes(self.source, self.records[:n])
 
@@ -60,7 +61,9 @@ class EpisodeSource:
     its pool of images (read and checked once, on first use). `EpisodeSource(root, "train")` for
     a shards root (folder or URL prefix), or `EpisodeSource(folder)` for a local split folder."""
 
-    def __init__(self, root: str | Path, split: str | None = None, seed: int = 0, cache_dir: str = ""):
+    def __init__(
+        self, root: str | Path, split: str | None = None, seed: int = 0, cache_dir: str = ""
+    ):
         if split is None:
             root, split = Path(root).parent, Path(root).name
         self.root, self.split = root, split
@@ -73,7 +76,9 @@ class EpisodeSource:
         self.shards = self.manifest["shards"]
         self.counts = np.array([s["episodes"] for s in self.shards])
         self.size = int(self.counts.sum())
-        self.ways, self.shots, self.queries = (self.manifest[k] for k in ("ways", "shots", "queries"))
+        self.ways, self.shots, self.queries = (
+            self.manifest[k] for k in ("ways", "shots", "queries")
+        )
         self.n = self.ways * (self.shots + self.queries)
         self.image_shape = tuple(self.manifest["image_shape"])
         self.class_images = self.manifest["class_images"]
@@ -88,11 +93,19 @@ class EpisodeSource:
             parts, first = [], 0
             for entry in self.manifest["pool"]:
                 data = self.store.read(self.split, entry)
-                parts += decode_pool(self.store.url(self.split, entry["name"]), data, first, self.class_images,
-                                     self.image_shape)
+                parts += decode_pool(
+                    self.store.url(self.split, entry["name"]),
+                    data,
+                    first,
+                    self.class_images,
+                    self.image_shape,
+                )
                 first += entry["classes"]
             if first != len(self.class_images):
-                raise ShardError(f"{self.dir}: the pool holds {first} classes, the manifest lists {len(self.class_images)}")
+                raise ShardError(
+                    f"{self.dir}: the pool holds {first} classes, the manifest lists "
+                    f"{len(self.class_images)}"
+                )
             self._pool = np.concatenate(parts)
         return self._pool
 
@@ -101,8 +114,16 @@ class EpisodeSource:
         if self._cache is None or self._cache[0] != j:
             entry = self.shards[j]
             data = self.store.read(self.split, entry)
-            self._cache = (j, decode_records(self.store.url(self.split, entry["name"]), data, entry["episodes"],
-                                             self.n, self.class_images))
+            self._cache = (
+                j,
+                decode_records(
+                    self.store.url(self.split, entry["name"]),
+                    data,
+                    entry["episodes"],
+                    self.n,
+                    self.class_images,
+                ),
+            )
         return self._cache[1]
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:
@@ -158,16 +179,22 @@ class EpisodeSource:
 def to_batch(x, ways: int, shots: int, queries: int) -> dict[str, torch.Tensor]:
     """uint8 episodes (tasks, ways*(shots+queries), C, H, W), numpy or a tensor on any device ->
     float tensors split into support/query, on the same device."""
-    x = to_float(torch.from_numpy(x) if isinstance(x, np.ndarray) else x)   # (tasks, ways*(shots+queries), C, H, W)
+    # (tasks, ways*(shots+queries), C, H, W)
+    x = to_float(torch.from_numpy(x) if isinstance(x, np.ndarray) else x)
     tasks, ns = x.shape[0], ways * shots
-    return {"x_support": x[:, :ns], "y_support": labels(ways, shots).to(x.device).expand(tasks, -1),
-            "x_query": x[:, ns:], "y_query": labels(ways, queries).to(x.device).expand(tasks, -1)}
+    return {
+        "x_support": x[:, :ns],
+        "y_support": labels(ways, shots).to(x.device).expand(tasks, -1),
+        "x_query": x[:, ns:],
+        "y_query": labels(ways, queries).to(x.device).expand(tasks, -1),
+    }
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     """What a rank's train stream is: the run's seed (visiting order, task augmentation), the
     global meta-batch and this rank's place in it, the steps [start, stop), and how it is read."""
+
     seed: int
     meta_batch_size: int
     rank: int = 0
@@ -176,12 +203,15 @@ class StreamSpec:
     stop: int = 1
     task_aug: float = 0.0
     num_workers: int = 0
-    device: object = None         # a torch device: the split resident there (ResidentBatches)
+    device: object = None  # a torch device: the split resident there (ResidentBatches)
 
     @property
     def share(self) -> int:
         if self.meta_batch_size % self.world_size:
-            raise ValueError(f"meta_batch_size {self.meta_batch_size} does not split over {self.world_size} processes")
+            raise ValueError(
+                f"meta_batch_size {self.meta_batch_size} does not split over {self.world_size} "
+                "processes"
+            )
         return self.meta_batch_size // self.world_size
 
     @property
@@ -206,12 +236,15 @@ class MetaBatches(IterableDataset):
         return self._finish(x, step)
 
     def _finish(self, x, step: int) -> dict[str, torch.Tensor]:
-        """uint8 episodes of this rank's tasks (numpy, or a tensor on any device) -> the step's batch,
-        task augmentation applied where the episodes are."""
+        """uint8 episodes of this rank's tasks (numpy, or a tensor on any device) -> the step's
+        batch, task augmentation applied where the episodes are."""
         b = to_batch(x, self.source.ways, self.source.shots, self.source.queries)
         if self.spec.task_aug > 0:
             ks = task_rotations(self.spec.seed, step, self.tasks, self.spec.task_aug)
-            b["x_support"], b["x_query"] = rotate_tasks(b["x_support"], ks), rotate_tasks(b["x_query"], ks)
+            b["x_support"], b["x_query"] = (
+                rotate_tasks(b["x_support"], ks),
+                rotate_tasks(b["x_query"], ks),
+            )
         b["step"] = step
         return b
 
@@ -237,9 +270,13 @@ class ResidentBatches(MetaBatches):
 
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
         where = [self.source.locate(step * self.batch + t) for t in self.tasks]
-        idx = torch.tensor([int(self.starts[j]) + i for j, i in where]).to(self.index.device, non_blocking=True)
-        x, k = self.pool[self.index[idx]], self.turns[idx]                  # (tasks, n, C, H, W), (tasks, n, 1, 1, 1)
-        for turns in (1, 2, 3):                                              # no host sync: a select, not a branch
+        idx = torch.tensor([int(self.starts[j]) + i for j, i in where]).to(
+            self.index.device, non_blocking=True
+        )
+        # (tasks, n, C, H, W), (tasks, n, 1, 1, 1)
+        x, k = self.pool[self.index[idx]], self.turns[idx]
+        # no host sync: a select, not a branch
+        for turns in (1, 2, 3):
             x = torch.where(k == turns, torch.rot90(x, turns, dims=(-2, -1)), x)
         return self._finish(x, step)
 
@@ -263,23 +300,41 @@ class ClassBatches(MetaBatches):
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
         n, share = len(self.labels), len(self.tasks)
         first = (step * self.batch + self.tasks.start) * self.group
-        idx = np.array([self._order(p // n)[p % n] for p in range(first, first + share * self.group)])
+        idx = np.array(
+            [self._order(p // n)[p % n] for p in range(first, first + share * self.group)]
+        )
         idx = idx.reshape(share, self.group)
-        x = to_float(torch.from_numpy(self.source.pool[idx]))                  # (tasks, group, C, H, W)
+        # (tasks, group, C, H, W)
+        x = to_float(torch.from_numpy(self.source.pool[idx]))
         y = torch.from_numpy(self.labels[idx])
         if self.spec.task_aug > 0:
-            x = rotate_tasks(x, task_rotations(self.spec.seed, step, self.tasks, self.spec.task_aug))
-        return {"x_support": x, "y_support": y, "x_query": x[:, :0], "y_query": y[:, :0], "step": step}
+            x = rotate_tasks(
+                x, task_rotations(self.spec.seed, step, self.tasks, self.spec.task_aug)
+            )
+        return {
+            "x_support": x,
+            "y_support": y,
+            "x_query": x[:, :0],
+            "y_query": y[:, :0],
+            "step": step,
+        }
 
 
 def loader(ds: MetaBatches, num_workers: int):
     """An iterator over a batch reader: in this process, or from `num_workers` forked DataLoader
     workers (the pool is read and checked first, so they share it)."""
-    ds.source.pool
+    _ = ds.source.pool
     if num_workers == 0:
         return iter(ds)
-    return iter(DataLoader(ds, batch_size=None, num_workers=num_workers, prefetch_factor=4,
-                           multiprocessing_context="fork" if os.name == "posix" else None))
+    return iter(
+        DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=4,
+            multiprocessing_context="fork" if os.name == "posix" else None,
+        )
+    )
 
 
 def meta_batches(source: EpisodeSource | str | Path, spec: StreamSpec):
@@ -287,6 +342,6 @@ def meta_batches(source: EpisodeSource | str | Path, spec: StreamSpec):
     `spec.device` when given). `source`: an EpisodeSource, or a local split folder."""
     if not isinstance(source, EpisodeSource):
         source = EpisodeSource(source, None, spec.seed)
-    if spec.device is not None:       # the whole split resident on the device (no workers needed)
+    if spec.device is not None:  # the whole split resident on the device (no workers needed)
         return iter(ResidentBatches(source, spec))
     return loader(MetaBatches(source, spec), spec.num_workers)

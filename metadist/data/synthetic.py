@@ -2,8 +2,10 @@
 `write_synthetic`, an Omniglot in the official layout (folders, optionally zips): each character a
 fixed random pattern of strokes, its 20 drawings jittered, so it is learnable; and
 `write_folder_dataset`, a grey or RGB dataset of any size in each layout of data.source=folder."""
+
 from __future__ import annotations
 
+import itertools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,13 @@ from PIL import Image, ImageDraw
 from metadist.data.sources.omniglot import DRAWINGS, SETS
 
 
-def write_synthetic(root: Path, alphabets=(("Alpha", "Beta", "Gamma", "Delta"), ("Omega", "Psi")),
-                    chars_per_alphabet: int = 6, side: int = 105, seed: int = 0) -> Path:
+def write_synthetic(
+    root: Path,
+    alphabets=(("Alpha", "Beta", "Gamma", "Delta"), ("Omega", "Psi")),
+    chars_per_alphabet: int = 6,
+    side: int = 105,
+    seed: int = 0,
+) -> Path:
     rng = np.random.default_rng(seed)
     gid = 1
     for set_name, names in zip(SETS, alphabets):
@@ -53,7 +60,11 @@ def _pattern_image(rng: np.random.Generator, base: list, size: int, channels: in
     noisy background, at a size near `size` (sources vary in size; preprocessing resizes them)."""
     w, h = (int(size * f) for f in rng.uniform(0.8, 1.6, size=2))
     mode = "RGB" if channels == 3 else "L"
-    bg = tuple(int(v) for v in rng.integers(0, 60, size=3)) if channels == 3 else int(rng.integers(0, 60))
+    bg = (
+        tuple(int(v) for v in rng.integers(0, 60, size=3))
+        if channels == 3
+        else int(rng.integers(0, 60))
+    )
     img = Image.new(mode, (w, h), bg)
     draw = ImageDraw.Draw(img)
     dx, dy = rng.integers(-w // 12, w // 12 + 1), rng.integers(-h // 12, h // 12 + 1)
@@ -61,8 +72,10 @@ def _pattern_image(rng: np.random.Generator, base: list, size: int, channels: in
         box = [x0 * w + dx, y0 * h + dy, x1 * w + dx, y1 * h + dy]
         c = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in colour)
         fill = c if channels == 3 else int(np.mean(c))
-        (draw.ellipse if kind else draw.rectangle)([min(box[0], box[2]), min(box[1], box[3]),
-                                                    max(box[0], box[2]), max(box[1], box[3])], fill=fill)
+        (draw.ellipse if kind else draw.rectangle)(
+            [min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])],
+            fill=fill,
+        )
     arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 13, size=np.asarray(img).shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode)
 
@@ -71,6 +84,7 @@ def _pattern_image(rng: np.random.Generator, base: list, size: int, channels: in
 class FolderSpec:
     """A synthetic folder dataset: `classes` classes of `images` images each, near `size` px,
     grey (1) or RGB (3) `channels`, saved as `fmt`; `split_counts` classes for train, val, test."""
+
     classes: int = 15
     images: int = 6
     size: int = 84
@@ -80,43 +94,62 @@ class FolderSpec:
     split_counts: tuple = (9, 3, 3)
 
 
-def write_folder_dataset(root: Path, layout: str = "fractions", spec: FolderSpec = FolderSpec()) -> Path:
-    """A small learnable dataset (FolderSpec) in one of the layouts data.source=folder reads (LAYOUTS):
-    fractions: <root>/<class>/<image>; lists: the same and <root>/splits/{train,val,test}.txt;
-    csv: <root>/images/<file> and <root>/{train,val,test}.csv (filename,label, mini-ImageNet's);
-    folders: <root>/{train,val,test}/<class>/<image>. Class names look like WordNet ids
-    (n0000k); `split_counts` classes go to train, val, test (fractions: all in one folder)."""
-    classes, images, size, channels, fmt = spec.classes, spec.images, spec.size, spec.channels, spec.fmt
-    split_counts = spec.split_counts
+def write_folder_dataset(
+    root: Path, layout: str = "fractions", spec: FolderSpec = FolderSpec()
+) -> Path:
+    """A small learnable dataset (FolderSpec) in one of the layouts data.source=folder reads
+    (LAYOUTS): fractions: <root>/<class>/<image>; lists: the same and
+    <root>/splits/{train,val,test}.txt; csv: <root>/images/<file> and <root>/{train,val,test}.csv
+    (filename,label, mini-ImageNet's); folders: <root>/{train,val,test}/<class>/<image>. Class names
+    look like WordNet ids (n0000k); `split_counts` classes go to train, val, test (fractions: all in
+    one folder)."""
     rng = np.random.default_rng(spec.seed)
     root = Path(root)
-    names = [f"n{k:08d}" for k in range(classes)]
+    names = [f"n{k:08d}" for k in range(spec.classes)]
     split_of = {}
-    bounds = np.cumsum([0, *split_counts])
-    for s, (a, b) in zip(("train", "val", "test"), zip(bounds[:-1], bounds[1:])):
+    bounds = np.cumsum([0, *spec.split_counts])
+    for s, (a, b) in zip(("train", "val", "test"), itertools.pairwise(bounds)):
         for n in names[a:b]:
             split_of[n] = s
     rows = {"train": [], "val": [], "test": []}
     for n in names:
-        base = [(int(rng.integers(0, 2)), *rng.uniform(0, 1, size=4), tuple(int(v) for v in rng.integers(60, 256, size=3)))
-                for _ in range(4)]
-        for i in range(images):
-            img = _pattern_image(rng, base, size, channels)
-            file = f"{n}{i:08d}.{fmt}"
-            if layout == "csv":
-                path = root / "images" / file
-                rows[split_of.get(n, "train")].append((file, n))
-            elif layout == "folders":
-                path = root / split_of.get(n, "train") / n / file
-            else:
-                path = root / n / file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img.save(path, quality=90) if fmt == "jpg" else img.save(path)
+        for file in _write_class(root, layout, n, split_of.get(n, "train"), spec, rng):
+            rows[split_of.get(n, "train")].append((file, n))
     if layout == "lists":
         (root / "splits").mkdir()
         for s in rows:
-            (root / "splits" / f"{s}.txt").write_text("".join(f"{n}\n" for n in names if split_of.get(n) == s))
+            (root / "splits" / f"{s}.txt").write_text(
+                "".join(f"{n}\n" for n in names if split_of.get(n) == s)
+            )
     if layout == "csv":
         for s, r in rows.items():
-            (root / f"{s}.csv").write_text("filename,label\n" + "".join(f"{f},{lab}\n" for f, lab in r))
+            (root / f"{s}.csv").write_text(
+                "filename,label\n" + "".join(f"{f},{lab}\n" for f, lab in r)
+            )
     return root
+
+
+def _write_class(root: Path, layout: str, name: str, split: str, spec: FolderSpec, rng) -> list:
+    """One class's images where `layout` puts them; returns their file names."""
+    base = [
+        (
+            int(rng.integers(0, 2)),
+            *rng.uniform(0, 1, size=4),
+            tuple(int(v) for v in rng.integers(60, 256, size=3)),
+        )
+        for _ in range(4)
+    ]
+    files = []
+    for i in range(spec.images):
+        img = _pattern_image(rng, base, spec.size, spec.channels)
+        file = f"{name}{i:08d}.{spec.fmt}"
+        if layout == "csv":
+            path = root / "images" / file
+        elif layout == "folders":
+            path = root / split / name / file
+        else:
+            path = root / name / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90) if spec.fmt == "jpg" else img.save(path)
+        files.append(file)
+    return files

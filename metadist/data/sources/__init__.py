@@ -11,6 +11,7 @@ torchvision's import alone would cost every process 2 s), `stretch`ed to size x 
 ratio is not kept, as the standard mini-ImageNet preparation does) or `crop`: the shorter side to
 size, then the central size x size (torchvision's rounding) -> rounded to uint8.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,9 @@ class DataError(MetadistError):
     """Raw data that is missing, unreadable, or not in a layout metadist knows."""
 
 
-def preprocess(x: torch.Tensor, size: int, resize: str = "stretch", invert: bool = False) -> torch.Tensor:
+def preprocess(
+    x: torch.Tensor, size: int, resize: str = "stretch", invert: bool = False
+) -> torch.Tensor:
     """(n, C, H, W) uint8 as decoded -> (n, C, size, size) uint8 (see the module's docstring)."""
     x = x.float() / 255.0
     if invert:
@@ -39,10 +42,12 @@ def preprocess(x: torch.Tensor, size: int, resize: str = "stretch", invert: bool
     if resize == "crop":
         nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        x = x[..., top:top + size, left:left + size]
+        top, left = round((nh - size) / 2.0), round((nw - size) / 2.0)
+        x = x[..., top : top + size, left : left + size]
     else:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -55,7 +60,9 @@ def decode(where, channels: int, data: bytes | None = None) -> torch.Tensor:
             img.load()
             arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(
+            f"cannot read image {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     x = torch.from_numpy(arr.copy())
     return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
 
@@ -65,6 +72,7 @@ class ClassSet:
     """names[i]: class i's name (a relative path, unique); images[i]: its images (n_i, C, H, W)
     uint8; splits[s]: the class indices of split s (no class in two splits); rotations[s]: the
     quarter turns k of np.rot90 that make extra classes of split s (the MAML paper's Omniglot)."""
+
     names: list[str]
     images: list[np.ndarray]
     splits: dict[str, list[int]]
@@ -74,6 +82,7 @@ class ClassSet:
     def digest(self, split: str) -> str:
         """sha256 of split's class names and pixels, in order (the content, not the files)."""
         import hashlib
+
         h = hashlib.sha256()
         for c in self.splits[split]:
             h.update(self.names[c].encode() + b"\0")

@@ -2,19 +2,22 @@
 per class and the train/val/test class lists.
 
 Layouts (`data.folder.split`, a table of readers: LAYOUTS):
-  fractions  <root>/<class>/<image>; classes split by `data.folder.test_fraction` and `data.val_fraction`
+  fractions  <root>/<class>/<image>; classes split by `data.folder.test_fraction` and
+  `data.val_fraction`
              with numpy's default_rng(data.seed) (test first, then val, the rest train)
   lists      <root>/<class>/<image> and <split_dir>/{train,val,test}.txt, one class per line (as
              CIFAR-FS and CUB splits are distributed; blank lines and # comments skipped)
   csv        <root>/<filename> and <split_dir>/{train,val,test}.csv with the columns filename,label
              (Ravi & Larochelle's mini-ImageNet split: every image in one folder)
   folders    <root>/{train,val,test}/<class>/<image> (FC100 style)
-A class is a folder `data.folder.class_depth` levels below its root (Omniglot's <alphabet>/<character> is
-depth 2 under each of its sets, depth 3 under the folder holding both); its images are the files
-in it that PIL reads (by extension; other files are ignored), sorted by name. Classes are ordered
-by their path components. Every image goes through metadist.data.sources.preprocess: per class
-(n, C, image_size, image_size) uint8. Decoding runs in worker processes (up to 8, spawned).
+A class is a folder `data.folder.class_depth` levels below its root (Omniglot's
+<alphabet>/<character> is depth 2 under each of its sets, depth 3 under the folder holding both);
+its images are the files in it that PIL reads (by extension; other files are ignored), sorted by
+name. Classes are ordered by their path components. Every image goes through
+metadist.data.sources.preprocess: per class (n, C, image_size, image_size) uint8. Decoding runs in
+worker processes (up to 8, spawned).
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,11 +29,24 @@ import numpy as np
 
 from metadist.data.sources import SPLITS, ClassSet, DataError, decode, preprocess
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+IMAGE_EXTENSIONS = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+}
 
 
 def load_class(paths: list[str], channels: int, size: int, resize: str, invert: bool) -> np.ndarray:
-    """The images of one class -> (n, C, size, size) uint8 (one image at a time: sizes may differ)."""
+    """The images of one class -> (n, C, size, size) uint8 (one image at a time: sizes may
+    differ)."""
     out = np.empty((len(paths), channels, size, size), np.uint8)
     for i, p in enumerate(paths):
         out[i] = preprocess(decode(p, channels).unsqueeze(0), size, resize, invert)[0].numpy()
@@ -53,10 +69,12 @@ def scan_classes(root: Path, depth: int) -> dict[str, list[str]]:
             images = sorted(f for f in filenames if _is_image(Path(f)))
             if images:
                 found[rel.as_posix()] = [str(Path(dirpath) / f) for f in images]
-            dirnames[:] = []            # a class's subfolders are not classes
+            dirnames[:] = []  # a class's subfolders are not classes
     if not found:
-        raise DataError(f"data.raw={root}: no class folders with images {depth} level(s) down "
-                        f"(data.folder.class_depth={depth}; images are {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(
+            f"data.raw={root}: no class folders with images {depth} level(s) down "
+            f"(data.folder.class_depth={depth}; images are {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     return found
 
 
@@ -69,13 +87,19 @@ def _read_lists(split_dir: Path, depth: int) -> dict[str, list[str]]:
     for split in SPLITS:
         path = split_dir / f"{split}.txt"
         if not path.is_file():
-            raise DataError(f"data.folder.split=lists: {path} is missing (one class per line, for each of train, val, test)")
+            raise DataError(
+                f"data.folder.split=lists: {path} is missing (one class per line, for each of "
+                "train, val, test)"
+            )
         names = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             line = line.strip().strip("/")
             if line and not line.startswith("#"):
                 if len(line.split("/")) != depth:
-                    raise DataError(f"{path}:{n}: class {line!r} is not {depth} folder(s) deep (data.folder.class_depth={depth})")
+                    raise DataError(
+                        f"{path}:{n}: class {line!r} is not {depth} folder(s) deep "
+                        f"(data.folder.class_depth={depth})"
+                    )
                 names.append(line)
         out[split] = names
     return out
@@ -86,12 +110,18 @@ def _read_csvs(root: Path, split_dir: Path) -> dict[str, dict[str, list[str]]]:
     for split in SPLITS:
         path = split_dir / f"{split}.csv"
         if not path.is_file():
-            raise DataError(f"data.folder.split=csv: {path} is missing (columns filename,label, for each of train, val, test)")
+            raise DataError(
+                f"data.folder.split=csv: {path} is missing (columns filename,label, for each of "
+                "train, val, test)"
+            )
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             cols = [c.strip() for c in reader.fieldnames or []]
             if "filename" not in cols or "label" not in cols:
-                raise DataError(f"{path}: expected the columns filename,label (Ravi & Larochelle's split), found {cols}")
+                raise DataError(
+                    f"{path}: expected the columns filename,label (Ravi & Larochelle's split), "
+                    f"found {cols}"
+                )
             classes: dict[str, list[str]] = {}
             for n, row in enumerate(reader, 2):
                 row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
@@ -99,7 +129,10 @@ def _read_csvs(root: Path, split_dir: Path) -> dict[str, dict[str, list[str]]]:
                     raise DataError(f"{path}:{n}: empty filename or label")
                 image = root / row["filename"]
                 if not image.is_file():
-                    raise DataError(f"{path}:{n}: image {image} does not exist (data.raw is the folder of the images)")
+                    raise DataError(
+                        f"{path}:{n}: image {image} does not exist (data.raw is the folder of the "
+                        "images)"
+                    )
                 classes.setdefault(row["label"], []).append(str(image))
         out[split] = {k: sorted(v) for k, v in classes.items()}
     return out
@@ -110,7 +143,10 @@ def _check_disjoint(splits: dict[str, list[str]], where: str) -> None:
     for split in SPLITS:
         for c in splits[split]:
             if c in seen and seen[c] != split:
-                raise DataError(f"{where}: class {c!r} is in both {seen[c]} and {split}; a class belongs to one split")
+                raise DataError(
+                    f"{where}: class {c!r} is in both {seen[c]} and {split}; a class belongs to "
+                    "one split"
+                )
             if c in seen:
                 raise DataError(f"{where}: class {c!r} is listed twice in {split}")
             seen[c] = split
@@ -121,7 +157,11 @@ def _layout_fractions(root: Path, sdir: Path, f, seed: int, val_fraction: float,
     names = sorted(paths, key=class_order)
     perm = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
     n_test, n_val = round(f.test_fraction * len(names)), round(val_fraction * len(names))
-    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    parts = {
+        "test": perm[:n_test],
+        "val": perm[n_test : n_test + n_val],
+        "train": perm[n_test + n_val :],
+    }
     return paths, {s: sorted(v, key=class_order) for s, v in parts.items()}
 
 
@@ -132,8 +172,10 @@ def _layout_lists(root: Path, sdir: Path, f, seed: int, val_fraction: float, log
     for s in SPLITS:
         for c in parts[s]:
             if c not in paths:
-                raise DataError(f"{sdir / (s + '.txt')}: class {c!r} does not exist under {root} "
-                                f"(no folder with images there)")
+                raise DataError(
+                    f"{sdir / (s + '.txt')}: class {c!r} does not exist under {root} "
+                    f"(no folder with images there)"
+                )
         parts[s] = sorted(parts[s], key=class_order)
     unused = len(paths) - sum(len(v) for v in parts.values())
     if unused:
@@ -156,40 +198,61 @@ def _layout_folders(root: Path, sdir: Path, f, seed: int, val_fraction: float, l
     parts = {}
     for s in SPLITS:
         if not (root / s).is_dir():
-            raise DataError(f"data.folder.split=folders: {root / s} is missing (expected train/, val/ and test/ "
-                            f"under {root})")
+            raise DataError(
+                f"data.folder.split=folders: {root / s} is missing (expected train/, val/ and "
+                "test/ "
+                f"under {root})"
+            )
         found = scan_classes(root / s, f.class_depth)
         parts[s] = sorted(found, key=class_order)
         for c in found:
             if c in paths:
-                raise DataError(f"{root}: class {c!r} is in more than one of train/, val/, test/; "
-                                "a class belongs to one split")
+                raise DataError(
+                    f"{root}: class {c!r} is in more than one of train/, val/, test/; "
+                    "a class belongs to one split"
+                )
         paths.update(found)
     return paths, parts
 
 
 # data.folder.split -> reader(root, split_dir, folder settings, data seed, val fraction, log) ->
 # (class -> its image files, split -> its classes)
-LAYOUTS = {"fractions": _layout_fractions, "lists": _layout_lists, "csv": _layout_csv, "folders": _layout_folders}
+LAYOUTS = {
+    "fractions": _layout_fractions,
+    "lists": _layout_lists,
+    "csv": _layout_csv,
+    "folders": _layout_folders,
+}
 
 
-def _keep_large_enough(paths: dict, parts: dict, need: int, small: str, root: Path, layout: str, log) -> dict:
-    """Each split's classes with at least `need` images (small="skip": the others left out, counted)."""
+def _keep_large_enough(
+    paths: dict, parts: dict, need: int, small: str, root: Path, layout: str, log
+) -> dict:
+    """Each split's classes with at least `need` images (small="skip": the others left out,
+    counted)."""
     for s in SPLITS:
         kept = []
         for c in parts[s]:
             if len(paths[c]) < need:
                 if small == "skip":
                     continue
-                raise DataError(f"class {c!r} ({s}) has {len(paths[c])} images, an episode needs shots + queries = "
-                                f"{need}; remove it, lower data.queries, or set data.folder.small_classes=skip")
+                raise DataError(
+                    f"class {c!r} ({s}) has {len(paths[c])} images, an episode needs shots + "
+                    "queries = "
+                    f"{need}; remove it, lower data.queries, or set data.folder.small_classes=skip"
+                )
             kept.append(c)
         if len(kept) < len(parts[s]):
-            log(f"{s}: {len(parts[s]) - len(kept)} class(es) with fewer than {need} images left out "
-                "(data.folder.small_classes=skip)")
+            log(
+                f"{s}: {len(parts[s]) - len(kept)} class(es) with fewer than {need} images left "
+                "out "
+                "(data.folder.small_classes=skip)"
+            )
         parts[s] = kept
         if not kept:
-            raise DataError(f"data.raw={root}: the {s} split has no classes (data.folder.split={layout})")
+            raise DataError(
+                f"data.raw={root}: the {s} split has no classes (data.folder.split={layout})"
+            )
     return parts
 
 
@@ -200,30 +263,48 @@ def load(d, need: int, log=print, workers: int = 0) -> ClassSet:
     f = d.folder
     root = Path(d.raw).expanduser()
     if not d.raw or not root.is_dir():
-        raise DataError(f"data.raw={d.raw!r}: the dataset's root folder does not exist (data.source=folder)")
+        raise DataError(
+            f"data.raw={d.raw!r}: the dataset's root folder does not exist (data.source=folder)"
+        )
     if f.split not in LAYOUTS:
         raise DataError(f"data.folder.split={f.split!r}: allowed values are {', '.join(LAYOUTS)}")
     sdir = Path(f.split_dir).expanduser() if f.split_dir else root
     paths, parts = LAYOUTS[f.split](root, sdir, f, d.seed, d.val_fraction, log)
     parts = _keep_large_enough(paths, parts, need, f.small_classes, root, f.split, log)
     names = [c for s in SPLITS for c in parts[s]]
-    images = _decode_all([(paths[c], d.channels, d.image_size, f.resize, f.invert) for c in names], workers)
+    images = _decode_all(
+        [(paths[c], d.channels, d.image_size, f.resize, f.invert) for c in names], workers
+    )
     index = {c: i for i, c in enumerate(names)}
-    return ClassSet(names=names, images=images, splits={s: [index[c] for c in parts[s]] for s in SPLITS},
-                    rotations={s: (0,) for s in SPLITS},
-                    source={"source": "folder", "root": str(root), "split": f.split, "classes": len(names),
-                            "images": sum(len(x) for x in images)})
+    return ClassSet(
+        names=names,
+        images=images,
+        splits={s: [index[c] for c in parts[s]] for s in SPLITS},
+        rotations=dict.fromkeys(SPLITS, (0,)),
+        source={
+            "source": "folder",
+            "root": str(root),
+            "split": f.split,
+            "classes": len(names),
+            "images": sum(len(x) for x in images),
+        },
+    )
 
 
 def _decode_all(jobs: list, workers: int = 0) -> list[np.ndarray]:
     """Every class's images decoded and preprocessed, in worker processes (up to 8, spawned) from a
     few thousand images on (each worker starts by importing torch)."""
-    workers = workers or (min(8, os.cpu_count() or 1) if sum(len(j[0]) for j in jobs) >= 2000 else 1)
+    workers = workers or (
+        min(8, os.cpu_count() or 1) if sum(len(j[0]) for j in jobs) >= 2000 else 1
+    )
     if workers <= 1 or len(jobs) <= 1:
         return [_load_job(j) for j in jobs]
     # spawn, not fork: a process forked after torch started its OpenMP threads can hang in them
     import multiprocessing
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+    ) as pool:
         return list(pool.map(_load_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
 
@@ -233,4 +314,5 @@ def _load_job(job) -> np.ndarray:
 
 def _one_thread() -> None:
     import torch
-    torch.set_num_threads(1)        # the pool's processes share the cores
+
+    torch.set_num_threads(1)  # the pool's processes share the cores

@@ -6,6 +6,7 @@ archives); `load()` reads one set; `make_splits()` is the documented train/val/t
 inverted (strokes bright, 255, on a dark 0 background) -> metadist.data.sources.preprocess to
 data.image_size (28 by default) -> (20, 1, size, size) uint8 per character. Deterministic.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ SETS = ("images_background", "images_evaluation")
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 OFFICIAL_COUNTS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
 DRAWINGS = 20
-SIZE = 28          # the default data.image_size
-_ENTRY = re.compile(r"^(?P<set>images_\w+)/(?P<alphabet>[^/]+)/(?P<character>character\d+)/(?P<file>\d{4}_(?P<drawer>\d{2})\.png)$")
+SIZE = 28  # the default data.image_size
+_ENTRY = re.compile(
+    r"^(?P<set>images_\w+)/(?P<alphabet>[^/]+)/(?P<character>character\d+)/(?P<file>\d{4}_(?P<drawer>\d{2})\.png)$"
+)
 
 
 def _has_set(d: Path, name: str) -> bool:
@@ -35,7 +38,8 @@ def _has_set(d: Path, name: str) -> bool:
 
 
 def locate(raw: str = "", download: bool = True, log=print) -> Path:
-    """The folder holding both sets, as zips or folders; downloads the official zips if none does."""
+    """The folder holding both sets, as zips or folders; downloads the official zips if none
+    does."""
     if raw:
         d = Path(raw).expanduser()
         if not all(_has_set(d, s) for s in SETS):
@@ -47,7 +51,10 @@ def locate(raw: str = "", download: bool = True, log=print) -> Path:
         if all(_has_set(d, s) for s in SETS):
             return d
     if not download:
-        raise DataError(f"Omniglot not found in {', '.join(map(str, candidates))}; set data.raw or $OMNIGLOT_DIR")
+        raise DataError(
+            f"Omniglot not found in {', '.join(map(str, candidates))}; set data.raw or "
+            "$OMNIGLOT_DIR"
+        )
     d = candidates[-1]
     for s in SETS:
         if not _has_set(d, s):
@@ -57,11 +64,13 @@ def locate(raw: str = "", download: bool = True, log=print) -> Path:
             try:
                 d.mkdir(parents=True, exist_ok=True)
                 urllib.request.urlretrieve(url, tmp)
-            except (OSError, ValueError) as e:     # URLError is an OSError
+            except (OSError, ValueError) as e:  # URLError is an OSError
                 tmp.unlink(missing_ok=True)
                 reason = getattr(e, "reason", e)
-                raise DataError(f"Omniglot is not here and the download of {url} failed ({reason}): put "
-                                f"{SETS[0]}.zip and {SETS[1]}.zip in {d} (or set data.raw or $OMNIGLOT_DIR)") from None
+                raise DataError(
+                    f"Omniglot is not here and the download of {url} failed ({reason}): put "
+                    f"{SETS[0]}.zip and {SETS[1]}.zip in {d} (or set data.raw or $OMNIGLOT_DIR)"
+                ) from None
             tmp.rename(d / f"{s}.zip")
     return d
 
@@ -74,10 +83,11 @@ def preprocess(png: torch.Tensor, size: int = SIZE) -> torch.Tensor:
 @dataclass
 class CharacterSet:
     """One Omniglot set: `images[i]` holds the 20 drawings of character `names[i]`."""
+
     name: str
-    names: list[tuple[str, str]]      # (alphabet, characterNN), sorted
-    images: np.ndarray                # (characters, 20, 1, size, size) uint8
-    sha256: str                       # of the preprocessed arrays (content, not container)
+    names: list[tuple[str, str]]  # (alphabet, characterNN), sorted
+    images: np.ndarray  # (characters, 20, 1, size, size) uint8
+    sha256: str  # of the preprocessed arrays (content, not container)
 
 
 def _entries(root: Path, name: str) -> dict[str, callable]:
@@ -99,7 +109,10 @@ def load(root: Path, name: str, size: int = SIZE) -> CharacterSet:
     for path in entries:
         m = _ENTRY.match(path)
         if not m or m["set"] != name:
-            raise DataError(f"{root}/{name}: unexpected entry {path!r}; expected {name}/<Alphabet>/characterNN/NNNN_DD.png")
+            raise DataError(
+                f"{root}/{name}: unexpected entry {path!r}; expected "
+                f"{name}/<Alphabet>/characterNN/NNNN_DD.png"
+            )
         chars.setdefault((m["alphabet"], m["character"]), {})[int(m["drawer"])] = path
     if not chars:
         raise DataError(f"{root}/{name}: no images found")
@@ -108,32 +121,43 @@ def load(root: Path, name: str, size: int = SIZE) -> CharacterSet:
     for i, key in enumerate(names):
         drawers = chars[key]
         if sorted(drawers) != list(range(1, DRAWINGS + 1)):
-            raise DataError(f"{root}/{name}/{key[0]}/{key[1]}: expected drawers 01..20, found {sorted(drawers)}")
+            raise DataError(
+                f"{root}/{name}/{key[0]}/{key[1]}: expected drawers 01..20, found {sorted(drawers)}"
+            )
         pngs = [decode(drawers[d], 1, entries[drawers[d]]()) for d in range(1, DRAWINGS + 1)]
         images[i] = preprocess(torch.stack(pngs), size).numpy()
     alphabets = {a for a, _ in names}
     official = OFFICIAL_COUNTS.get(name)
     if official and len(alphabets) >= official[0] and (len(alphabets), len(names)) != official:
-        raise DataError(f"{root}/{name}: {len(alphabets)} alphabets / {len(names)} characters, "
-                        f"official is {official[0]} / {official[1]}")
+        raise DataError(
+            f"{root}/{name}: {len(alphabets)} alphabets / {len(names)} characters, "
+            f"official is {official[0]} / {official[1]}"
+        )
     return CharacterSet(name, names, images, hashlib.sha256(images.tobytes()).hexdigest())
 
 
 @dataclass
 class Split:
     """The classes of one split: character indices into `pool` and the rotations (k*90 degrees)."""
+
     name: str
-    chars: list[int]                  # indices into the pooled character list
-    rotations: tuple[int, ...]        # k in np.rot90(image, k) that make distinct classes
+    chars: list[int]  # indices into the pooled character list
+    rotations: tuple[int, ...]  # k in np.rot90(image, k) that make distinct classes
 
 
-def pool(background: CharacterSet, evaluation: CharacterSet) -> tuple[list[tuple[str, str, str]], np.ndarray]:
+def pool(
+    background: CharacterSet, evaluation: CharacterSet
+) -> tuple[list[tuple[str, str, str]], np.ndarray]:
     """Both sets as one list of (set, alphabet, character) and one image array."""
-    names = [(background.name, a, c) for a, c in background.names] + [(evaluation.name, a, c) for a, c in evaluation.names]
+    names = [(background.name, a, c) for a, c in background.names] + [
+        (evaluation.name, a, c) for a, c in evaluation.names
+    ]
     return names, np.concatenate([background.images, evaluation.images])
 
 
-def make_splits(names: list[tuple[str, str, str]], protocol: str, seed: int, val_fraction: float = 0.2) -> dict[str, Split]:
+def make_splits(
+    names: list[tuple[str, str, str]], protocol: str, seed: int, val_fraction: float = 0.2
+) -> dict[str, Split]:
     """The documented splits over the pooled character list `names` (sorted within each set).
 
     alphabets: background characters permuted by numpy's default_rng(seed); the first
@@ -156,27 +180,49 @@ def make_splits(names: list[tuple[str, str, str]], protocol: str, seed: int, val
         n = len(perm)
         n_train = 1100 if n == 1623 else round(n * 1100 / 1623)
         n_val = 100 if n == 1623 else max(1, round(n * 100 / 1623))
-        parts = {"train": sorted(perm[:n_train]), "val": sorted(perm[n_train:n_train + n_val]),
-                 "test": sorted(perm[n_train + n_val:])}
+        parts = {
+            "train": sorted(perm[:n_train]),
+            "val": sorted(perm[n_train : n_train + n_val]),
+            "test": sorted(perm[n_train + n_val :]),
+        }
         rotations = (0, 1, 2, 3)
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return {k: Split(k, v, rotations) for k, v in parts.items()}
 
 
-def class_set(raw: str, protocol: str, seed: int, val_fraction: float, size: int = SIZE, log=print) -> ClassSet:
+def class_set(
+    raw: str, protocol: str, seed: int, val_fraction: float, size: int = SIZE, log=print
+) -> ClassSet:
     """Both sets, pooled (background first, each sorted), with the documented split of `protocol`:
     class names `<set>/<alphabet>/<character>` (the folders' relative paths)."""
     root = locate(raw, log=log)
     log(f"reading Omniglot from {root}")
     bg, ev = (load(root, s, size) for s in SETS)
-    log(f"{bg.name}: {len({a for a, _ in bg.names})} alphabets, {len(bg.names)} characters; "
-        f"{ev.name}: {len({a for a, _ in ev.names})} alphabets, {len(ev.names)} characters; {DRAWINGS} drawings each")
+    log(
+        f"{bg.name}: {len({a for a, _ in bg.names})} alphabets, {len(bg.names)} characters; "
+        f"{ev.name}: {len({a for a, _ in ev.names})} alphabets, {len(ev.names)} characters; "
+        f"{DRAWINGS} drawings each"
+    )
     names, images = pool(bg, ev)
     parts = make_splits(names, protocol, seed, val_fraction)
-    return ClassSet(names=["/".join(n) for n in names], images=list(images),
-                    splits={k: list(v.chars) for k, v in parts.items()},
-                    rotations={k: v.rotations for k, v in parts.items()},
-                    source={"source": "omniglot", "root": str(root), "protocol": protocol,
-                            **{cs.name: {"alphabets": len({a for a, _ in cs.names}), "characters": len(cs.names),
-                                         "images": len(cs.names) * DRAWINGS, "sha256": cs.sha256} for cs in (bg, ev)}})
+    return ClassSet(
+        names=["/".join(n) for n in names],
+        images=list(images),
+        splits={k: list(v.chars) for k, v in parts.items()},
+        rotations={k: v.rotations for k, v in parts.items()},
+        source={
+            "source": "omniglot",
+            "root": str(root),
+            "protocol": protocol,
+            **{
+                cs.name: {
+                    "alphabets": len({a for a, _ in cs.names}),
+                    "characters": len(cs.names),
+                    "images": len(cs.names) * DRAWINGS,
+                    "sha256": cs.sha256,
+                }
+                for cs in (bg, ev)
+            },
+        },
+    )
