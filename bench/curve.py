@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadist.algorithms import eval_inner
 from metadist.checkpoint import CheckpointManager, load_model
 from metadist.data.prepare import shards_dir
+from metadist.data.store import Access
 from metadist.data.stream import EpisodeSource
 from metadist.errors import MetadistError
 from metadist.evaluate import evaluate
@@ -69,7 +70,7 @@ def curve(args):
                 root = args.shards or shards_dir(cfg.data)
                 if (str(root), split) not in episodes:
                     episodes[str(root), split] = EpisodeSource(
-                        root, split, cache_dir=cfg.data.cache_dir
+                        root, split, access=Access.of(cfg.data)
                     ).all()
                 inner = eval_inner(
                     cfg.algo, model, cfg.data.ways, args.steps or cfg.eval.inner_steps

@@ -115,7 +115,7 @@ def step_times(rounds: int, quick: bool):
         for r in range(rounds + 1):
             for name, s in steps.items():
                 t = time.perf_counter()
-                s(0, b, lambda: torch.zeros(2))
+                s(0, b, lambda: torch.zeros(3))
                 if r:
                     best[name] = min(best[name], time.perf_counter() - t)
         for name in steps:

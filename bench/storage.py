@@ -101,10 +101,10 @@ def consumption(steps: int = 2) -> dict:
             "x_query": torch.rand(4, 75, 3, 84, 84, generator=g),
             "y_query": torch.arange(5).repeat_interleave(15).expand(4, -1),
         }
-        s(0, b, lambda: torch.zeros(2))
+        s(0, b, lambda: torch.zeros(3))
         t = time.perf_counter()
         for i in range(steps):
-            s(i + 1, b, lambda: torch.zeros(2))
+            s(i + 1, b, lambda: torch.zeros(3))
         out[inner] = 4 * steps / (time.perf_counter() - t)
     return out
 

@@ -107,12 +107,13 @@ def _model(args):
 def cmd_evaluate(args):
     from metadist.algorithms import eval_inner, get
     from metadist.data.prepare import shards_dir
+    from metadist.data.store import Access
     from metadist.data.stream import EpisodeSource
     from metadist.evaluate import evaluate
 
     model, cfg, device = _model(args)
     split = EpisodeSource(
-        args.shards or shards_dir(cfg.data), args.split, cache_dir=cfg.data.cache_dir
+        args.shards or shards_dir(cfg.data), args.split, access=Access.of(cfg.data)
     )
     m = split.manifest
     want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
@@ -158,10 +159,11 @@ def cmd_plot(args):
 
 def _split_source(args):
     from metadist.data.prepare import ensure
+    from metadist.data.store import Access
     from metadist.data.stream import EpisodeSource
 
     cfg = _cfg(args)
-    return cfg, EpisodeSource(ensure(cfg.data), args.split, cache_dir=cfg.data.cache_dir)
+    return cfg, EpisodeSource(ensure(cfg.data), args.split, access=Access.of(cfg.data))
 
 
 def cmd_export_tasks(args):

@@ -62,7 +62,8 @@ class DataConfig:
     # folder or URL prefix (http(s)://, pipe:...); "" ->
     # data/shards/<name>-<ways>w<shots>s<queries>q-<digest>
     shards: str = ""
-    # for URL shards: keep downloaded shards here (WebDataset's file cache); "" = stream
+    # URL shards: fetched here once per node and mapped from here (else read into memory, process
+    # by process); any shards: where the stamps of checked files go (else the per-user cache)
     cache_dir: str = ""
     # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
     seed: int = 0
@@ -81,8 +82,14 @@ class DataConfig:
     val_fraction: float = 0.2
     task_aug: float = 0.0  # probability of rotating a whole training task by 90 or 270 degrees
     num_workers: int = 0  # DataLoader workers per process for the train stream
-    # the train split resident on the device: auto (on GPU, if under 4 GB) | on | off
+    # the train split resident on the device: auto (on a GPU, when its pool and records fit
+    # device_cache_fraction of the free memory; else batches are prefetched) | on | off
     device_cache: str = "auto"
+    device_cache_fraction: float = 0.25
+    # mmap: pool files read in place (one copy per node, in the page cache) | memory: each process
+    # decodes its own copy (the earlier behaviour; the same batches)
+    pool: str = "mmap"
+    lock_timeout_s: float = 600.0  # a rank waits this long for another's check or download
     folder: FolderConfig = field(default_factory=FolderConfig)
 
 
@@ -196,6 +203,7 @@ CHOICES = {
     "data.folder.resize": ("stretch", "crop"),
     "data.folder.small_classes": ("error", "skip"),
     "data.device_cache": ("auto", "on", "off"),
+    "data.pool": ("mmap", "memory"),
     "algo.strategy": ("auto", "batched", "loop"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
     "train.schedule": ("constant", "cosine"),
@@ -384,6 +392,8 @@ def _check_data(cfg: Config, need) -> None:
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     need(0.0 <= d.task_aug <= 1.0, "data.task_aug", "is a probability in [0, 1]")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(0 < d.device_cache_fraction <= 1, "data.device_cache_fraction", "is a fraction in (0, 1]")
+    need(d.lock_timeout_s > 0, "data.lock_timeout_s", "must be positive (seconds)")
 
 
 def _check_model_algo(cfg: Config, need) -> None:

@@ -58,6 +58,7 @@ def anomaly_guard(step: int, debug: bool):
 
 
 # exact mode's automatic chunk lets up to this many processes split a meta-batch
+VOTES = 3  # the stop votes that ride the reduction: time, signal, a shard changed (train.StopVotes)
 EXACT_PROCESSES = 8
 
 
@@ -164,10 +165,10 @@ class ExactReduction:
         self.layout = exact.layout(chunks, dist.world)
         self.first_chunk = dist.rank * (chunks // dist.world)
         self.scale = 1.0 / s.meta_batch_size  # the same for every world size
-        # each chunk's flat gradient carries 2 slots for the stop votes, padded to a multiple of
+        # each chunk's flat gradient carries VOTES slots for the stop votes, padded to a multiple of
         # the world size so the all-to-all sends it as it is (zeros change no sum)
         self.n_grad = sum(p.numel() for p in params)
-        self.extra = 2 + (-(self.n_grad + 2)) % dist.world
+        self.extra = VOTES + (-(self.n_grad + VOTES)) % dist.world
 
     def backward(self, run, rng) -> tuple:
         """(loss sum, accuracy sum, this rank's dyadic block sums of the chunk gradients)."""
@@ -180,12 +181,12 @@ class ExactReduction:
         ranks."""
         vectors, n = out[2:], self.n_grad
         # this step's own buffer (or the graph's output): no copy
-        vectors[0][n : n + 2] = votes.to(vectors[0])
+        vectors[0][n : n + VOTES] = votes.to(vectors[0])
         mine = [(a, size, v) for (a, size), v in zip(self.layout[self.dist.rank], vectors)]
         flat = self.dist.exact_mean(mine, self.layout, step)
         for p, g in zip(self.params, torch.split(flat[:n], [p.numel() for p in self.params])):
             p.grad = g.view_as(p)
-        return flat[n : n + 2]
+        return flat[n : n + VOTES]
 
 
 def cross_check(algo, model, params, batch, chunk: int, scale: float, tol: float = 1e-4) -> float:

@@ -39,8 +39,8 @@ from metadist.checkpoint import (
 )
 from metadist.config import Config, ConfigError
 from metadist.data.prepare import ensure, shards_dir
-from metadist.data.store import read_manifest
-from metadist.data.stream import EpisodeSource, StreamSpec
+from metadist.data.store import Access, ShardError, mapped_fault, read_manifest
+from metadist.data.stream import EpisodeSource, Prefetch, StreamSpec, fits_device
 from metadist.distributed import Dist
 from metadist.errors import Preempted
 from metadist.evaluate import evaluate
@@ -57,29 +57,39 @@ __all__ = ["TrainError", "TrainState", "Trainer", "train"]
 
 class StopVotes:
     """Whether to stop after this step, agreed by all ranks: each rank votes (rank 0 for the
-    wall-clock bound `limit_s`, every rank for a signal it received); the votes are averaged in
-    the gradient reduction and read on the host every `every` steps (the same steps on every
-    rank, so all stop at the same one)."""
+    wall-clock bound `limit_s`; every rank for a signal it received, and for a shard changed under
+    it: `fault()` names one); the votes are summed or averaged in the gradient reduction and read
+    on the host every `every` steps (the same steps on every rank, so all stop at the same one,
+    and all know why)."""
 
-    def __init__(self, limit_s: float, every: int, signals: StopSignals, device: torch.device):
+    def __init__(
+        self, limit_s: float, every: int, signals: StopSignals, device: torch.device, fault
+    ):
         self.limit, self.every, self.signals, self.pending = limit_s, every, signals, None
+        self.fault, self.faulted = fault, None
         self.clock = lambda: math.inf  # set by the loop: the run's training time so far
-        # every possible vote, already on the device: picking one is a view, never a
-        # host->device copy
-        self.table = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], device=device)
+        # every possible vote (time, signal, fault), already on the device: picking one is a
+        # view, never a host->device copy
+        self.table = torch.tensor(
+            [[float(b) for b in (k & 4, k & 2, k & 1)] for k in range(8)], device=device
+        ).clamp_(max=1)
 
     def votes(self) -> torch.Tensor:
+        self.faulted = self.faulted or self.fault()
+        time_up = self.clock() >= self.limit
         return self.table[
-            2 * int(self.clock() >= self.limit) + int(self.signals.received is not None)
+            4 * time_up + 2 * (self.signals.received is not None) + (self.faulted is not None)
         ]
 
     def check(self, agreed: torch.Tensor, step: int) -> str | None:
-        """None, "time" or "signal" (a signal wins)."""
+        """None, "time", "signal" or "fault" (a shard changed under some rank; it wins)."""
         self.pending = agreed if self.pending is None else torch.maximum(self.pending, agreed)
         if step % self.every:
             return None
-        time_vote, signal_vote = self.pending.tolist()
+        time_vote, signal_vote, fault_vote = self.pending.tolist()
         self.pending = None
+        if fault_vote > 0:
+            return "fault"
         return "signal" if signal_vote > 0 else "time" if time_vote > 0 else None
 
 
@@ -304,6 +314,7 @@ class Trainer:
                 f"{e['nodes']} node(s), {self.dist.world} process(es)"
             )
         self.root = shards_dir(self.cfg.data)
+        self.access = Access.of(self.cfg.data, self.say)
         self.train_manifest = read_manifest(self.root, "train")
         # the shape travels from the shards
         self.image_shape = tuple(self.train_manifest["image_shape"])
@@ -430,12 +441,9 @@ class Trainer:
         """This rank's training batches from the resumed step (the algorithm says which), the train
         split resident on the device when data.device_cache says so."""
         cfg, t, d, dist = self.cfg, self.cfg.train, self.cfg.data, self.dist
-        train_split = EpisodeSource(self.root, "train", cfg.seed, d.cache_dir)
-        resident = d.device_cache == "on" or (
-            d.device_cache == "auto"
-            and self.device.type == "cuda"
-            and train_split.manifest["bytes"] < 4 * 2**30
-        )
+        train_split = EpisodeSource(self.root, "train", cfg.seed, self.access)
+        nbytes = train_split.manifest["bytes"]
+        resident = fits_device(nbytes, self.device, d.device_cache, d.device_cache_fraction)
         spec = StreamSpec(
             cfg.seed,
             t.meta_batch_size,
@@ -447,12 +455,16 @@ class Trainer:
             d.num_workers,
             self.device if resident else None,
         )
-        return self.algorithm.stream(train_split, spec)
+        stream = self.algorithm.stream(train_split, spec)
+        # too big to keep on the GPU: gathered on the host, copied one step ahead
+        return (
+            Prefetch(stream, self.device) if self.device.type == "cuda" and not resident else stream
+        )
 
     def _build_loop(self) -> None:
         """The stream, the logger, the validator, the stop votes, the budget."""
         cfg, t, d, dist = self.cfg, self.cfg.train, self.cfg.data, self.dist
-        self.val_episodes = EpisodeSource(self.root, "val", cache_dir=d.cache_dir).all()
+        self.val_episodes = EpisodeSource(self.root, "val", access=self.access).all()
         self.stream = self._build_stream()
         self.tracker = make_tracker(
             cfg.tracking, cfg.run.name, self.config, self.run_dir, dist.is_main
@@ -479,6 +491,7 @@ class Trainer:
             t.sync_every or (10 if self.device.type == "cuda" else 1),
             self.signals,
             self.device,
+            mapped_fault,
         )
         self.budget = BudgetFit(
             t, d.val_episodes, self.chunk_shape(), dist, self.run_dir, self._evaluate_some, self.say
@@ -553,9 +566,18 @@ class Trainer:
         return self._stopped(stop)
 
     def _stopped(self, stop: str | None) -> dict:
-        if stop == "signal":
+        if stop in ("signal", "fault"):
             self.tracker.finish()
             path = self.checkpoints.dir / f"step_{self.state.step:06d}"
+        if stop == "fault":
+            what = (
+                self.stop.faulted or self.stop.fault() or "a pool shard changed under another rank"
+            )
+            raise ShardError(
+                f"{what}: stopped after step {self.state.step}, checkpoint {path} written; put the "
+                "shard back (`metadist verify` checks it) and launch again"
+            )
+        if stop == "signal":
             raise Preempted(
                 f"stopped by {self.signals.received or 'a signal on another rank'} after step "
                 f"{self.state.step}: checkpoint {path} written; launch the same command again to "
@@ -586,9 +608,7 @@ class Trainer:
                     state.best_val,
                     tensors=tensors,
                 )
-        test = EpisodeSource(self.root, "test", cache_dir=cfg.data.cache_dir).all(
-            cfg.eval.test_episodes
-        )
+        test = EpisodeSource(self.root, "test", access=self.access).all(cfg.eval.test_episodes)
         inner = self.algorithm.test_inner(
             cfg.eval.inner_steps, cfg.algo.inner_lr, self.model.head_names()
         )

@@ -64,6 +64,42 @@ def omniglot_zips(tmp_path_factory, omniglot_dir) -> Path:
     return zip_sets(omniglot_dir, tmp_path_factory.mktemp("omniglot_zips"))
 
 
+def folder_args(root, tmp, layout="fractions", size=84, channels=3, **extra):
+    """Overrides for a small folder dataset made by write_folder_dataset(root, layout)."""
+    base = {
+        "data.source": "folder",
+        "data.raw": root / "images" if layout == "csv" else root,
+        "data.folder.split": layout,
+        "data.image_size": size,
+        "data.channels": channels,
+        "data.ways": 3,
+        "data.shots": 1,
+        "data.queries": 2,
+        "data.shards": tmp / "shards",
+        "data.train_episodes": 24,
+        "data.val_episodes": 6,
+        "data.test_episodes": 6,
+        "data.episodes_per_shard": 8,
+        "run.root": tmp / "runs",
+        "run.name": "t",
+        "tracking.mode": "disabled",
+        "model.hidden": 8,
+        "train.meta_batch_size": 4,
+        "train.steps": 3,
+        "train.val_every": 3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
+        "eval.tasks_per_batch": 4,
+        "algo.strategy": "batched",
+    }
+    if layout == "lists":
+        base["data.folder.split_dir"] = root / "splits"
+    if layout == "csv":
+        base["data.folder.split_dir"] = root
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 def model_for(cfg: config.Config, image_shape=None):
     """The model `cfg` describes, for its data.channels and data.image_size (or `image_shape`)."""
     from metadist.algorithms import get
@@ -235,14 +271,16 @@ def trained(tmp_path_factory, omniglot_dir):
 @pytest.fixture
 def http_server():
     """`python -m http.server` on 127.0.0.1 and a free port, serving a folder; stopped afterwards.
-    Yields start(folder) -> base URL."""
+    Yields start(folder, log=None) -> base URL; with `log`, the server's request log (one line per
+    request, `"GET /path HTTP/1.1" 200`) goes to that file."""
     import time
     import urllib.request
 
     procs = []
 
-    def start(folder: Path) -> str:
+    def start(folder: Path, log: Path | None = None) -> str:
         port = free_port()
+        err = open(log, "a") if log else subprocess.DEVNULL
         procs.append(
             subprocess.Popen(
                 [
@@ -256,7 +294,7 @@ def http_server():
                     str(folder),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=err,
             )
         )
         url = f"http://127.0.0.1:{port}"

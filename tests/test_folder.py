@@ -14,45 +14,9 @@ from metadist.data.prepare import prepare, shards_dir
 from metadist.data.store import read_manifest
 from metadist.data.stream import EpisodeSource
 from metadist.data.synthetic import FolderSpec, write_folder_dataset
-from tests.conftest import launch, run_cli, weights
+from tests.conftest import folder_args, launch, run_cli, weights
 
 quiet = dict(log=lambda *a: None)
-
-
-def folder_args(root, tmp, layout="fractions", size=84, channels=3, **extra):
-    """Overrides for a small folder dataset made by write_folder_dataset(root, layout)."""
-    base = {
-        "data.source": "folder",
-        "data.raw": root / "images" if layout == "csv" else root,
-        "data.folder.split": layout,
-        "data.image_size": size,
-        "data.channels": channels,
-        "data.ways": 3,
-        "data.shots": 1,
-        "data.queries": 2,
-        "data.shards": tmp / "shards",
-        "data.train_episodes": 24,
-        "data.val_episodes": 6,
-        "data.test_episodes": 6,
-        "data.episodes_per_shard": 8,
-        "run.root": tmp / "runs",
-        "run.name": "t",
-        "tracking.mode": "disabled",
-        "model.hidden": 8,
-        "train.meta_batch_size": 4,
-        "train.steps": 3,
-        "train.val_every": 3,
-        "train.log_every": 1,
-        "train.checkpoint_every": 3,
-        "eval.tasks_per_batch": 4,
-        "algo.strategy": "batched",
-    }
-    if layout == "lists":
-        base["data.folder.split_dir"] = root / "splits"
-    if layout == "csv":
-        base["data.folder.split_dir"] = root
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 @pytest.mark.parametrize("layout", ["fractions", "lists", "csv", "folders"])

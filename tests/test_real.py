@@ -125,3 +125,30 @@ def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path,
         assert [p["sha256"] for p in a["pool"] + a["shards"]] == [
             p["sha256"] for p in b["pool"] + b["shards"]
         ], s
+
+
+def test_strong_20_steps_mapped_equals_decoded(tmp_path, real_shards):
+    """strong.yaml, 20 steps on real Omniglot: the pool read in place (data.pool=mmap, the
+    default) and a decoded private copy (data.pool=memory) give the same weights, bit for bit."""
+    from tests.conftest import weights
+
+    for pool in ("mmap", "memory"):
+        r = run_cli(
+            "train",
+            "--config",
+            "configs/strong.yaml",
+            f"data.shards={real_shards}",
+            *COUNTS,
+            "train.steps=20",
+            "train.val_every=20",
+            "train.checkpoint_every=20",
+            "eval.test_episodes=16",
+            f"data.pool={pool}",
+            f"run.root={tmp_path / 'runs'}",
+            f"run.name={pool}",
+            "tracking.mode=disabled",
+            "algo.strategy=batched",
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(tmp_path / "runs" / "mmap"), weights(tmp_path / "runs" / "memory")
+    assert all(a[k].equal(b[k]) for k in a)

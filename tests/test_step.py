@@ -56,12 +56,12 @@ def _step(*overrides):
 
 def test_grad_clip_bounds_the_meta_gradient_norm():
     step, model = _step("train.grad_clip=0.01")
-    _, _, norm, _ = step(0, _batch(), lambda: torch.zeros(2))
+    _, _, norm, _ = step(0, _batch(), lambda: torch.zeros(3))
     clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     # it was well above, and is clipped
     assert norm > 0.1 and clipped == pytest.approx(0.01, rel=1e-4)
     step, model = _step()  # 0 = off
-    _, _, norm, _ = step(0, _batch(), lambda: torch.zeros(2))
+    _, _, norm, _ = step(0, _batch(), lambda: torch.zeros(3))
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(
         norm.item(), rel=1e-6
     )
@@ -75,7 +75,7 @@ def test_first_order_steps_anneal_the_derivative_order():
         step, model = _step("train.meta_lr=1e-9", *overrides)
         # keep the weights: compare gradients only
         step.optimizer.param_groups[0]["lr"] = 0.0
-        step(step_index, _batch(), lambda: torch.zeros(2))
+        step(step_index, _batch(), lambda: torch.zeros(3))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     annealed = [grads_at(s, "algo.first_order_steps=2") for s in (0, 1, 2)]

@@ -75,3 +75,68 @@ def test_device_resident_split_gives_the_same_batches(prepared, world):
         )
         for a, b in zip(stream, resident):
             assert a["step"] == b["step"] and all(torch.equal(a[k], b[k]) for k in a if k != "step")
+
+
+def test_the_mapped_pool_is_the_decoded_pool(prepared):
+    """data.pool=mmap (the default) reads the pool shards in place: every image, every batch of
+    the train stream (with task augmentation and DataLoader workers), and the val episodes equal
+    those of the private decoded copy (data.pool=memory), and nothing of it is a private copy."""
+    import numpy as np
+
+    from metadist.data.store import Access
+    from metadist.data.stream import MappedPool
+
+    root = shards_dir(prepared.data)
+    mapped = EpisodeSource(root, "train", access=Access(pool="mmap"))
+    memory = EpisodeSource(root, "train", access=Access(pool="memory"))
+    assert isinstance(mapped.pool, MappedPool) and isinstance(memory.pool, np.ndarray)
+    assert mapped.pool.shape == memory.pool.shape
+    every = np.arange(len(memory.pool))
+    assert np.array_equal(mapped.pool[every], memory.pool)
+    assert not any(c.flags.owndata or c.flags.writeable for c in mapped.pool.classes)
+    for workers in (0, 2):
+        spec = StreamSpec(0, 8, 0, 1, 0, 14, task_aug=0.5, num_workers=workers)
+        for a, b in zip(meta_batches(mapped, spec), meta_batches(memory, spec)):
+            assert all(torch.equal(a[k], b[k]) for k in ("x_support", "x_query"))
+    va = EpisodeSource(root, "val", access=Access(pool="mmap")).all()
+    vb = EpisodeSource(root, "val", access=Access(pool="memory")).all()
+    assert np.array_equal(va[:], vb[:])
+
+
+def test_prefetch_keeps_order_depth_and_errors():
+    """The device prefetcher (its CPU path: the same thread, queue and ordering as on CUDA):
+    every batch once and in order, at most `depth` ahead of the consumer, and a failing gather is
+    raised in the consumer, not lost in the thread."""
+    import time
+
+    from metadist.data.stream import Prefetch
+
+    pulled = []
+
+    def source(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise RuntimeError(f"gather {i} failed")
+            pulled.append(i)
+            yield {"step": i, "x": torch.full((2,), float(i))}
+
+    got = []
+    for b in Prefetch(source(10), "cpu", depth=2):
+        time.sleep(0.01)  # the consumer is slower: the thread runs ahead, but only so far
+        assert len(pulled) - len(got) <= 2 + 2
+        got.append(b["step"])
+    assert got == list(range(10))
+    with pytest.raises(RuntimeError, match="gather 3 failed"):
+        for _ in Prefetch(source(10, fail_at=3), "cpu"):
+            pass
+
+
+def test_the_split_stays_on_the_device_when_it_fits_the_stated_fraction():
+    from metadist.data.stream import fits_device
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fits_device(10, gpu, "auto", 0.25, free=40) and not fits_device(
+        11, gpu, "auto", 0.25, free=40
+    )
+    assert not fits_device(1, cpu, "auto", 0.25) and fits_device(10**12, cpu, "on", 0.25)
+    assert not fits_device(1, gpu, "off", 0.25, free=10**12)

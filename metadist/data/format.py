@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from metadist import __version__
 from metadist.data.episodes import episode_rng, sample_episode
 from metadist.data.sources import ClassSet
-from metadist.data.store import ShardError, Store, locate, read_manifest, sha256_file
+from metadist.data.store import Access, ShardError, Store, locate, read_manifest, sha256_file
 
 FORMAT = 2
 POOL_SHARD_BYTES = 256 * 2**20  # a pool shard holds whole classes, up to about this many bytes
@@ -53,7 +54,7 @@ def verify(
         root, split = Path(root).parent, Path(root).name
     manifest = manifest or read_manifest(root, split)
     check_format(manifest, locate(root, split))
-    store = Store(root, cache_dir)
+    store = Store(root, Access(cache_dir))
     store.check_sizes(split, manifest)
     for s in manifest.get("pool", []) + manifest["shards"]:
         store.read(split, s)
@@ -252,4 +253,44 @@ def decode_pool(
                 f"{url}: class sample {key} is {a.dtype} {a.shape}, the manifest says uint8 {want}"
             )
         out.append(a)
+    return out
+
+
+def pool_members(path: Path) -> list[tuple[str, int, tuple, np.dtype, bool]]:
+    """(key, offset of the array's first byte in the file, shape, dtype, fortran order) of every
+    class sample of a pool shard, from its tar and .npy headers alone: no pixel is read."""
+    out = []
+    try:
+        with tarfile.open(path, "r:") as tar, open(path, "rb") as f:
+            for m in tar:
+                key, _, member = m.name.partition(".")
+                if member != "images.npy" or not m.isfile():
+                    raise ShardError(f"{path}: unexpected member {m.name!r} in a pool shard")
+                f.seek(m.offset_data)
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                start = f.tell()
+                if start + int(np.prod(shape)) * dtype.itemsize != m.offset_data + m.size:
+                    raise ShardError(f"{path}: class sample {key}'s array does not fill its member")
+                out.append((key, start, tuple(shape), dtype, fortran))
+    except (tarfile.TarError, ValueError, OSError) as e:
+        raise ShardError(f"shard unreadable: {path} ({str(e).splitlines()[0][:200]})") from None
+    return out
+
+
+def map_pool(path: Path, buffer, first: int, class_images: list[int], shape: tuple) -> list:
+    """The classes of one pool shard, starting at class `first`, as read-only arrays over
+    `buffer` (the file's memory map), each checked against the manifest as decode_pool does."""
+    out = []
+    for i, (key, start, got, dtype, fortran) in enumerate(pool_members(path)):
+        k = first + i
+        want = (class_images[k], *shape) if k < len(class_images) else None
+        if dtype != np.uint8 or got != want or key != f"{k:06d}" or fortran:
+            raise ShardError(
+                f"{path}: class sample {key} is {dtype} {got}, the manifest says uint8 {want}"
+            )
+        out.append(np.ndarray(got, np.uint8, buffer=buffer, offset=start))
     return out

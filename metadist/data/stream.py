@@ -10,7 +10,11 @@ DataLoader workers take steps round-robin; task augmentation is drawn per (seed,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from metadist.data.episodes import labels, rotate_tasks, task_rotations, to_float
-from metadist.data.format import check_format, decode_pool, decode_records
-from metadist.data.store import ShardError, Store, locate, read_manifest
+from metadist.data.format import check_format, decode_pool, decode_records, map_pool
+from metadist.data.store import Access, MappedFile, ShardError, Store, locate, read_manifest
 
 
 class Episodes:
@@ -56,13 +60,50 @@ class Episodes:
         return self.source.ways, self.source.shots, self.source.queries
 
 
+class MappedPool:
+    """A split's images, (images, C, H, W) uint8, class after class, read in place from its pool
+    shards through read-only memory maps (metadist.data.store.MappedFile): no private copy, no
+    decode, and every process of a node shares the page cache's one copy. Indexing it with an
+    array of image indices gathers those images into a fresh array, as an in-memory pool's fancy
+    indexing does."""
+
+    def __init__(self, files: list, classes: list[np.ndarray], shape: tuple):
+        self.files, self.classes = files, classes  # MappedFile, (n_c, C, H, W) views
+        self.offsets = np.concatenate([[0], np.cumsum([len(c) for c in classes])]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), *shape)
+        self.dtype = np.dtype(np.uint8)
+        self.nbytes = int(np.prod(self.shape))
+        self.unleased = [f for f in files if not f.leased]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        for f in self.unleased:  # no lease to hold a writer back: a page may vanish under a copy
+            if why := f.changed():
+                raise ShardError(why)
+        index = np.asarray(index)
+        flat = index.reshape(-1)
+        cls = np.searchsorted(self.offsets, flat, side="right") - 1
+        within = flat - self.offsets[cls]
+        out = np.empty((len(flat), *self.shape[1:]), np.uint8)
+        for j, (c, i) in enumerate(zip(cls.tolist(), within.tolist())):
+            out[j] = self.classes[c][i]
+        return out.reshape(*index.shape, *self.shape[1:])
+
+    def array(self) -> np.ndarray:
+        """All images in one private array (the device-resident reader copies it to the device)."""
+        return np.concatenate(self.classes) if self.classes else np.zeros(self.shape, np.uint8)
+
+
 class EpisodeSource:
     """Random access to a split's episodes by global position, shard by shard (one cached), over
-    its pool of images (read and checked once, on first use). `EpisodeSource(root, "train")` for
-    a shards root (folder or URL prefix), or `EpisodeSource(folder)` for a local split folder."""
+    its pool of images (checked and mapped, or read, on first use). `EpisodeSource(root, "train")`
+    for a shards root (folder or URL prefix), or `EpisodeSource(folder)` for a local split folder;
+    `access` (metadist.data.store.Access) says how its files are reached."""
 
     def __init__(
-        self, root: str | Path, split: str | None = None, seed: int = 0, cache_dir: str = ""
+        self, root: str | Path, split: str | None = None, seed: int = 0, access: Access = Access()
     ):
         if split is None:
             root, split = Path(root).parent, Path(root).name
@@ -70,9 +111,9 @@ class EpisodeSource:
         self.dir = locate(root, split)
         self.manifest = read_manifest(root, split)
         check_format(self.manifest, self.dir)
-        self.store = Store(root, cache_dir)
+        self.store = Store(root, access)
         self.store.check_sizes(split, self.manifest)
-        self.seed = seed
+        self.seed, self.access = seed, access
         self.shards = self.manifest["shards"]
         self.counts = np.array([s["episodes"] for s in self.shards])
         self.size = int(self.counts.sum())
@@ -83,31 +124,66 @@ class EpisodeSource:
         self.image_shape = tuple(self.manifest["image_shape"])
         self.class_images = self.manifest["class_images"]
         self.offsets = np.concatenate([[0], np.cumsum(self.class_images)]).astype(np.int64)
-        self._pool: np.ndarray | None = None
+        self._pool: np.ndarray | MappedPool | None = None
         self._cache: tuple[int, np.ndarray] | None = None
 
     @property
-    def pool(self) -> np.ndarray:
-        """Every image of the split, (images, C, H, W) uint8, class after class."""
+    def pool(self) -> np.ndarray | MappedPool:
+        """Every image of the split, (images, C, H, W) uint8, class after class: mapped in place
+        (data.pool=mmap, the files local or in this node's cache), else a private copy."""
         if self._pool is None:
-            parts, first = [], 0
-            for entry in self.manifest["pool"]:
-                data = self.store.read(self.split, entry)
-                parts += decode_pool(
-                    self.store.url(self.split, entry["name"]),
-                    data,
-                    first,
-                    self.class_images,
-                    self.image_shape,
-                )
-                first += entry["classes"]
-            if first != len(self.class_images):
-                raise ShardError(
-                    f"{self.dir}: the pool holds {first} classes, the manifest lists "
-                    f"{len(self.class_images)}"
-                )
-            self._pool = np.concatenate(parts)
+            t, entries = time.perf_counter(), self.manifest["pool"]
+            places = (
+                [self.store.local_path(self.split, e) for e in entries]
+                if self.access.pool == "mmap"
+                else []
+            )
+            if places and all(path is not None for path, _ in places):
+                self._pool = self._mapped([path for path, _ in places])
+                hashed = sum(n for _, n in places)
+                if hashed:
+                    s = time.perf_counter() - t
+                    self.store.say(
+                        f"{self.dir}: checked {hashed / 1e6:.1f} MB of pool shards in {s:.1f} s "
+                        f"({hashed / 1e6 / max(s, 1e-9):.0f} MB/s); later starts on this node skip "
+                        "it"
+                    )
+            else:
+                self._pool = self._in_memory()
         return self._pool
+
+    def _mapped(self, paths: list[Path]) -> MappedPool:
+        files, classes, first = [], [], 0
+        for path, entry in zip(paths, self.manifest["pool"]):
+            f = MappedFile(path)
+            files.append(f)
+            classes += map_pool(path, f.buffer, first, self.class_images, self.image_shape)
+            first += entry["classes"]
+        self._check_classes(first)
+        return MappedPool(files, classes, self.image_shape)
+
+    def _in_memory(self) -> np.ndarray:
+        if self.store.remote and self.access.pool == "mmap":
+            self.store.say(
+                f"{self.dir}: data.cache_dir is unset, so this process reads its own copy of the "
+                f"pool ({self.manifest.get('pool_bytes', 0) / 1e6:.0f} MB) into memory; set "
+                "data.cache_dir to fetch it once per node and share it"
+            )
+        parts, first = [], 0
+        for entry in self.manifest["pool"]:
+            data = self.store.read(self.split, entry)
+            url = self.store.url(self.split, entry["name"])
+            parts += decode_pool(url, data, first, self.class_images, self.image_shape)
+            first += entry["classes"]
+        self._check_classes(first)
+        return np.concatenate(parts)
+
+    def _check_classes(self, found: int) -> None:
+        if found != len(self.class_images):
+            raise ShardError(
+                f"{self.dir}: the pool holds {found} classes, the manifest lists "
+                f"{len(self.class_images)}"
+            )
 
     def shard(self, j: int) -> np.ndarray:
         """The records of episode shard j: (episodes, n, 3) int32."""
@@ -264,7 +340,10 @@ class ResidentBatches(MetaBatches):
         super().__init__(source, spec)
         index, turns = source.table()
         self.starts = np.concatenate([[0], np.cumsum(source.counts)])
-        self.pool = torch.from_numpy(source.pool).to(spec.device)
+        pool = source.pool
+        self.pool = torch.from_numpy(pool.array() if isinstance(pool, MappedPool) else pool).to(
+            spec.device
+        )
         self.index = torch.from_numpy(index).to(spec.device)
         self.turns = torch.from_numpy(turns.astype(np.int64)).to(spec.device)[..., None, None, None]
 
@@ -345,3 +424,80 @@ def meta_batches(source: EpisodeSource | str | Path, spec: StreamSpec):
     if spec.device is not None:  # the whole split resident on the device (no workers needed)
         return iter(ResidentBatches(source, spec))
     return loader(MetaBatches(source, spec), spec.num_workers)
+
+
+def fits_device(nbytes: int, device, mode: str, fraction: float, free: int | None = None) -> bool:
+    """data.device_cache: `on` | `off` | `auto`: on a CUDA device whose free memory (or `free`)
+    times `fraction` (data.device_cache_fraction) holds the split's `nbytes` (pool and records)."""
+    if mode != "auto":
+        return mode == "on"
+    if getattr(device, "type", device) != "cuda":
+        return False
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0]
+    return nbytes <= fraction * free
+
+
+_END = object()
+
+
+class Prefetch:
+    """Batches moved to `device` ahead of their use, for a split too big to keep on the device: a
+    thread gathers each batch on the host, pins it and copies it without blocking on a side CUDA
+    stream, `depth` batches ahead, while the steps run; a step's stream waits for its own batch
+    only. On a CPU the move is the identity, so the ordering, the depth and the errors (a failing
+    gather is raised in the consumer) are what a CPU test checks."""
+
+    def __init__(self, batches, device, depth: int = 2):
+        self.batches, self.device, self.depth = batches, torch.device(device), depth
+        self.cuda = self.device.type == "cuda"
+
+    def _move(self, batch: dict, stream) -> tuple:
+        if not self.cuda:
+            return batch, None, None
+        with torch.cuda.stream(stream):
+            host = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+            moved = {
+                k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in host.items()
+            }
+            done = torch.cuda.Event()
+            done.record(stream)
+        return moved, done, host  # the pinned host copy lives until the copy is done
+
+    def _ready(self, item: tuple) -> dict:
+        batch, done, _ = item
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            for v in batch.values():
+                if torch.is_tensor(v):
+                    v.record_stream(current)
+        return batch
+
+    def __iter__(self):
+        q, stop = queue.Queue(maxsize=self.depth), threading.Event()
+
+        def work():
+            try:
+                stream = torch.cuda.Stream(self.device) if self.cuda else None
+                for b in self.batches:
+                    if stop.is_set():
+                        return
+                    q.put(self._move(b, stream))
+                q.put(_END)
+            except BaseException as e:  # raised again in the consumer
+                q.put(e)
+
+        worker = threading.Thread(target=work, name="metadist-prefetch", daemon=True)
+        worker.start()
+        try:
+            while (item := q.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._ready(item)
+        finally:
+            stop.set()
+            while worker.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    q.get(timeout=0.05)
