@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce bench-storage bench-backbones soak plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce bench-storage bench-pool bench-backbones soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -55,6 +55,9 @@ bench-reduce:          ## train.reduce=exact against fast: step time, memory, th
 
 bench-storage:         ## 84x84 RGB episodes: bytes and decode speed of raw, PNG, source JPEG and the pool format
 	$(PY) bench/storage.py
+
+bench-pool:            ## one pool per node: PSS of 1/2/4 ranks, private memory for 0.5-4 GB pools, a pool bigger than a memory limit
+	$(PY) bench/pool_memory.py
 
 bench-backbones:       ## Conv4 and ResNet-12 at 84x84 RGB: memory per task, tasks/s, the per-80-GB-GPU projection
 	$(PY) bench/backbones.py

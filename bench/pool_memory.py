@@ -37,39 +37,57 @@ IMAGE = (3, 84, 84)
 PER_CLASS = 600
 
 
-def make_pool(folder: Path, gigabytes: float, episodes: int = 64) -> Path:
-    """A train split of about `gigabytes` of pool, written by metadist's own writer; the shards
-    root (reused when already there)."""
+def pool_overrides(root: Path, gigabytes: float, episodes: int = 2000) -> list[str]:
+    """The data.* settings of the synthetic dataset make_pool writes at `root` (what `metadist
+    train` needs to use its shards as they are)."""
+    return [
+        "data.source=folder",
+        "data.name=synthetic-pool",
+        f"data.shards={root}",
+        "data.image_size=84",
+        "data.channels=3",
+        "data.queries=15",
+        f"data.train_episodes={episodes}",
+        "data.val_episodes=32",
+        "data.test_episodes=32",
+        f"data.episodes_per_shard={min(episodes, 1000)}",
+    ]
+
+
+def make_pool(folder: Path, gigabytes: float, episodes: int = 2000) -> Path:
+    """A synthetic dataset whose train pool is about `gigabytes`, with small val and test splits,
+    written by metadist's own writer with the manifests a `metadist train` with
+    pool_overrides() expects (reused when already there); returns the shards root."""
+    from metadist import config
     from metadist.data.format import write_split
+    from metadist.data.prepare import requested
     from metadist.data.sources import ClassSet
 
     root = Path(folder) / f"pool-{gigabytes:g}gb"
-    if (root / "train" / "manifest.json").is_file():
+    if all((root / s / "manifest.json").is_file() for s in ("train", "val", "test")):
         return root
     per_class = PER_CLASS * int(np.prod(IMAGE))
-    classes = max(5, round(gigabytes * 1e9 / per_class))
-    pattern = (
-        (np.arange(per_class, dtype=np.uint32) % 251).astype(np.uint8).reshape(PER_CLASS, *IMAGE)
-    )
+    n_train = max(5, round(gigabytes * 1e9 / per_class))
+    pattern = (np.arange(per_class, dtype=np.uint32) % 251).astype(np.uint8)
+    pattern = pattern.reshape(PER_CLASS, *IMAGE)
+    classes = n_train + 10
     images = [np.roll(pattern, c) for c in range(classes)]  # distinct content per class, cheap
+    splits = {
+        "train": list(range(n_train)),
+        "val": list(range(n_train, n_train + 5)),
+        "test": list(range(n_train + 5, classes)),
+    }
     cs = ClassSet(
         [f"c{c:05d}" for c in range(classes)],
         images,
-        {"train": list(range(classes))},
-        {"train": (0,)},
+        splits,
+        dict.fromkeys(splits, (0,)),
+        {"source": "synthetic"},
     )
-    spec = {
-        "format": 2,
-        "split": "train",
-        "ways": 5,
-        "shots": 1,
-        "queries": 15,
-        "episodes": episodes,
-        "episodes_per_shard": episodes,
-        "seed": 0,
-        "image_shape": list(IMAGE),
-    }
-    write_split(root, "train", cs, spec, log=lambda *a: None)
+    d = config.load(None, pool_overrides(root, gigabytes, episodes)).data
+    for split in ("train", "val", "test"):
+        spec = dict(requested(d, split), content_sha256=cs.digest(split))
+        write_split(root, split, cs, spec, log=lambda *a: None)
     return root
 
 

@@ -32,6 +32,9 @@ def test_same_seed_same_bytes_and_rerun_skips(omniglot_zips, tmp_path):
     prepare(cfg_a.data, log=said.append)
     assert shard_files(shards_dir(cfg_a.data)) == mtimes
     assert sum("skipped" in s for s in said) == 3
+    # what a node needs for these shards: the disk, and the page cache for the train pool
+    train_pool = read_manifest(shards_dir(cfg_a.data), "train")["pool_bytes"]
+    assert f"{train_pool / 1e9:.2f} GB of free memory to keep the train pool" in said[-1]
     # another data seed gives other episodes: prepare leaves the folder as it is, unless told to
     # replace it
     cfg_c = config.load(None, small_overrides(omniglot_zips, tmp_path / "a", **{"data.seed": 1}))

@@ -261,10 +261,30 @@ def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) ->
                     f"so prepare leaves it: {_how_to_separate(d)}, or pass --overwrite if none does"
                 )
         classes = load_classes(d, log)
+        manifests = {}
         for name in splits:
             spec = dict(requested(d, name), content_sha256=classes.digest(name))
-            write_split(out, name, classes, spec, log=log, info={"source_info": classes.source})
+            manifests[name] = write_split(
+                out, name, classes, spec, log=log, info={"source_info": classes.source}
+            )
+    log(node_needs(out, manifests))
     return out
+
+
+def node_needs(out: Path, manifests: dict) -> str:
+    """What a training node needs for these shards: the disk they take, and the page cache that
+    keeps the train pool in memory (its ranks share that one copy; less, and pages come from
+    the disk as they are read)."""
+    pools = {s: m.get("pool_bytes", 0) for s, m in manifests.items()}
+    total = sum(m.get("bytes", 0) for m in manifests.values())
+    each = ", ".join(f"{s} {b / 1e9:.2f} GB" for s, b in pools.items())
+    train = pools.get("train", 0)
+    return (
+        f"{out}: pools {each}; {total / 1e9:.2f} GB of shards in all. A training node needs "
+        f"{total / 1e9:.2f} GB of disk for them (or of data.cache_dir, for shards at a URL) and "
+        f"{train / 1e9:.2f} GB of free memory to keep the train pool in the page cache, one copy "
+        "for all its ranks; with less, pages are read from the disk as episodes need them"
+    )
 
 
 def load_classes(d: DataConfig, log=print):
