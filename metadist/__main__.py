@@ -105,36 +105,64 @@ def _model(args):
 
 
 def cmd_evaluate(args):
-    from metadist.algorithms import eval_inner, get
+    from metadist.algorithms import eval_inner
     from metadist.data.prepare import shards_dir
     from metadist.data.store import Access
-    from metadist.data.stream import EpisodeSource
-    from metadist.evaluate import evaluate
+    from metadist.data.stream import source_names
+    from metadist.evaluate import evaluate, format_table, source_table
 
     model, cfg, device = _model(args)
-    split = EpisodeSource(
-        args.shards or shards_dir(cfg.data), args.split, access=Access.of(cfg.data)
-    )
-    m = split.manifest
+    access = Access.of(cfg.data)
+    explicit = args.shards or any(o.startswith("data.shards=") for o in args.overrides)
+    if cfg.data.sources and not explicit:  # the run's sources, Meta-Dataset's table
+        limit = cfg.eval.episodes_per_source
+        splits = {
+            name: _eval_split(root, args.split, cfg, access)
+            for name, root in zip(source_names(cfg.data.sources), cfg.data.sources)
+        }
+    else:  # one shards folder: the run's own, or another (cross-domain)
+        limit = cfg.eval.test_episodes
+        root = args.shards or shards_dir(cfg.data)
+        splits = {str(root): _eval_split(root, args.split, cfg, access)}
+    first = next(iter(splits.values()))
+    inner = eval_inner(cfg.algo, model, first.ways, cfg.eval.inner_steps)
+    episodes = {n: s.all(limit if args.split == "test" else 0) for n, s in splits.items()}
+    kw = (inner, cfg.eval.tasks_per_batch, device)
+    if cfg.data.sources and not explicit:
+        table = source_table(model, episodes, *kw)
+        print(format_table(table, f"{args.split} source"), file=sys.stderr)
+        result = dict(table, inner_steps=cfg.eval.inner_steps, split=args.split)
+    else:
+        result = dict(
+            evaluate(model, episodes[str(root)], *kw),
+            inner_steps=cfg.eval.inner_steps,
+            split=str(first.dir),
+        )
+    print(json.dumps(result))
+
+
+def _eval_split(root, split: str, cfg, access):
+    """A split of shards the run's model can be evaluated on: its image shape, and the ways of a
+    learned head."""
+    from metadist.algorithms import get
+    from metadist.data.stream import EpisodeSource
+
+    src = EpisodeSource(root, split, access=access)
+    m = src.manifest
     want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
     if m["image_shape"] != want:
         raise config_mod.ConfigError(
-            f"{split.dir}: images of shape {m['image_shape']}, the model takes {want} "
-            "(evaluate it on shards of its own dataset)"
+            f"{src.dir}: images of shape {m['image_shape']}, the model takes {want} "
+            "(prepare these shards at the model's data.image_size and data.channels)"
         )
-    if m["ways"] != cfg.data.ways and get(cfg.algo).head_init(cfg.algo) == "learned":
+    if get(cfg.algo).head_init(cfg.algo) == "learned" and (
+        src.variable or m["ways"] != cfg.data.ways
+    ):
+        ways = "variable" if src.variable else f"{m['ways']}-way"
         raise config_mod.ConfigError(
-            f"{split.dir}: {m['ways']}-way episodes, the model's learned head has "
-            f"{cfg.data.ways} ways"
+            f"{src.dir}: {ways} episodes, the model's learned head has {cfg.data.ways} ways"
         )
-    episodes = split.all(cfg.eval.test_episodes if args.split == "test" else 0)
-    inner = eval_inner(cfg.algo, model, m["ways"], cfg.eval.inner_steps)
-    result = dict(
-        evaluate(model, episodes, inner, cfg.eval.tasks_per_batch, device),
-        inner_steps=cfg.eval.inner_steps,
-        split=str(split.dir),
-    )
-    print(json.dumps(result))
+    return src
 
 
 def cmd_predict(args):
@@ -163,7 +191,13 @@ def _split_source(args):
     from metadist.data.stream import EpisodeSource
 
     cfg = _cfg(args)
-    return cfg, EpisodeSource(ensure(cfg.data), args.split, access=Access.of(cfg.data))
+    src = EpisodeSource(ensure(cfg.data), args.split, access=Access.of(cfg.data))
+    if src.variable:
+        raise config_mod.ConfigError(
+            f"{src.dir}: variable episodes (data.episode=variable); `{args.command}` writes fixed "
+            "ones (ways x shots): point it at shards of fixed episodes"
+        )
+    return cfg, src
 
 
 def cmd_export_tasks(args):

@@ -50,6 +50,23 @@ class FolderConfig:
 
 
 @dataclass
+class VariableConfig:
+    """data.episode=variable: Meta-Dataset's episode sampler (Triantafillou et al. 2020), every
+    constant a setting with the paper's default (metadist/data/episodes.py says the rules)."""
+
+    min_ways: int = 5
+    max_ways: int = 50  # ways uniform in [min_ways, min(max_ways, classes)]
+    max_query: int = 10  # queries per class: min(max_query, half the smallest chosen class)
+    max_support: int = 500  # support images in all, at most
+    max_support_per_class: int = 100  # a class's contribution to the support size, at most
+    min_log_weight: float = -0.6931471805599453  # log(1/2): a class's share of the support is
+    max_log_weight: float = 0.6931471805599453  # its size times exp(U(min, max)) (log 2)
+    # one episode's classes from one group: "" (none) | parent (the folder above the class:
+    # Omniglot's alphabets) | a file of `class,group` lines
+    groups: str = ""
+
+
+@dataclass
 class DataConfig:
     # omniglot | folder (your own class folders and split files: data.folder.*)
     source: str = "omniglot"
@@ -67,7 +84,8 @@ class DataConfig:
     cache_dir: str = ""
     # the episodes' seed (class split, every train/val/test episode); the run's `seed` is not
     seed: int = 0
-    # omniglot: alphabets (the exercise's) | characters (the MAML paper's)
+    # omniglot: alphabets (the exercise's) | characters (the MAML paper's) | metadataset
+    # (Meta-Dataset's split by alphabet)
     protocol: str = "alphabets"
     image_size: int = 28  # images are image_size x image_size after preprocessing
     channels: int = 1  # 1 (grey) | 3 (RGB)
@@ -90,7 +108,13 @@ class DataConfig:
     # decodes its own copy (the earlier behaviour; the same batches)
     pool: str = "mmap"
     lock_timeout_s: float = 600.0  # a rank waits this long for another's check or download
+    episode: str = "fixed"  # fixed (data.ways, shots, queries) | variable (data.variable.*)
+    # many sources in one run: shard folders or URLs, each prepared on its own (then data.shards
+    # is not used for training); each episode's source drawn by source_weights (uniform if empty)
+    sources: list[str] = field(default_factory=list)
+    source_weights: list[float] = field(default_factory=list)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    variable: VariableConfig = field(default_factory=VariableConfig)
 
 
 @dataclass
@@ -170,6 +194,7 @@ class EvalConfig:
     val_inner_steps: int = 3
     tasks_per_batch: int = 64  # episodes adapted together at evaluation
     test_episodes: int = 0  # 0 = the whole test split; else its first N episodes
+    episodes_per_source: int = 600  # with data.sources: test episodes per source (Meta-Dataset's)
 
 
 @dataclass
@@ -198,12 +223,13 @@ class Config:
 
 CHOICES = {
     "data.source": ("omniglot", "folder"),
-    "data.protocol": ("alphabets", "characters"),
+    "data.protocol": ("alphabets", "characters", "metadataset"),
     "data.folder.split": ("fractions", "lists", "csv", "folders"),
     "data.folder.resize": ("stretch", "crop"),
     "data.folder.small_classes": ("error", "skip"),
     "data.device_cache": ("auto", "on", "off"),
     "data.pool": ("mmap", "memory"),
+    "data.episode": ("fixed", "variable"),
     "algo.strategy": ("auto", "batched", "loop"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
     "train.schedule": ("constant", "cosine"),
@@ -235,7 +261,15 @@ def _fields(obj) -> dict[str, dataclasses.Field]:
 
 
 def _parse(key: str, value, typ):
-    """Convert `value` (from YAML or a command-line string) to the field type `typ`."""
+    """Convert `value` (from YAML or a command-line string) to the field type `typ`; a list field
+    takes a YAML list or comma-separated values."""
+    if typing.get_origin(typ) is list:
+        elem = typing.get_args(typ)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {elem.__name__}, got {value!r}")
+        return [_parse(key, v, elem) for v in value]
     if isinstance(value, str) and typ is not str:
         if typ is bool:
             low = value.strip().lower()
@@ -378,7 +412,12 @@ def _check_data(cfg: Config, need) -> None:
             "data.queries",
             "shots + queries must be at most 20 (drawings per character)",
         )
-        need(d.channels == 1, "data.channels", "Omniglot is grey: 1")
+        need(
+            d.channels == 1 or d.episode == "variable",
+            "data.channels",
+            "Omniglot is grey: 1 (3, grey as RGB, with data.episode=variable to mix with colour "
+            "sources)",
+        )
     need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
     need(d.image_size >= 4, "data.image_size", "must be at least 4 pixels")
     need(d.folder.class_depth >= 1, "data.folder.class_depth", "must be at least 1")
@@ -394,6 +433,35 @@ def _check_data(cfg: Config, need) -> None:
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(0 < d.device_cache_fraction <= 1, "data.device_cache_fraction", "is a fraction in (0, 1]")
     need(d.lock_timeout_s > 0, "data.lock_timeout_s", "must be positive (seconds)")
+    if d.episode == "variable":
+        _check_variable(d.variable, need)
+    need(
+        not d.source_weights or len(d.source_weights) == len(d.sources),
+        "data.source_weights",
+        f"gives {len(d.source_weights)} weight(s) for {len(d.sources)} data.sources: one each",
+    )
+    need(all(w > 0 for w in d.source_weights), "data.source_weights", "must all be positive")
+
+
+def _check_variable(v: VariableConfig, need) -> None:
+    need(v.min_ways >= 2, "data.variable.min_ways", "must be at least 2")
+    need(
+        v.max_ways >= v.min_ways,
+        "data.variable.max_ways",
+        "must be at least data.variable.min_ways",
+    )
+    need(v.max_query >= 1, "data.variable.max_query", "must be at least 1")
+    need(
+        v.max_support >= v.max_ways,
+        "data.variable.max_support",
+        "must be at least data.variable.max_ways (one support image a class)",
+    )
+    need(v.max_support_per_class >= 1, "data.variable.max_support_per_class", "must be at least 1")
+    need(
+        v.min_log_weight <= v.max_log_weight,
+        "data.variable.min_log_weight",
+        "must not exceed data.variable.max_log_weight",
+    )
 
 
 def _check_model_algo(cfg: Config, need) -> None:
@@ -447,6 +515,7 @@ def _check_eval(cfg: Config, need) -> None:
     need(e.val_inner_steps >= 0, "eval.val_inner_steps", "must be >= 0")
     need(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be positive")
     need(e.test_episodes >= 0, "eval.test_episodes", "must be >= 0 (0 = all)")
+    need(e.episodes_per_source >= 1, "eval.episodes_per_source", "must be positive")
 
 
 def shares(meta_batch_size: int, world_size: int) -> int:

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metadist.algorithms.core import Inner, adapt_and_predict
+from metadist.algorithms.core import Inner, adapt_and_predict, per_task_accuracy
 from metadist.data.episodes import to_float
 from metadist.data.sources import DataError, decode, preprocess
-from metadist.data.stream import to_batch
 from metadist.errors import MetadistError
 from metadist.models import Backbone
 
@@ -39,24 +38,18 @@ def episode_accuracies(
     strategy: str = "batched",
     dist=None,
 ) -> torch.Tensor:
-    """Accuracy of each episode of `episodes` (a split's Episodes: uint8 (E, n, C, H, W) gathered on
-    demand, with its (ways, shots, queries)), adapting with `inner`.
+    """Accuracy of each episode of `episodes` (a split's Episodes, fixed or variable, gathered on
+    demand a batch at a time: Episodes.batch), adapting with `inner`.
     The episodes are cut into fixed batches of `batch` by their index, whatever the world size, and
     rank r of `dist` adapts batches r, r+W, ...: every episode is computed in the same batch at any
     world size, so the accuracies are too; the batches are then gathered in order."""
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
-    ways, shots, queries = episodes.episode
     params = dict(model.named_parameters())
     rows = []
     for s in range(rank * batch, len(episodes), world * batch):
-        b = {
-            k: v.to(device)
-            for k, v in to_batch(episodes[s : s + batch], ways, shots, queries).items()
-        }
-        logits = adapt_and_predict(
-            model, params, b["x_support"], b["y_support"], b["x_query"], inner, strategy
-        )
-        acc = (logits.argmax(-1) == b["y_query"]).float().mean(1)
+        b = {k: v.to(device) for k, v in episodes.batch(s, s + batch).items()}
+        logits = adapt_and_predict(model, params, b, inner, strategy)
+        acc = per_task_accuracy(logits, b["y_query"], b.get("ways"))
         rows.append(torch.cat([acc, acc.new_zeros(batch - len(acc))]))
     mine = torch.stack(rows) if rows else torch.zeros(0, batch, device=device)
     batches = dist.gather_rows(mine, -(-len(episodes) // batch)) if dist else mine
@@ -78,6 +71,32 @@ def evaluate(
     accs = episode_accuracies(model, episodes, inner, batch, device, strategy, dist)
     mean, ci = ci95(accs.cpu().numpy())
     return {"accuracy": mean, "ci95": ci, "episodes": len(episodes)}
+
+
+def source_table(model: Backbone, splits: dict, inner: Inner, batch: int, device, **kw) -> dict:
+    """Meta-Dataset's table: each source's accuracy +- 95% CI on its episodes (`splits`: name ->
+    Episodes), and their mean with the CI of a mean of independent estimates
+    (sqrt(sum ci^2) / sources). kw: evaluate's strategy and dist."""
+    rows = {name: evaluate(model, eps, inner, batch, device, **kw) for name, eps in splits.items()}
+    cis = np.array([r["ci95"] for r in rows.values()])
+    return {
+        "sources": rows,
+        "accuracy": float(np.mean([r["accuracy"] for r in rows.values()])),
+        "ci95": float(np.sqrt((cis**2).sum()) / len(cis)),
+        "episodes": sum(r["episodes"] for r in rows.values()),
+    }
+
+
+def format_table(table: dict, title: str = "source") -> str:
+    """source_table's rows, one a line: accuracy in percent +- the 95% CI, the episode count."""
+    width = max(len(title), *(len(n) for n in table["sources"]), len("mean"))
+    lines = [f"{title:<{width}}  accuracy (%)     episodes"]
+    for name, r in [*table["sources"].items(), ("mean", table)]:
+        lines.append(
+            f"{name:<{width}}  {100 * r['accuracy']:6.2f} +- {100 * r['ci95']:5.2f}  "
+            f"{r['episodes']:8d}"
+        )
+    return "\n".join(lines)
 
 
 _NUM = re.compile(r"^\d+$")
@@ -157,7 +176,8 @@ def predict(
             xs = to_float(torch.stack([sx for _, sx, _ in part])).to(device)
             xq = to_float(torch.stack([qx for _, _, qx in part])).to(device)
             ys = torch.arange(ways, device=device).expand(len(part), -1)
-            for row in adapt_and_predict(model, params, xs, ys, xq, inner).argmax(-1).cpu():
+            b = {"x_support": xs, "y_support": ys, "x_query": xq}
+            for row in adapt_and_predict(model, params, b, inner).argmax(-1).cpu():
                 for c in row.tolist():
                     rows.append((n, c))
                     n += 1

@@ -119,11 +119,14 @@ class StepSettings:
             seed=cfg.seed,
             debug=t.debug,
             bf16=t.mixed_precision == "bf16" and device.type == "cuda",
-            # DropBlock draws its masks on the host each step: no captured graph then
+            # DropBlock draws its masks on the host each step, and variable episodes (or many
+            # sources) change shape every step: no captured graph then
             graph=device.type == "cuda"
             and not t.debug
             and t.cuda_graph != "off"
-            and not cfg.model.dropblock,
+            and not cfg.model.dropblock
+            and cfg.data.episode == "fixed"
+            and not cfg.data.sources,
         )
 
 
@@ -348,36 +351,36 @@ class MetaStep:
         self.schedule.step()
         return out[0], out[1], grad_norm, agreed
 
-    def chunk_runner(self, episode: tuple[int, int, int], image_shape: tuple, tasks: int = 4):
-        """run(strategy) -> tasks: one meta-backward of up to `tasks` random tasks of this run's
-        shape (episode: ways, shots, queries), for the strategy measurement; the weights and their
-        gradients are left as they were."""
-        ways, shots, queries = episode
-        g = torch.Generator().manual_seed(0)
-        n = min(tasks, self.s.chunk)
-        batch = {
-            "x_support": torch.rand(n, ways * shots, *image_shape, generator=g),
-            "y_support": torch.arange(ways).repeat_interleave(shots).expand(n, -1),
-            "x_query": torch.rand(n, ways * queries, *image_shape, generator=g),
-            "y_query": torch.arange(ways).repeat_interleave(queries).expand(n, -1),
-        }
+    def chunk_runner(self, batch: dict):
+        """run(strategy) -> tasks: one meta-backward of `batch` (a chunk of this run's shape: see
+        sample_chunk), for the strategy measurement; the weights and their gradients are left as
+        they were."""
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+        n = batch["x_support"].shape[0]
         algo = self.algorithms[False]
 
         def run(strategy: str) -> int:
+            cut = Chunking(0, 1.0 / n)
             meta_backward(
-                algo.task_losses,
-                self.model,
-                self.params,
-                batch,
-                strategy,
-                Chunking(0, 1.0 / n),
-                algo.second_order,
+                algo.task_losses, self.model, self.params, batch, strategy, cut, algo.second_order
             )
             self.model.zero_grad(set_to_none=True)
             return n
 
         return run
+
+
+def sample_chunk(episode: tuple[int, int, int], image_shape: tuple, tasks: int) -> dict:
+    """`tasks` random fixed episodes (ways, shots, queries) of `image_shape`: what a chunk of the
+    run computes on, for the strategy measurement."""
+    ways, shots, queries = episode
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x_support": torch.rand(tasks, ways * shots, *image_shape, generator=g),
+        "y_support": torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
+        "x_query": torch.rand(tasks, ways * queries, *image_shape, generator=g),
+        "y_query": torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
+    }
 
 
 def from_config(cfg, model: torch.nn.Module, dist, local_tasks: int, say=print) -> MetaStep:

@@ -40,15 +40,23 @@ from metadist.checkpoint import (
 from metadist.config import Config, ConfigError
 from metadist.data.prepare import ensure, shards_dir
 from metadist.data.store import Access, ShardError, mapped_fault, read_manifest
-from metadist.data.stream import EpisodeSource, Prefetch, StreamSpec, fits_device
+from metadist.data.stream import (
+    EpisodeSource,
+    Prefetch,
+    StreamSpec,
+    fits_device,
+    open_sources,
+    pad_batch,
+    source_names,
+)
 from metadist.distributed import Dist
 from metadist.errors import Preempted
-from metadist.evaluate import evaluate
+from metadist.evaluate import evaluate, format_table, source_table
 from metadist.models import build_model
 from metadist.run_folder import RunFolder
 from metadist.schedule import BudgetFit
 from metadist.signals import StopSignals
-from metadist.step import TrainError
+from metadist.step import TrainError, sample_chunk
 from metadist.step import from_config as step_from_config
 from metadist.tracking import make_tracker
 
@@ -143,7 +151,10 @@ class Logger:
     """Loss and accuracy summed on the device between log steps; every `every` steps (and at the
     last) one record: metrics.jsonl (its file, opened by `open`), W&B and the progress display."""
 
-    def __init__(self, every: int, tasks: int, dist: Dist, tracker, progress: Progress, lr):
+    def __init__(
+        self, every: int, tasks: int, dist: Dist, tracker, progress: Progress, lr, names=()
+    ):
+        """names: the sources' names, when a run has many (per-source accuracy)."""
         self.every, self.tasks, self.dist, self.tracker, self.progress, self.lr = (
             every,
             tasks,
@@ -152,6 +163,7 @@ class Logger:
             progress,
             lr,
         )
+        self.names = list(names)
         self.file = None
         self._reset()
 
@@ -176,38 +188,49 @@ class Logger:
             self.file = None
 
     def _reset(self):
-        self.loss = self.acc = 0.0
+        self.loss = self.acc = self.per_source = 0.0
         self.n = self.steps = 0
         self.t0 = time.perf_counter()
 
-    def add(self, loss_sum, acc_sum, local_tasks: int):
+    def add(self, loss_sum, acc_sum, local_tasks: int, source=None):
+        """A step's sums (meta_backward's); `source`: the batch's one-hot sources (many sources:
+        acc_sum is then the total and each source's)."""
         self.loss, self.acc = self.loss + loss_sum, self.acc + acc_sum
         self.n, self.steps = self.n + local_tasks, self.steps + 1
+        if source is not None:
+            self.per_source = self.per_source + source.sum(0)
 
     def record(self, state: TrainState, last: bool, grad_norm) -> dict:
         if not (state.step % self.every == 0 or last):
             return {}
         dev = self.dist.device
+        acc = torch.as_tensor(self.acc, device=dev, dtype=torch.float32).reshape(-1)
         sums = self.dist.sum(
-            torch.stack(
+            torch.cat(
                 [
-                    torch.as_tensor(self.loss, device=dev, dtype=torch.float32),
-                    torch.as_tensor(self.acc, device=dev, dtype=torch.float32),
-                    torch.tensor(float(self.n), device=dev),
+                    torch.as_tensor(self.loss, device=dev, dtype=torch.float32).reshape(1),
+                    acc,
+                    torch.tensor([float(self.n)], device=dev),
+                    torch.as_tensor(self.per_source, device=dev, dtype=torch.float32).reshape(-1),
                 ]
             )
         ).tolist()
         if not math.isfinite(sums[0]):
             raise TrainError(f"step {state.step}: non-finite meta-loss")
+        n = sums[len(acc) + 1]
         rec = {
             "step": state.step,
-            "loss": sums[0] / sums[2],
-            "accuracy": sums[1] / sums[2],
+            "loss": sums[0] / n,
+            "accuracy": sums[1] / n,
             "tasks_per_s": self.steps * self.tasks / (time.perf_counter() - self.t0),
             "lr": self.lr(),
             "grad_norm": float(grad_norm),
             "elapsed_s": state.elapsed,
         }
+        if self.names:  # many sources: each one's training accuracy (of the tasks it gave)
+            per_acc, counts = sums[2 : len(acc) + 1], sums[len(acc) + 2 :]
+            for name, a, c in zip(self.names, per_acc, counts):
+                rec[f"accuracy/{name}"] = a / c if c else None
         if dev.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
         self._reset()
@@ -220,12 +243,15 @@ class Logger:
         if self.file:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
-        self.tracker.log({k: v for k, v in rec.items() if k != "step"}, rec["step"])
+        self.tracker.log(
+            {k: v for k, v in rec.items() if k != "step" and v is not None}, rec["step"]
+        )
 
 
 class Validator:
-    """Every `every` steps (and at the last): `measure()` (the accuracy on the fixed val
-    episodes); the best weights go to the main process's `save_best(step, accuracy)`."""
+    """Every `every` steps (and at the last): `measure()` ({"val_accuracy": the accuracy on the
+    fixed val episodes, and any per-source figures}); the best weights go to the main process's
+    `save_best(step, accuracy)`."""
 
     def __init__(self, every: int, measure, save_best, is_main: bool, progress: Progress):
         self.every, self.measure, self.save_best, self.is_main, self.progress = (
@@ -239,7 +265,8 @@ class Validator:
     def __call__(self, state: TrainState, last: bool, rec: dict) -> dict:
         if not (state.step % self.every == 0 or last):
             return rec
-        v = self.measure()
+        measured = self.measure()
+        v = measured["val_accuracy"]
         if v > state.best_val:
             state.best_val, state.best_step = v, state.step
             if self.is_main:
@@ -248,11 +275,12 @@ class Validator:
             f"step {state.step}: val accuracy {v:.4f} (best {state.best_val:.4f} at step "
             f"{state.best_step})"
         )
-        return dict(rec or {"step": state.step, "elapsed_s": state.elapsed}, val_accuracy=v)
+        return dict(rec or {"step": state.step, "elapsed_s": state.elapsed}, **measured)
 
 
 def train(cfg: Config, log=print) -> dict:
-    algorithms.check(cfg.algo)  # the names the tables define, before anything starts
+    # the names the tables define, and what the algorithm trains on, before anything starts
+    algorithms.check(cfg.algo, cfg.data.episode == "variable", bool(cfg.data.sources))
     models.check(cfg.model)
     dist = Dist(cfg.train.collective_timeout_s, cfg.train.threads)
     run = RunFolder(cfg.run, config_mod.to_yaml(cfg), dist.is_main)
@@ -292,11 +320,20 @@ class Trainer:
                 )
             torch.autograd.set_detect_anomaly(True)
             torch.use_deterministic_algorithms(True)
+        d = self.cfg.data
+        # the shards (many sources: data.sources, named for the tables)
+        self.roots = list(d.sources) or [shards_dir(d)]
+        self.root, self.names = self.roots[0], source_names(d.sources) if d.sources else []
         failed = None
         if self.dist.is_main:
             try:
+                if self.names:  # many sources, each prepared on its own: they mix, or nothing
+                    self._check_sources(open_sources(self.roots, "train"))
                 run.open()
-                ensure(self.cfg.data, log=self.say)
+                if self.names:
+                    self._record_sources()
+                else:
+                    ensure(self.cfg.data, log=self.say)
             except Exception as e:
                 failed = e
         if self.dist.broadcast_object(failed is not None):
@@ -313,17 +350,61 @@ class Trainer:
                 f"{e['max_restarts']}, "
                 f"{e['nodes']} node(s), {self.dist.world} process(es)"
             )
-        self.root = shards_dir(self.cfg.data)
-        self.access = Access.of(self.cfg.data, self.say)
-        self.train_manifest = read_manifest(self.root, "train")
+        self.access = Access.of(d, self.say)
+        self.train_splits = open_sources(self.roots, "train", self.cfg.seed, self.access)
+        self.train_split = self.train_splits[0]
+        self.train_manifest = self.train_split.manifest
         # the shape travels from the shards
         self.image_shape = tuple(self.train_manifest["image_shape"])
+
+    def _check_sources(self, splits: list) -> None:
+        """Many sources: their images have the shape the config says (its weights files carry
+        it), and their episodes suit the algorithm."""
+        d, first = self.cfg.data, splits[0]
+        want = (d.channels, d.image_size, d.image_size)
+        if first.image_shape != want:
+            raise ConfigError(
+                f"data.sources: images of shape {list(first.image_shape)}, data.channels and "
+                f"data.image_size say {list(want)}: set them to the sources'"
+            )
+        if first.variable and (
+            problem := algorithms.get(self.cfg.algo).variable_problem(self.cfg.algo)
+        ):
+            raise ConfigError(problem)
+
+    def _record_sources(self) -> None:
+        """sources.json in the run folder (main process): each source's root, weight and
+        manifests; a run launched again on sources whose shards changed is refused."""
+        d, record = self.cfg.data, {}
+        weights = d.source_weights or [1.0] * len(self.roots)
+        for name, root, w in zip(self.names, self.roots, weights):
+            splits = {s: read_manifest(root, s) for s in ("train", "val", "test")}
+            record[name] = {"root": str(root), "weight": w, "manifests": splits}
+        path = self.run_dir / "sources.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            for name, r in record.items():
+                if old.get(name, {}).get("manifests") != r["manifests"]:
+                    raise ConfigError(
+                        f"data.sources: {name} ({r['root']}) is not the shards this run started "
+                        f"on ({path} records them): put them back, or start another run.name"
+                    )
+        else:
+            path.write_text(json.dumps(record, indent=1) + "\n")
+        self.say(
+            f"{len(self.roots)} sources, each task's drawn by weight: "
+            + ", ".join(f"{n} {w / sum(weights):.2f}" for n, w in zip(self.names, weights))
+        )
 
     def _build_model(self) -> None:
         """The algorithm's class, the model its head needs (initialised from the run's seed, or
         from model.init)."""
         cfg = self.cfg
         self.algo_class = algorithms.get(cfg.algo)
+        if self.train_split.variable and (problem := self.algo_class.variable_problem(cfg.algo)):
+            raise ConfigError(problem)
+        if self.names and (problem := self.algo_class.sources_problem(cfg.algo)):
+            raise ConfigError(problem)
         self.dist.seed(cfg.seed)
         rows = self.algo_class.head_rows(
             cfg.algo, cfg.data.ways, len(self.train_manifest["classes"])
@@ -415,18 +496,24 @@ class Trainer:
                 "strategy": "batched" if a.strategy == "auto" else a.strategy,
                 "why": "debug mode (the first step cross-checks it against the loop)",
             }
-        runner = self.meta_step.chunk_runner((d.ways, d.shots, d.queries), self.image_shape)
+        n = min(4, self.settings.chunk)
+        if self.train_split.variable:  # the run's own first episodes, padded as a chunk is
+            chunk = pad_batch(self.train_split.records_at(range(n)), self.train_split.gather)
+        else:
+            chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, n)
+        runner = self.meta_step.chunk_runner(chunk)
         return strategy_mod.choose(a.strategy, self.device, self.chunk_shape(), runner, self.say)
 
     def chunk_shape(self) -> dict:
         """What decides a chunk's speed (the strategy and budget caches' key, with the machine)."""
         c, a, d = self.cfg, self.cfg.algo, self.cfg.data
+        episode = {"ways": d.ways, "shots": d.shots, "queries": d.queries}
+        if self.train_split.variable:
+            episode = {"episode": "variable", **c.to_dict()["data"]["variable"]}
         return {
             "model": c.to_dict()["model"],
             "image": list(self.image_shape),
-            "ways": d.ways,
-            "shots": d.shots,
-            "queries": d.queries,
+            **episode,
             "algo": a.name,
             "second_order": self.meta_step.second_order,
             "inner_steps": a.inner_steps,
@@ -441,9 +528,13 @@ class Trainer:
         """This rank's training batches from the resumed step (the algorithm says which), the train
         split resident on the device when data.device_cache says so."""
         cfg, t, d, dist = self.cfg, self.cfg.train, self.cfg.data, self.dist
-        train_split = EpisodeSource(self.root, "train", cfg.seed, self.access)
+        train_split = self.train_split
         nbytes = train_split.manifest["bytes"]
-        resident = fits_device(nbytes, self.device, d.device_cache, d.device_cache_fraction)
+        resident = (
+            not train_split.variable
+            and not self.names
+            and fits_device(nbytes, self.device, d.device_cache, d.device_cache_fraction)
+        )
         spec = StreamSpec(
             cfg.seed,
             t.meta_batch_size,
@@ -454,8 +545,9 @@ class Trainer:
             d.task_aug,
             d.num_workers,
             self.device if resident else None,
+            tuple(d.source_weights),
         )
-        stream = self.algorithm.stream(train_split, spec)
+        stream = self.algorithm.stream(self.train_splits if self.names else train_split, spec)
         # too big to keep on the GPU: gathered on the host, copied one step ahead
         return (
             Prefetch(stream, self.device) if self.device.type == "cuda" and not resident else stream
@@ -463,8 +555,11 @@ class Trainer:
 
     def _build_loop(self) -> None:
         """The stream, the logger, the validator, the stop votes, the budget."""
-        cfg, t, d, dist = self.cfg, self.cfg.train, self.cfg.data, self.dist
-        self.val_episodes = EpisodeSource(self.root, "val", access=self.access).all()
+        cfg, t, dist = self.cfg, self.cfg.train, self.dist
+        self.val_sets = {
+            name: EpisodeSource(root, "val", access=self.access).all()
+            for name, root in zip(self.names or [""], self.roots)
+        }
         self.stream = self._build_stream()
         self.tracker = make_tracker(
             cfg.tracking, cfg.run.name, self.config, self.run_dir, dist.is_main
@@ -473,7 +568,13 @@ class Trainer:
             lambda: self.schedule.total, self.state.step, dist.is_main, self.say
         )
         self.logger = Logger(
-            t.log_every, t.meta_batch_size, dist, self.tracker, self.progress, self.schedule.lr
+            t.log_every,
+            t.meta_batch_size,
+            dist,
+            self.tracker,
+            self.progress,
+            self.schedule.lr,
+            self.names,
         )
         if dist.is_main:
             self.logger.open(
@@ -481,7 +582,7 @@ class Trainer:
             )
         self.validator = Validator(
             t.val_every,
-            lambda: self.evaluate(self.val_episodes, cfg.eval.val_inner_steps, dist),
+            lambda: self._validate(dist),
             self._save_best,
             dist.is_main,
             self.progress,
@@ -493,8 +594,9 @@ class Trainer:
             self.device,
             mapped_fault,
         )
+        val_episodes = sum(len(v) for v in self.val_sets.values())
         self.budget = BudgetFit(
-            t, d.val_episodes, self.chunk_shape(), dist, self.run_dir, self._evaluate_some, self.say
+            t, val_episodes, self.chunk_shape(), dist, self.run_dir, self._evaluate_some, self.say
         )
 
     # ---- pieces the components call ----
@@ -510,9 +612,19 @@ class Trainer:
             dist,
         )["accuracy"]
 
+    def _validate(self, dist) -> dict:
+        """The val accuracy on the fixed val episodes (many sources: the mean of theirs, each one's
+        as val_accuracy/<source> too)."""
+        steps = self.cfg.eval.val_inner_steps
+        accs = {name: self.evaluate(eps, steps, dist) for name, eps in self.val_sets.items()}
+        out = {"val_accuracy": sum(accs.values()) / len(accs)}
+        if self.names:
+            out.update({f"val_accuracy/{name}": a for name, a in accs.items()})
+        return out
+
     def _evaluate_some(self) -> int:
         """One validation on a few val episodes (the budget schedule times it)."""
-        some = self.val_episodes.first(2 * self.cfg.eval.tasks_per_batch)
+        some = next(iter(self.val_sets.values())).first(2 * self.cfg.eval.tasks_per_batch)
         self.evaluate(some, self.cfg.eval.val_inner_steps)
         return len(some)
 
@@ -549,7 +661,7 @@ class Trainer:
                 self.budget.maybe_fix(state.step, self.schedule)
                 stop = self.stop.check(agreed, state.step)
                 last = state.step >= self.schedule.total or stop is not None
-                self.logger.add(loss_sum, acc_sum, self.local_tasks)
+                self.logger.add(loss_sum, acc_sum, self.local_tasks, batch.get("source"))
                 self.logger.write(
                     self.validator(state, last, self.logger.record(state, last, grad_norm))
                 )
@@ -608,23 +720,31 @@ class Trainer:
                     state.best_val,
                     tensors=tensors,
                 )
-        test = EpisodeSource(self.root, "test", access=self.access).all(cfg.eval.test_episodes)
         inner = self.algorithm.test_inner(
             cfg.eval.inner_steps, cfg.algo.inner_lr, self.model.head_names()
         )
-        r = evaluate(
-            self.model, test, inner, cfg.eval.tasks_per_batch, self.device, state.strategy, dist
-        )
+        args = (inner, cfg.eval.tasks_per_batch, self.device)
+        if self.names:  # Meta-Dataset's table: each source's test episodes
+            tests = {
+                n: EpisodeSource(r, "test", access=self.access).all(cfg.eval.episodes_per_source)
+                for n, r in zip(self.names, self.roots)
+            }
+            r = source_table(self.model, tests, *args, strategy=state.strategy, dist=dist)
+        else:
+            test = EpisodeSource(self.root, "test", access=self.access).all(cfg.eval.test_episodes)
+            r = evaluate(self.model, test, *args, state.strategy, dist)
         summary = self._summary(r)
         if dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            if self.names:
+                self.say(format_table(r, "test source"))
             self.say(
                 f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} "
-                "episodes, "
-                f"{cfg.eval.inner_steps} inner steps); {state.step} steps in "
+                f"episodes{', mean over sources' if self.names else ''}, "
+                f"{inner.steps} inner steps); {state.step} steps in "
                 f"{state.elapsed / 60:.1f} min"
             )
-            self.tracker.summary(summary)
+            self.tracker.summary(flat_summary(summary))
             if cfg.tracking.log_model:
                 self.tracker.log_model(self.run_dir / "model.safetensors")
         self.tracker.finish()
@@ -632,11 +752,20 @@ class Trainer:
 
     def _summary(self, r: dict) -> dict:
         cfg, dist, s = self.cfg, self.dist, self.state
+        per_source = {}
+        if self.names:  # each source's row, with the id of its test episodes
+            per_source = {
+                "test_sources": {
+                    n: dict(r["sources"][n], test_set=test_set_id(root))
+                    for n, root in zip(self.names, self.roots)
+                }
+            }
         return {
             "test_accuracy": r["accuracy"],
             "test_ci95": r["ci95"],
             "test_episodes": r["episodes"],
-            "test_set": test_set_id(self.root),
+            "test_set": test_set_id(*self.roots),
+            **per_source,
             "test_inner_steps": cfg.eval.inner_steps,
             "best_val_accuracy": s.best_val,
             "best_step": s.best_step,
@@ -655,7 +784,16 @@ class Trainer:
         }
 
 
-def test_set_id(root) -> str:
-    """16 hex digits naming the test episodes (from their shards' hashes): equal ids, same test."""
-    m = read_manifest(root, "test")
-    return hashlib.sha256("".join(s["sha256"] for s in m["shards"]).encode()).hexdigest()[:16]
+def test_set_id(*roots) -> str:
+    """16 hex digits naming the test episodes of these shards roots (from their shards' hashes):
+    equal ids, same test."""
+    shards = [s for root in roots for s in read_manifest(root, "test")["shards"]]
+    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+
+
+def flat_summary(summary: dict) -> dict:
+    """summary.json for W&B: the per-source rows as test_accuracy/<source>, test_ci95/<source>."""
+    out = {k: v for k, v in summary.items() if k != "test_sources"}
+    for name, row in summary.get("test_sources", {}).items():
+        out[f"test_accuracy/{name}"], out[f"test_ci95/{name}"] = row["accuracy"], row["ci95"]
+    return out

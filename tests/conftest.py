@@ -310,3 +310,77 @@ def http_server():
     for p in procs:
         p.terminate()
         p.wait()
+
+
+VARIABLE = {
+    "data.episode": "variable",
+    "data.train_episodes": 48,
+    "data.val_episodes": 8,
+    "data.test_episodes": 12,
+    "data.episodes_per_shard": 16,
+    "data.variable.max_ways": 8,
+    "data.variable.max_support": 40,
+}
+
+
+def variable_source(raw: Path, out: Path, **extra) -> list[str]:
+    """Overrides preparing variable episodes (small constants) of `raw` into `out`: the synthetic
+    Omniglot (Meta-Dataset's protocol, an alphabet an episode) unless `extra` says otherwise."""
+    base = {
+        **VARIABLE,
+        "data.raw": raw,
+        "data.protocol": "metadataset",
+        "data.variable.groups": "parent",
+        "data.shards": out,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def variable_sources(tmp_path_factory, omniglot_dir) -> tuple[Path, Path]:
+    """Two sources of variable episodes, prepared once per session: the synthetic Omniglot by
+    alphabet, and a grey 28x28 folder dataset of 24 classes (8 images each)."""
+    from metadist.data.prepare import prepare
+    from metadist.data.synthetic import FolderSpec, write_folder_dataset
+
+    tmp = tmp_path_factory.mktemp("variable_sources")
+    quiet = dict(log=lambda *a: None)
+    omni = tmp / "omniglot"
+    prepare(config.load(None, variable_source(omniglot_dir, omni)).data, **quiet)
+    spec = FolderSpec(classes=24, images=8, size=28, channels=1, split_counts=(12, 6, 6))
+    raw = write_folder_dataset(tmp / "raw_folder", "folders", spec)
+    folder = tmp / "folder"
+    extra = {
+        "data.source": "folder",
+        "data.folder.split": "folders",
+        "data.image_size": 28,
+        "data.channels": 1,
+        "data.protocol": "alphabets",
+        "data.variable.groups": "",
+    }
+    prepare(config.load(None, variable_source(raw, folder, **extra)).data, **quiet)
+    return omni, folder
+
+
+def sources_overrides(sources, tmp: Path, **extra) -> list[str]:
+    """A small protonet run on `sources` (data.sources)."""
+    base = {
+        "data.sources": ",".join(map(str, sources)),
+        "data.episode": "variable",
+        "algo.name": "protonet",
+        "run.root": tmp / "runs",
+        "run.name": "t",
+        "tracking.mode": "disabled",
+        "model.hidden": 8,
+        "train.meta_batch_size": 8,
+        "train.steps": 4,
+        "train.val_every": 2,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "eval.tasks_per_batch": 8,
+        "eval.episodes_per_source": 10,
+        "algo.strategy": "batched",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -226,10 +226,18 @@ def test_learned_rates_at_their_start_value_change_nothing():
         p_l["inner_lr.head_bias"].fill_(0.0)
     inner = Inner(3, 0.4, True)
     frozen_head = adapt_and_predict(
-        learned, p_l, b["x_support"], b["y_support"], b["x_query"], inner
+        learned,
+        p_l,
+        b,
+        inner,
     )
     p_p = dict(plain.named_parameters())
-    moved_head = adapt_and_predict(plain, p_p, b["x_support"], b["y_support"], b["x_query"], inner)
+    moved_head = adapt_and_predict(
+        plain,
+        p_p,
+        b,
+        inner,
+    )
     assert not torch.allclose(frozen_head, moved_head)
 
 
@@ -340,7 +348,10 @@ def test_evaluation_builds_no_second_order_graph(monkeypatch):
     model, b = tiny(), batch()
     params = dict(model.named_parameters())
     logits = adapt_and_predict(
-        model, params, b["x_support"], b["y_support"], b["x_query"], Inner(3, 0.4, False)
+        model,
+        params,
+        b,
+        Inner(3, 0.4, False),
     )
     assert asked == [False, False, False]
     assert logits.grad_fn is None and not logits.requires_grad
@@ -350,7 +361,11 @@ def test_evaluation_builds_no_second_order_graph(monkeypatch):
     assert asked == [True, True, True]
     # and agrees with the loop strategy
     ref = adapt_and_predict(
-        model, params, b["x_support"], b["y_support"], b["x_query"], Inner(3, 0.4, False), "loop"
+        model,
+        params,
+        b,
+        Inner(3, 0.4, False),
+        "loop",
     )
     assert torch.allclose(logits, ref, rtol=1e-9, atol=1e-12)
 

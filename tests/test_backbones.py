@@ -97,11 +97,28 @@ def body(backbone, p, x, step=0):
     return x.mean((2, 3))
 
 
+def per_task(b):
+    """A batch of fixed episodes as the reference's list of tasks."""
+    return [{k: v[t] for k, v in b.items()} for t in range(b["x_support"].shape[0])]
+
+
 def reference_loss(
-    backbone, model, params, b, steps, lr, first_order, head_init="learned", frozen=()
+    backbone, model, params, tasks, steps, lr, first_order, head_init="learned", frozen=()
 ):
-    """The exercise's loop, one task at a time, with the head each task starts from."""
-    losses = []
+    """The exercise's loop, one task at a time (`tasks`: each its own unpadded episode, its own
+    number of classes and shots), with the head each task starts from."""
+    losses = [
+        F.cross_entropy(
+            reference_logits(backbone, params, b, steps, lr, first_order, head_init, frozen),
+            b["y_query"],
+        )
+        for b in tasks
+    ]
+    return torch.stack(losses).mean()
+
+
+def reference_logits(backbone, params, b, steps, lr, first_order, head_init="learned", frozen=()):
+    """One task's query logits after its inner loop."""
     lrs = {k: params.get(lr_key(k), lr) for k in params if not is_lr(k)}
 
     def rate(k, i):
@@ -112,61 +129,56 @@ def reference_loss(
             else r
         )
 
-    for t in range(T):
-        fast = {k: v for k, v in params.items() if not is_lr(k)}
-        if head_init == "zero":
-            fast["head.weight"] = torch.zeros(
-                WAYS, fast["head.weight"].shape[1], requires_grad=True
-            )
-            fast["head.bias"] = torch.zeros(WAYS, requires_grad=True)
-        elif head_init == "shared":
-            fast["head.weight"] = fast["head.weight"].expand(WAYS, -1)
-            fast["head.bias"] = fast["head.bias"].expand(WAYS)
-        elif head_init == "proto":
-            f = body(backbone, fast, b["x_support"][t], 0)
-            c = torch.stack([f[b["y_support"][t] == k].mean(0) for k in range(WAYS)])
-            fast["head.weight"], fast["head.bias"] = 2 * c, -(c * c).sum(1)
-        for i in range(steps):
-            names = [k for k in fast if k not in frozen]
-            ws = [
-                fast[k] if fast[k].requires_grad else fast[k].detach().requires_grad_()
-                for k in names
-            ]
-            fast = dict(fast, **dict(zip(names, ws)))
-            # first order: the inner gradient is a constant (taken on detached copies)
-            wrt = [w.detach().requires_grad_() for w in ws] if first_order else ws
-            cur = dict(fast, **dict(zip(names, wrt)))
-            logits = F.linear(
-                body(backbone, cur, b["x_support"][t], i), cur["head.weight"], cur["head.bias"]
-            )
-            grads = list(
-                torch.autograd.grad(
-                    F.cross_entropy(logits, b["y_support"][t]), wrt, create_graph=not first_order
-                )
-            )
-            if head_init == "proto" and i == 0 and not first_order and len(names) > 2:
-                # the inner step treats the head as a parameter of its own: take out of the body's
-                # gradient the part that runs back through the prototypes (a partial derivative)
-                heads = [names.index("head.weight"), names.index("head.bias")]
-                body_at = [j for j in range(len(names)) if j not in heads]
-                through = torch.autograd.grad(
-                    [wrt[j] for j in heads],
-                    [wrt[j] for j in body_at],
-                    [grads[j] for j in heads],
-                    create_graph=True,
-                    allow_unused=True,
-                )
-                for j, g in zip(body_at, through):
-                    if g is not None:
-                        grads[j] = grads[j] - g
-            fast = dict(fast, **{k: fast[k] - rate(k, i) * g for k, g in zip(names, grads)})
+    fast = {k: v for k, v in params.items() if not is_lr(k)}
+    ways = int(b["y_support"].max()) + 1
+    if head_init == "zero":
+        fast["head.weight"] = torch.zeros(ways, fast["head.weight"].shape[1], requires_grad=True)
+        fast["head.bias"] = torch.zeros(ways, requires_grad=True)
+    elif head_init == "shared":
+        fast["head.weight"] = fast["head.weight"].expand(ways, -1)
+        fast["head.bias"] = fast["head.bias"].expand(ways)
+    elif head_init == "proto":
+        f = body(backbone, fast, b["x_support"], 0)
+        c = torch.stack([f[b["y_support"] == k].mean(0) for k in range(ways)])
+        fast["head.weight"], fast["head.bias"] = 2 * c, -(c * c).sum(1)
+    for i in range(steps):
+        names = [k for k in fast if k not in frozen]
+        ws = [
+            fast[k] if fast[k].requires_grad else fast[k].detach().requires_grad_() for k in names
+        ]
+        fast = dict(fast, **dict(zip(names, ws)))
+        # first order: the inner gradient is a constant (taken on detached copies)
+        wrt = [w.detach().requires_grad_() for w in ws] if first_order else ws
+        cur = dict(fast, **dict(zip(names, wrt)))
         logits = F.linear(
-            body(backbone, fast, b["x_query"][t], max(0, steps - 1)),
-            fast["head.weight"],
-            fast["head.bias"],
+            body(backbone, cur, b["x_support"], i), cur["head.weight"], cur["head.bias"]
         )
-        losses.append(F.cross_entropy(logits, b["y_query"][t]))
-    return torch.stack(losses).mean()
+        grads = list(
+            torch.autograd.grad(
+                F.cross_entropy(logits, b["y_support"]), wrt, create_graph=not first_order
+            )
+        )
+        if head_init == "proto" and i == 0 and not first_order and len(names) > 2:
+            # the inner step treats the head as a parameter of its own: take out of the body's
+            # gradient the part that runs back through the prototypes (a partial derivative)
+            heads = [names.index("head.weight"), names.index("head.bias")]
+            body_at = [j for j in range(len(names)) if j not in heads]
+            through = torch.autograd.grad(
+                [wrt[j] for j in heads],
+                [wrt[j] for j in body_at],
+                [grads[j] for j in heads],
+                create_graph=True,
+                allow_unused=True,
+            )
+            for j, g in zip(body_at, through):
+                if g is not None:
+                    grads[j] = grads[j] - g
+        fast = dict(fast, **{k: fast[k] - rate(k, i) * g for k, g in zip(names, grads)})
+    return F.linear(
+        body(backbone, fast, b["x_query"], max(0, steps - 1)),
+        fast["head.weight"],
+        fast["head.bias"],
+    )
 
 
 def ours(model, b, inner, strategy):
@@ -206,7 +218,9 @@ def test_backbone_batched_and_loop_equal_the_hand_unrolled_reference(
     model, b = make(backbone, learn_lr, steps, per_step_bn), batch(backbone)
     params = dict(model.named_parameters())
     frozen = tuple(k for k in params if model.is_norm(k)) if per_step_bn else ()
-    ref_loss = reference_loss(backbone, model, params, b, steps, 0.4, first_order, frozen=frozen)
+    ref_loss = reference_loss(
+        backbone, model, params, per_task(b), steps, 0.4, first_order, frozen=frozen
+    )
     ref = flat_grad(ref_loss, params)
     names = tuple(k for k in params if not is_lr(k) and k not in frozen) if per_step_bn else None
     for strategy in ("batched", "loop"):
@@ -215,7 +229,8 @@ def test_backbone_batched_and_loop_equal_the_hand_unrolled_reference(
         assert torch.allclose(g, ref, rtol=1e-7, atol=1e-10), strategy
     if not first_order:  # really second order: the first-order gradient differs
         fo = flat_grad(
-            reference_loss(backbone, model, params, b, steps, 0.4, True, frozen=frozen), params
+            reference_loss(backbone, model, params, per_task(b), steps, 0.4, True, frozen=frozen),
+            params,
         )
         assert (fo - ref).abs().max() > 1e-4 * ref.abs().max()
 
@@ -228,7 +243,9 @@ def test_every_head_init_equals_the_per_task_reference(head_init, algo):
     params = dict(model.named_parameters())
     first_order = algo == "fomaml"
     frozen = tuple(k for k in params if not k.startswith("head.")) if algo == "anil" else ()
-    ref_loss = reference_loss("conv4", model, params, b, 2, 0.4, first_order, head_init, frozen)
+    ref_loss = reference_loss(
+        "conv4", model, params, per_task(b), 2, 0.4, first_order, head_init, frozen
+    )
     ref = flat_grad(ref_loss, params)
     names = model.head_names() if algo == "anil" else None
     for strategy in ("batched", "loop"):
@@ -255,9 +272,7 @@ def test_every_head_init_equals_the_per_task_reference(head_init, algo):
         logits = adapt_and_predict(
             model,
             params,
-            b["x_support"],
-            b["y_support"],
-            b["x_query"],
+            b,
             Inner(0, 0.4, True, names, head_init="proto", ways=WAYS),
         )
         for t in range(T):
@@ -274,17 +289,35 @@ def test_shared_head_outcome_does_not_depend_on_how_classes_are_numbered():
     params = dict(model.named_parameters())
     inner = Inner(2, 0.4, True, head_init="shared", ways=WAYS)
     perm = torch.tensor([2, 0, 1])
-    a = adapt_and_predict(model, params, b["x_support"], b["y_support"], b["x_query"], inner)
+    a = adapt_and_predict(
+        model,
+        params,
+        b,
+        inner,
+    )
     relabelled = adapt_and_predict(
-        model, params, b["x_support"], perm[b["y_support"]], b["x_query"], inner
+        model,
+        params,
+        {**b, "y_support": perm[b["y_support"]]},
+        inner,
     )
     # column perm[c] holds class c
     assert torch.allclose(relabelled[..., perm], a, rtol=1e-9, atol=1e-12)
     learned = make("conv4")
     inner = Inner(2, 0.4, True, ways=WAYS)
     p = dict(learned.named_parameters())
-    x = adapt_and_predict(learned, p, b["x_support"], b["y_support"], b["x_query"], inner)
-    y = adapt_and_predict(learned, p, b["x_support"], perm[b["y_support"]], b["x_query"], inner)
+    x = adapt_and_predict(
+        learned,
+        p,
+        b,
+        inner,
+    )
+    y = adapt_and_predict(
+        learned,
+        p,
+        {**b, "y_support": perm[b["y_support"]]},
+        inner,
+    )
     # the learned head's outcome does depend on it
     assert not torch.allclose(y[..., perm], x, rtol=1e-6)
 
@@ -339,3 +372,97 @@ def test_model_init_names_what_does_not_fit(tmp_path):
     ) and "blocks.0.conv.weight (6, 1, 3, 3) (the model's (4, 1, 3, 3))" in str(e.value)
     with pytest.raises(WeightsError, match="no such weights file"):
         load_init(dst, tmp_path / "missing.safetensors")
+
+
+# ---- variable episodes: padded, masked batches against each task's own unpadded episode ----
+
+
+def variable_tasks(backbone, seed=2):
+    """Three episodes of Meta-Dataset's sampler (small constants) from a random pool: the padded
+    batch training sees (stream.pad_batch) and each episode on its own, unpadded."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from metadist.data.episodes import episode_rng, sample_variable_episode, to_float
+    from metadist.data.stream import pad_batch
+
+    c, side = (1, 8) if backbone == "conv4" else (3, 16)
+    g = np.random.default_rng(seed)
+    sizes = g.integers(2, 9, size=8)
+    pool = g.integers(0, 256, size=(int(sizes.sum()), c, side, side), dtype=np.uint8)
+    first = np.concatenate([[0], np.cumsum(sizes)])
+
+    def gather(rows):
+        return np.stack([np.rot90(pool[first[a] + m], k, axes=(-2, -1)) for a, m, k in rows])
+
+    v = SimpleNamespace(
+        min_ways=2,
+        max_ways=4,
+        max_query=3,
+        max_support=12,
+        max_support_per_class=4,
+        min_log_weight=-0.7,
+        max_log_weight=0.7,
+    )
+    records = [
+        sample_variable_episode(sizes.tolist(), [0, 1, 2, 3], v, episode_rng(seed, "train", i))
+        for i in range(T)
+    ]
+    tasks = []
+    for r in records:
+        task = {}
+        for name, part in (("support", 0), ("query", 1)):
+            rows = r[r[:, 4] == part]
+            task[f"x_{name}"] = to_float(torch.from_numpy(gather(rows[:, :3]))).double()
+            task[f"y_{name}"] = torch.from_numpy(rows[:, 3]).long()
+        tasks.append(task)
+    padded = pad_batch(records, gather)
+    padded = {k: v.double() if v.is_floating_point() else v for k, v in padded.items()}
+    # the three episodes differ in ways and in support size, so padding and masking matter
+    assert len({int(t["y_support"].max()) for t in tasks}) > 1
+    assert len({len(t["y_support"]) for t in tasks}) > 1
+    return padded, tasks
+
+
+@pytest.mark.parametrize(
+    "backbone, algo, head_init",
+    [
+        ("conv4", "maml", "zero"),
+        ("conv4", "maml", "shared"),
+        ("conv4", "maml", "proto"),
+        ("conv4", "fomaml", "zero"),
+        ("conv4", "fomaml", "proto"),
+        ("conv4", "anil", "proto"),
+        ("conv4", "protonet", "proto"),
+        ("resnet12", "maml", "proto"),
+        ("resnet12", "protonet", "proto"),
+    ],
+)
+def test_padded_variable_episodes_equal_each_unpadded_task(backbone, algo, head_init):
+    """Padding changes nothing: loss and meta-gradient of a padded batch of variable episodes
+    (batched and loop) equal the per-task float64 reference on each task's own episode; and
+    evaluation's predictions for the real query rows equal the reference's."""
+    model = make(backbone, rows=1 if head_init == "shared" else 4)
+    b, tasks = variable_tasks(backbone)
+    params = dict(model.named_parameters())
+    steps = 0 if algo == "protonet" else 2
+    first_order = algo == "fomaml"
+    frozen = tuple(k for k in params if not k.startswith("head.")) if algo == "anil" else ()
+    ref_loss = reference_loss(
+        backbone, model, params, tasks, steps, 0.4, first_order, head_init, frozen
+    )
+    ref = flat_grad(ref_loss, params)
+    names = model.head_names() if algo == "anil" else None
+    inner = Inner(steps, 0.4, first_order, names, head_init=head_init)
+    for strategy in ("batched", "loop"):
+        loss, g = ours(model, b, inner, strategy)
+        assert torch.allclose(loss, ref_loss, rtol=1e-10), strategy
+        assert torch.allclose(g, ref, rtol=1e-7, atol=1e-10), strategy
+        logits = adapt_and_predict(model, params, b, inner, strategy)
+        for t, task in enumerate(tasks):
+            ways, n = int(task["y_support"].max()) + 1, len(task["y_query"])
+            detached = {k: v.detach() for k, v in params.items()}
+            want = reference_logits(backbone, detached, task, steps, 0.4, True, head_init, frozen)
+            assert torch.allclose(logits[t, :n, :ways], want, rtol=1e-8, atol=1e-10), strategy
+            assert (logits[t, :n, ways:] < -1e3).all()  # classes the task does not have

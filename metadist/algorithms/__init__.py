@@ -47,8 +47,15 @@ def get(a: AlgoConfig) -> type[Algorithm]:
     return cls
 
 
-def check(a: AlgoConfig) -> None:
-    get(a)
+def check(a: AlgoConfig, variable: bool = False, sources: bool = False) -> None:
+    """The algorithm's name, and whether it trains on variable episodes and many sources: a
+    ConfigError before anything starts."""
+    from metadist.config import ConfigError
+
+    cls = get(a)
+    for problem in (variable and cls.variable_problem(a), sources and cls.sources_problem(a)):
+        if problem:
+            raise ConfigError(problem)
 
 
 def build(a: AlgoConfig, model: Backbone, ways: int, first_order: bool = False) -> Algorithm:

@@ -59,6 +59,23 @@ class Algorithm:
         return cls.forced_head or a.head_init
 
     @classmethod
+    def variable_problem(cls, a) -> str | None:
+        """Why this algorithm cannot train on variable episodes (5 to 50 classes a task), or None:
+        the head a task starts from must not have a fixed number of rows."""
+        if cls.head_init(a) == "learned":
+            return (
+                f"algo.name={a.name} with algo.head_init=learned: a learned head has a fixed "
+                "number of rows and variable episodes (data.episode=variable) have 5 to 50 "
+                "classes; set algo.head_init=zero, shared or proto, or algo.name=protonet"
+            )
+        return None
+
+    @classmethod
+    def sources_problem(cls, a) -> str | None:
+        """Why this algorithm cannot train on many sources at once (data.sources), or None."""
+        return None
+
+    @classmethod
     def head_rows(cls, a, ways: int, train_classes: int) -> int:
         """The rows of the model's head: one per class of a task (one shared row for
         head_init=shared)."""

@@ -62,10 +62,10 @@ class Forward:
             raise ValueError(f"unknown strategy {strategy!r}")
         self.model, self.loop, self.native, self.rng = model, strategy == "loop", native, rng
 
-    def _run(self, fn, p: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+    def _run(self, fn, p: Params, x: torch.Tensor, step: int, mask) -> torch.Tensor:
         # the loop's meta-training chunks are single tasks: no slicing, no cat
         if not self.loop or x.shape[0] == 1:
-            return fn(p, x, step, self.native, self.rng)
+            return fn(p, x, step, self.native, self.rng, mask)
         return torch.cat(
             [
                 fn(
@@ -74,16 +74,18 @@ class Forward:
                     step,
                     self.native,
                     self.rng,
+                    None if mask is None else mask[t : t + 1],
                 )
                 for t in range(x.shape[0])
             ]
         )
 
-    def __call__(self, p: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        return self._run(self.model.tasks_forward, p, x, step)
+    def __call__(self, p: Params, x: torch.Tensor, step: int = 0, mask=None) -> torch.Tensor:
+        """mask (T, n): a padded batch's real images (variable episodes), or None."""
+        return self._run(self.model.tasks_forward, p, x, step, mask)
 
-    def features(self, p: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        return self._run(self.model.tasks_features, p, x, step)
+    def features(self, p: Params, x: torch.Tensor, step: int = 0, mask=None) -> torch.Tensor:
+        return self._run(self.model.tasks_features, p, x, step, mask)
 
 
 def make_forward(model: Backbone, strategy: str, second_order: bool = True, rng=None) -> Forward:
@@ -94,37 +96,86 @@ def make_forward(model: Backbone, strategy: str, second_order: bool = True, rng=
     return Forward(model, strategy, native=strategy == "loop" or not second_order, rng=rng)
 
 
-def init_head(forward: Forward, params: Params, x_support: torch.Tensor, inner: Inner) -> Params:
+def class_means(feats: torch.Tensor, y: torch.Tensor, width: int) -> torch.Tensor:
+    """Each class's mean feature: feats (T, n, F), y (T, n) with -1 on padding rows -> (T, width,
+    F) (a class with no row: 0), for support sets whose classes have different numbers of shots."""
+    onehot = F.one_hot(y.clamp_min(0), width).to(feats) * (y >= 0).unsqueeze(-1).to(feats)
+    counts = onehot.sum(1).clamp_min(1)  # (T, width)
+    return torch.bmm(onehot.transpose(1, 2), feats) / counts.unsqueeze(-1)
+
+
+def init_head(
+    forward: Forward,
+    params: Params,
+    x_support: torch.Tensor,
+    inner: Inner,
+    y_support=None,
+    ways=None,
+) -> Params:
     """The head each task starts its inner loop from (Inner.head_init); params carry the task axis.
-    The support is class-major (labels arange(ways).repeat_interleave(shots)), so the prototypes
-    are means over consecutive rows."""
+    Fixed episodes (ways None): the support is class-major (labels
+    arange(ways).repeat_interleave(shots)), so the prototypes are means over consecutive rows.
+    Variable ones: `ways` (T,) classes a task, the head as wide as the largest, the prototypes
+    the means of each class's labelled rows (y_support, -1 on padding)."""
     mode = inner.head_init
     if mode == "learned":
         return params
     w, b = params["head.weight"], params["head.bias"]  # (T, rows, F), (T, rows)
     T, F_ = w.shape[0], w.shape[-1]
-    ways = inner.ways or w.shape[1]
+    width = (inner.ways or w.shape[1]) if ways is None else int(ways.max())
     if mode == "zero":
-        w, b = w.new_zeros(T, ways, F_), b.new_zeros(T, ways)
+        w, b = w.new_zeros(T, width, F_), b.new_zeros(T, width)
     elif mode == "shared":
-        w, b = w.expand(T, ways, F_), b.expand(T, ways)
+        w, b = w.expand(T, width, F_), b.expand(T, width)
     elif mode == "proto":
-        c = forward.features(params, x_support, 0).reshape(T, ways, -1, F_).mean(2)  # (T, ways, F)
+        if ways is None:
+            c = (
+                forward.features(params, x_support, 0).reshape(T, width, -1, F_).mean(2)
+            )  # (T, ways, F)
+        else:
+            c = class_means(
+                forward.features(params, x_support, 0, y_support >= 0), y_support, width
+            )
         w, b = 2 * c, -(c * c).sum(-1)
     else:
         raise ValueError(f"unknown head_init {mode!r}")
     return dict(params, **{"head.weight": w, "head.bias": b})
 
 
-def per_task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each task: logits (T, n, ways), y (T, n) -> (T,)."""
-    return (
-        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+PADDED = -1e4  # the logit of a class a variable episode does not have: exp() of it is exactly 0
+
+
+def mask_classes(logits: torch.Tensor, ways: torch.Tensor) -> torch.Tensor:
+    """Logits (T, n, W) of episodes with ways (T,) classes each: the columns past a task's ways
+    set to PADDED, so its softmax is that of its own classes."""
+    keep = (
+        torch.arange(logits.shape[-1], device=logits.device) < ways.to(logits.device)[:, None, None]
     )
+    return logits.masked_fill(~keep, PADDED)
 
 
-def per_task_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == y).float().mean(1)
+def per_task_loss(logits: torch.Tensor, y: torch.Tensor, ways=None) -> torch.Tensor:
+    """Mean cross-entropy of each task: logits (T, n, ways), y (T, n) -> (T,). Variable episodes
+    (`ways` (T,)): over each task's own classes and real rows (label -1: padding)."""
+    if ways is None:
+        return (
+            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            .view(y.shape)
+            .mean(1)
+        )
+    valid = y >= 0
+    ce = F.cross_entropy(
+        mask_classes(logits, ways).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none"
+    )
+    return (ce.view(y.shape) * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+def per_task_accuracy(logits: torch.Tensor, y: torch.Tensor, ways=None) -> torch.Tensor:
+    if ways is None:
+        return (logits.argmax(-1) == y).float().mean(1)
+    valid = y >= 0
+    hits = (mask_classes(logits, ways).argmax(-1) == y) & valid
+    return hits.sum(1).to(logits.dtype) / valid.sum(1).clamp_min(1)
 
 
 def adapted(params: Params, inner: Inner) -> tuple[str, ...]:
@@ -141,9 +192,11 @@ def step_lr(lr, weight: torch.Tensor, step: int):
     return lr
 
 
-def _start(forward: Forward, params: Params, x_support, inner: Inner, names) -> Params:
+def _start(
+    forward: Forward, params: Params, x_support, inner: Inner, names, y_support, ways
+) -> Params:
     """The weights the inner loop starts from: `params` with the head `inner.head_init` makes."""
-    fast = init_head(forward, dict(params), x_support, inner)
+    fast = init_head(forward, dict(params), x_support, inner, y_support, ways)
     if not (inner.steps and torch.is_grad_enabled()):
         return fast
     # a head made of constants (zero, or detached prototypes) is still adapted
@@ -167,6 +220,7 @@ def adapt(
     y_support: torch.Tensor,
     inner: Inner,
     trajectory: bool = False,
+    ways: torch.Tensor | None = None,
 ):
     """`inner.steps` SGD steps on each task's support loss, from the head `inner.head_init` makes;
     returns the fast weights (with trajectory=True, the list of fast weights after each step).
@@ -176,17 +230,19 @@ def adapt(
     Where params hold learned inner learning rates (`inner_lr.*`, model.lr_key) they replace
     `inner.lr`, per step where they have a step axis; the meta-gradient reaches them through the
     update. Step i's support forward uses step i's per-step BatchNorm weights, if any.
+    Variable episodes (`ways` (T,), padding rows labelled -1): losses over each task's own classes
+    and real images.
     """
     names = adapted(params, inner)
     lrs = {k: params.get(lr_key(k), inner.lr) for k in names}
-    fast, path = _start(forward, params, x_support, inner, names), []
+    fast, path = _start(forward, params, x_support, inner, names, y_support, ways), []
+    mask = None if ways is None else y_support >= 0
     for i in range(inner.steps):
         # the step's weights and index are bound here: checkpoint (algo.checkpoint_inner) calls
         # this again in the backward, when the loop has moved on
         def support_loss(*ws, fast=fast, i=i):
-            return per_task_loss(
-                forward({**fast, **dict(zip(names, ws))}, x_support, i), y_support
-            ).sum()
+            logits = forward({**fast, **dict(zip(names, ws))}, x_support, i, mask)
+            return per_task_loss(logits, y_support, ways).sum()
 
         ws = [fast[k] for k in names]
         # first order: the inner gradient is a constant, so it is taken on detached copies; the
@@ -210,10 +266,27 @@ def per_task(params: Params, tasks: int) -> Params:
 
 
 def chunks(batch: dict, size: int):
+    """Chunks of `size` tasks (0: all), each cut to its own largest episode (trim)."""
     tasks = batch["x_support"].shape[0]
     size = size or tasks
     for s in range(0, tasks, size):
-        yield {k: v[s : s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        yield trim({k: v[s : s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)})
+
+
+def trim(batch: dict) -> dict:
+    """Padded (variable) episodes cut to their own largest: a chunk's tensors, hence its rounding,
+    do not depend on which other tasks it was padded with (so exact mode stays bit-identical for
+    any world size). Fixed episodes are returned as they are."""
+    if "ways" not in batch:
+        return batch
+    out = dict(batch)
+    for part in ("support", "query"):
+        rows = int((batch[f"y_{part}"] >= 0).sum(1).max())
+        out[f"x_{part}"], out[f"y_{part}"] = (
+            batch[f"x_{part}"][:, :rows],
+            batch[f"y_{part}"][:, :rows],
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -245,7 +318,9 @@ def meta_backward(
     tree): accumulated into params' .grad; with the loop strategy every task is its own chunk (the
     reference's memory profile). Exact (a tree): each chunk gives its own flat gradient, pushed to
     the tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it.
-    Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here).
+    Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here);
+    where the batch says each task's source (batch["source"], one-hot (T, sources)), the accuracy
+    sum is a vector: the total, then each source's.
     """
     size = 1 if strategy == "loop" and cut.tree is None else cut.size
     leaves = list(params.values())
@@ -269,31 +344,41 @@ def meta_backward(
                 )
             )
         loss_sum = loss_sum + losses.detach().sum()
-        acc_sum = acc_sum + accs.detach().sum()
+        a = accs.detach()
+        if "source" in chunk:  # the total, then each source's
+            acc_sum = acc_sum + torch.cat([a.sum()[None], a @ chunk["source"].to(a)])
+        else:
+            acc_sum = acc_sum + a.sum()
     return loss_sum, acc_sum
 
 
 def adapt_and_predict(
-    model: Backbone,
-    params: Params,
-    x_support,
-    y_support,
-    x_query,
-    inner: Inner,
-    strategy: str = "batched",
+    model: Backbone, params: Params, batch: dict, inner: Inner, strategy: str = "batched"
 ) -> torch.Tensor:
-    """Evaluation: adapt detached copies of the weights (first order, no meta-graph), then
-    predict the query. Returns query logits (T, n, ways)."""
+    """Evaluation: adapt detached copies of the weights to batch's support (first order, no
+    meta-graph), then predict its query (x_support, y_support, x_query; and for variable
+    episodes ways and y_query, whose -1 rows are padding). Returns query logits (T, n, ways);
+    for variable episodes the columns past a task's ways are PADDED."""
+    batch = trim(batch)
     forward = make_forward(model, strategy, second_order=False)
-    T = x_support.shape[0]
+    x_support, ways = batch["x_support"], batch.get("ways")
     names = set(adapted(params, inner))
     fast = {
-        k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_(k in names)
+        k: v.detach()
+        .unsqueeze(0)
+        .repeat(x_support.shape[0], *([1] * v.dim()))
+        .requires_grad_(k in names)
         for k, v in params.items()
     }
     with torch.enable_grad():
-        fast = adapt(
-            forward, fast, x_support, y_support, dataclasses.replace(inner, first_order=True)
-        )
+        first = dataclasses.replace(inner, first_order=True)
+        fast = adapt(forward, fast, x_support, batch["y_support"], first, ways=ways)
+    mask = None if ways is None else batch["y_query"] >= 0
     with torch.no_grad():
-        return forward({k: v.detach() for k, v in fast.items()}, x_query, max(0, inner.steps - 1))
+        logits = forward(
+            {k: v.detach() for k, v in fast.items()},
+            batch["x_query"],
+            max(0, inner.steps - 1),
+            mask,
+        )
+    return logits if ways is None else mask_classes(logits, ways)

@@ -12,19 +12,20 @@ from metadist.algorithms.core import Inner, adapt, per_task_accuracy, per_task_l
 
 
 def task_losses(forward, params, batch, inner: Inner):
+    ways = batch.get("ways")  # variable episodes: each task's classes; padding rows labelled -1
+    x_query, y_query = batch["x_query"], batch["y_query"]
+    mask = None if ways is None else y_query >= 0
     if "msl_weights" in batch and inner.steps > 1:
-        path = adapt(
-            forward, params, batch["x_support"], batch["y_support"], inner, trajectory=True
-        )
+        path = adapt(forward, params, batch["x_support"], batch["y_support"], inner, True, ways)
         w = batch["msl_weights"]
         loss = 0.0
         for i, fast in enumerate(path):
-            logits = forward(fast, batch["x_query"], i)
-            loss = loss + w[:, i] * per_task_loss(logits, batch["y_query"])
-        return loss, per_task_accuracy(logits, batch["y_query"])
-    fast = adapt(forward, params, batch["x_support"], batch["y_support"], inner)
-    logits = forward(fast, batch["x_query"], max(0, inner.steps - 1))
-    return per_task_loss(logits, batch["y_query"]), per_task_accuracy(logits, batch["y_query"])
+            logits = forward(fast, x_query, i, mask)
+            loss = loss + w[:, i] * per_task_loss(logits, y_query, ways)
+        return loss, per_task_accuracy(logits, y_query, ways)
+    fast = adapt(forward, params, batch["x_support"], batch["y_support"], inner, ways=ways)
+    logits = forward(fast, x_query, max(0, inner.steps - 1), mask)
+    return per_task_loss(logits, y_query, ways), per_task_accuracy(logits, y_query, ways)
 
 
 def msl_weights(step: int, steps: int, anneal: int):

@@ -28,6 +28,17 @@ class Pretrain(Algorithm):
         return "proto" if a.head_init == "learned" else a.head_init
 
     @classmethod
+    def variable_problem(cls, a) -> str | None:
+        return None  # it trains on class batches; each task's evaluation head is its own
+
+    @classmethod
+    def sources_problem(cls, a) -> str | None:
+        return (
+            "algo.name=pretrain classifies one source's train classes; with many data.sources "
+            "pre-train on one (data.shards) and start from its backbone (model.init)"
+        )
+
+    @classmethod
     def head_rows(cls, a, ways: int, train_classes: int) -> int:
         return train_classes
 

@@ -21,5 +21,13 @@ def task_losses(forward, params, batch, inner=None):
 class Transfer(Algorithm):
     inner_loop = False
 
+    @classmethod
+    def variable_problem(cls, a) -> str | None:
+        return (
+            "algo.name=transfer trains a head of a fixed number of rows on each task's classes, "
+            "and variable episodes have 5 to 50: use maml, fomaml or anil with "
+            "algo.head_init=zero, shared or proto, or protonet"
+        )
+
     def task_losses(self, forward, params, batch):
         return task_losses(forward, params, batch)

@@ -72,5 +72,84 @@ def rotate_tasks(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (..., C, H, W) -> float in [0, 1]. The one conversion every path uses:
-    training batches, evaluation, predict and `show`."""
-    return x.float().div(255)
+    training batches, evaluation, predict and `show`. (Divided in place: the same values, one
+    float copy instead of two, which matters for Meta-Dataset's 1,000-image episodes.)"""
+    return x.float().div_(255)
+
+
+# ---- variable episodes: Meta-Dataset's sampler ----
+
+# A variable episode's record: (n, 5) int32 rows (class within the split, image within the class,
+# quarter turns, label, part): the support rows (part 0) class by class, then the query rows
+# (part 1) class by class; label k is the episode's k-th class.
+VARIABLE_COLUMNS = 5
+
+
+def group_members(groups: list[int]) -> list[np.ndarray]:
+    """Group id per class -> each group's classes, groups in id order."""
+    ids = np.asarray(groups)
+    return [np.flatnonzero(ids == g) for g in np.unique(ids)]
+
+
+def check_variable_split(class_sizes: list[int], v, groups: list[int] | None, split: str) -> None:
+    """A split the sampler can draw from: every class with at least 2 images (a support and a
+    query image), and enough classes (in every group, with groups) for data.variable.min_ways."""
+    sizes = np.asarray(class_sizes)
+    if len(sizes) and sizes.min() < 2:
+        c = int(sizes.argmin())
+        raise DataError(
+            f"{split}: class {c} has {sizes[c]} image(s); variable episodes need at least "
+            "2 a class (one support, one query): remove it or set data.folder.small_classes=skip "
+            "with data.queries=1"
+        )
+    pools = group_members(groups) if groups is not None else [np.arange(len(sizes))]
+    small = [len(p) for p in pools if len(p) < v.min_ways]
+    if small:
+        where = "a class group" if groups is not None else "the split"
+        raise DataError(
+            f"{split}: {where} has {min(small)} classes, fewer than data.variable.min_ways="
+            f"{v.min_ways}: lower it, or group the classes otherwise (data.variable.groups)"
+        )
+
+
+def sample_variable_episode(
+    class_sizes: list[int], rotations, v, rng: np.random.Generator, groups: list[int] | None = None
+) -> np.ndarray:
+    """One episode by Meta-Dataset's rules (google-research/meta-dataset, data/sampling.py), `v`
+    holding their constants (data.variable):
+    - with groups (Omniglot's alphabets), a group uniformly, then classes from it alone;
+    - ways uniform in [min_ways, min(max_ways, classes available)], the classes without
+      replacement;
+    - queries per class: min(max_query, the smallest chosen class's size // 2), the same for all;
+    - support size: min(max_support, sum over classes of floor(beta * min(max_support_per_class,
+      remaining) + 1)), beta uniform in [0, 1) (remaining: a class's images less its queries);
+    - each class's share: its size times exp(U(min_log_weight, max_log_weight)), normalised;
+      floor(share * (support size - ways)) + 1, at most its remaining images;
+    - the images of a class drawn at random without replacement (never in file order), its
+      support first; a rotation per class from the split's set.
+    Returns the record (VARIABLE_COLUMNS columns, see above)."""
+    sizes = np.asarray(class_sizes)
+    pool = np.arange(len(sizes))
+    if groups is not None:
+        members = group_members(groups)
+        pool = members[int(rng.integers(len(members)))]
+    ways = int(rng.integers(v.min_ways, min(v.max_ways, len(pool)) + 1))
+    classes = rng.choice(pool, size=ways, replace=False)
+    per_class = sizes[classes]
+    queries = int(min(v.max_query, (per_class // 2).min()))
+    remaining = per_class - queries
+    beta = rng.uniform()
+    contrib = np.minimum(v.max_support_per_class, remaining)
+    support = int(min(np.floor(beta * contrib + 1).sum(), v.max_support))
+    weights = per_class * np.exp(rng.uniform(v.min_log_weight, v.max_log_weight, size=ways))
+    shots = np.floor(weights / weights.sum() * (support - ways)).astype(np.int64) + 1
+    shots = np.minimum(shots, remaining)
+    turns = rng.choice(rotations, size=ways)
+    parts = [[], []]
+    for label, (c, n_s, k) in enumerate(zip(classes, shots, turns)):
+        images = rng.choice(sizes[c], size=n_s + queries, replace=False)
+        for part, chosen in ((0, images[:n_s]), (1, images[n_s:])):
+            rows = np.zeros((len(chosen), VARIABLE_COLUMNS), np.int64)
+            rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4] = c, chosen, k, label, part
+            parts[part].append(rows)
+    return np.concatenate(parts[0] + parts[1]).astype(np.int32)

@@ -20,13 +20,20 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from metadist import __version__
-from metadist.data.episodes import episode_rng, sample_episode
+from metadist.data.episodes import (
+    VARIABLE_COLUMNS,
+    check_variable_split,
+    episode_rng,
+    sample_episode,
+    sample_variable_episode,
+)
 from metadist.data.sources import ClassSet
 from metadist.data.store import Access, ShardError, Store, locate, read_manifest, sha256_file
 
@@ -105,21 +112,27 @@ def _write_pool(tmp: Path, classes: ClassSet, ids: list[int]) -> list[dict]:
     return _shard_entries(tmp, "pool-*.tar", [len(g) for g in groups], "classes")
 
 
-def _write_records(tmp: Path, split: str, sizes: list[int], rotations, spec: dict) -> list[dict]:
-    ways, shots, queries, per = (
-        spec["ways"],
-        spec["shots"],
-        spec["queries"],
-        spec["episodes_per_shard"],
+def _sampler(split: str, sizes: list[int], rotations, spec: dict, groups: list[int] | None):
+    """episode index -> its record, by the spec's kind of episode (fixed or variable)."""
+    if spec.get("episode") == "variable":
+        v = SimpleNamespace(**spec["variable"])
+        check_variable_split(sizes, v, groups, split)
+        return lambda i: sample_variable_episode(
+            sizes, rotations, v, episode_rng(spec["seed"], split, i), groups
+        )
+    ways, shots, queries = spec["ways"], spec["shots"], spec["queries"]
+    return lambda i: sample_episode(
+        sizes, rotations, ways, shots, queries, episode_rng(spec["seed"], split, i), split
     )
+
+
+def _write_records(tmp: Path, split: str, sample, spec: dict) -> list[dict]:
+    per = spec["episodes_per_shard"]
     with wds.ShardWriter(
         str(tmp / f"{split}-%06d.tar"), maxcount=per, maxsize=1e12, verbose=0, **_TAR
     ) as sink:
         for i in range(spec["episodes"]):
-            record = sample_episode(
-                sizes, rotations, ways, shots, queries, episode_rng(spec["seed"], split, i), split
-            )
-            sink.write({"__key__": f"{i:08d}", "index.npy": _npy_bytes(record)})
+            sink.write({"__key__": f"{i:08d}", "index.npy": _npy_bytes(sample(i))})
     counts = [min(per, spec["episodes"] - j * per) for j in range(-(-spec["episodes"] // per))]
     return _shard_entries(tmp, f"{split}-*.tar", counts, "episodes")
 
@@ -157,12 +170,17 @@ def write_split(
         raise ValueError(
             f"{split}: images are {shape} after preprocessing, the spec says {spec['image_shape']}"
         )
+    groups = classes.split_groups(split)
+    sample = _sampler(split, sizes, classes.rotations[split], spec, groups)
     tmp = Path(out) / f".{split}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pool = _write_pool(tmp, classes, ids)
-    shards = _write_records(tmp, split, sizes, classes.rotations[split], spec)
+    shards = _write_records(tmp, split, sample, spec)
     ways, shots, queries = spec["ways"], spec["shots"], spec["queries"]
+    variable = spec.get("episode") == "variable"
+    if variable:
+        info = dict(info or {}, class_groups=groups, record_columns=VARIABLE_COLUMNS)
     manifest = dict(
         spec,
         **(info or {}),
@@ -172,22 +190,29 @@ def write_split(
         rotations_deg=[k * 90 for k in classes.rotations[split]],
         pool=pool,
         shards=shards,
-        images_per_episode=ways * (shots + queries),
+        images_per_episode=None if variable else ways * (shots + queries),
         pool_bytes=sum(s["bytes"] for s in pool),
         bytes=sum(s["bytes"] for s in shards + pool),
         metadist_version=__version__,
     )
+    _publish(tmp, final, manifest, log)
+    return manifest
+
+
+def _publish(tmp: Path, final: Path, manifest: dict, log) -> None:
+    """The manifest written last, then the folder renamed into place: a split is whole or
+    absent."""
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    shards = manifest["shards"]
     log(
-        f"{final}: wrote {len(ids)} classes ({sum(sizes)} images, "
-        f"{manifest['pool_bytes'] / 1e6:.1f} MB) and "
-        f"{spec['episodes']} episodes in {len(shards)} shards "
+        f"{final}: wrote {len(manifest['classes'])} classes ({sum(manifest['class_images'])} "
+        f"images, {manifest['pool_bytes'] / 1e6:.1f} MB) and "
+        f"{manifest['episodes']} episodes in {len(shards)} shards "
         f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB)"
     )
-    return manifest
 
 
 # ---- reading checked bytes ----
@@ -237,6 +262,44 @@ def decode_records(
             f"{url}: an episode record points outside the split's {len(sizes)} classes"
         )
     return recs
+
+
+def decode_variable_records(url: str, data: bytes, expected: int, class_images: list[int]) -> list:
+    """The records of one shard of variable episodes: a list of (n_i, 5) int32 arrays, each
+    checked: inside the pool; labels 0..ways-1 in order, every class with support and the same
+    number of queries; the support rows before the query rows (a record that is not is a damaged
+    or foreign shard)."""
+    samples = _samples(url, data, "index.npy")
+    if len(samples) != expected:
+        raise ShardError(f"shard {url}: {len(samples)} episodes, manifest says {expected}")
+    sizes = np.asarray(class_images)
+    out = []
+    for key, r in samples:
+        if r.dtype != np.int32 or r.ndim != 2 or r.shape[1] != VARIABLE_COLUMNS or not len(r):
+            raise ShardError(f"{url}: episode {key} is {r.dtype} {r.shape}, expected int32 (n, 5)")
+        if not _variable_record_ok(r, sizes):
+            raise ShardError(f"{url}: episode {key} is not a variable episode of this split's pool")
+        out.append(r)
+    return out
+
+
+def _variable_record_ok(r: np.ndarray, sizes: np.ndarray) -> bool:
+    c, m, k, label, part = r.T
+    if (c < 0).any() or (c >= len(sizes)).any() or (m < 0).any() or (k < 0).any() or (k > 3).any():
+        return False
+    if (m >= sizes[c]).any() or not np.isin(part, (0, 1)).all() or (np.diff(part) < 0).any():
+        return False
+    ways = int(label.max()) + 1
+    support, query = label[part == 0], label[part == 1]
+    per_query = np.bincount(query, minlength=ways)
+    return bool(
+        label.min() == 0
+        and (np.diff(support) >= 0).all()
+        and (np.diff(query) >= 0).all()
+        and (np.bincount(support, minlength=ways) > 0).all()
+        and (per_query == per_query[0]).all()
+        and per_query[0] > 0
+    )
 
 
 def decode_pool(

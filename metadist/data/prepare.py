@@ -14,6 +14,7 @@ writes a shards folder at a time (a lock file beside the splits); another waits 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -22,7 +23,10 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
+
 from metadist.config import DataConfig
+from metadist.data.episodes import check_variable_split
 from metadist.data.format import FORMAT, write_split
 from metadist.data.sources import DataError, folder, omniglot
 from metadist.data.store import ShardError, is_remote, locate, read_manifest
@@ -81,6 +85,8 @@ def requested(d: DataConfig, split: str) -> dict:
         "image_shape": image_shape(d),
         "preprocessing": preprocessing(d),
     }
+    if d.episode == "variable":  # a fixed split's spec (and its old manifests) keeps its keys
+        spec.update(episode="variable", variable=dataclasses.asdict(d.variable))
     if d.source == "omniglot":
         spec.update(
             protocol=d.protocol, val_fraction=d.val_fraction if d.protocol == "alphabets" else None
@@ -108,7 +114,8 @@ def shards_dir(d: DataConfig) -> str | Path:
     if d.shards and is_remote(d.shards):
         return d.shards
     label = f"omniglot-{d.protocol}" if d.source == "omniglot" else dataset_name(d)
-    return Path(d.shards or f"data/shards/{label}-{d.ways}w{d.shots}s{d.queries}q-{digest(d)}")
+    shape = "variable" if d.episode == "variable" else f"{d.ways}w{d.shots}s{d.queries}q"
+    return Path(d.shards or f"data/shards/{label}-{shape}-{digest(d)}")
 
 
 _NAMES = {
@@ -262,6 +269,10 @@ def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) ->
                 )
         classes = load_classes(d, log)
         manifests = {}
+        if d.episode == "variable":  # Meta-Dataset's test-only sources (Traffic Signs, MSCOCO)
+            for name in [s for s in splits if not classes.splits[s]]:
+                log(f"{out / name}: no classes in this split, not written")
+            splits = [s for s in splits if classes.splits[s]]
         for name in splits:
             spec = dict(requested(d, name), content_sha256=classes.digest(name))
             manifests[name] = write_split(
@@ -293,12 +304,15 @@ def load_classes(d: DataConfig, log=print):
         classes = omniglot.class_set(
             d.raw, d.protocol, d.seed, d.val_fraction, d.image_size, log=log
         )
+        if d.channels == 3:  # grey as RGB, to mix with colour sources (as Meta-Dataset does)
+            classes.images = [np.repeat(x, 3, axis=1) for x in classes.images]
     else:
         log(
             f"reading {d.raw} (data.folder.split={d.folder.split}, class depth "
             f"{d.folder.class_depth})"
         )
-        classes = folder.load(d, d.shots + d.queries, log=log)
+        need = 2 if d.episode == "variable" else d.shots + d.queries  # a support and a query
+        classes = folder.load(d, need, log=log, empty_ok=d.episode == "variable")
         log(
             ", ".join(
                 f"{s}: {len(classes.splits[s])} classes, "
@@ -307,6 +321,14 @@ def load_classes(d: DataConfig, log=print):
             )
         )
     classes.check()
+    if d.episode == "variable":
+        classes.groups = class_groups(d.variable.groups, classes)
+        if not any(classes.splits[s] for s in SPLITS):
+            raise DataError(f"{d.raw}: no classes in any split")
+        for s in (s for s in SPLITS if classes.splits[s]):  # an empty one is not written
+            sizes = [len(classes.images[c]) for c in classes.splits[s]]
+            check_variable_split(sizes, d.variable, classes.split_groups(s), s)
+        return classes
     for s in SPLITS:
         if d.ways > len(classes.splits[s]):
             raise DataError(
@@ -315,3 +337,31 @@ def load_classes(d: DataConfig, log=print):
                 f"(data.ways, or the split's fractions)"
             )
     return classes
+
+
+def class_groups(how: str, classes) -> list[str] | None:
+    """data.variable.groups: each class's group ("" none; `parent`: the folder above the class, as
+    Omniglot's alphabets; else a file of `class,group` lines naming every class of the splits)."""
+    if not how:
+        return None
+    if how == "parent":
+        return [n.rsplit("/", 1)[0] if "/" in n else "" for n in classes.names]
+    path = Path(how).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data.variable.groups={how}: neither `parent` nor a file of class,group lines"
+        )
+    table = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip() and not line.startswith("#"):
+            name, sep, group = line.rpartition(",")
+            if not sep or not name.strip():
+                raise DataError(f"{path}:{n}: expected `class,group`, got {line!r}")
+            table[name.strip()] = group.strip()
+    missing = [c for s in SPLITS for c in classes.splits[s] if classes.names[c] not in table]
+    if missing:
+        raise DataError(
+            f"{path}: no group for class {classes.names[missing[0]]!r} "
+            f"({len(missing)} class(es) without one)"
+        )
+    return [table.get(n, "") for n in classes.names]

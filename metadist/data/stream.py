@@ -24,7 +24,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from metadist.data.episodes import labels, rotate_tasks, task_rotations, to_float
-from metadist.data.format import check_format, decode_pool, decode_records, map_pool
+from metadist.data.format import (
+    check_format,
+    decode_pool,
+    decode_records,
+    decode_variable_records,
+    map_pool,
+)
 from metadist.data.store import Access, MappedFile, ShardError, Store, locate, read_manifest
 
 
@@ -52,12 +58,62 @@ class Episodes:
 
     def first(self, n: int) -> Episodes:
         """The first n episodes."""
-        return Episodes(self.source, self.records[:n])
+        return type(self)(self.source, self.records[:n])
 
     @property
     def episode(self) -> tuple[int, int, int]:
         """(ways, shots, queries) of every episode."""
         return self.source.ways, self.source.shots, self.source.queries
+
+    def batch(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        """Episodes a..b-1 as one batch of float tensors (to_batch)."""
+        return to_batch(self[a:b], *self.episode)
+
+
+class VariableEpisodes(Episodes):
+    """A split's variable episodes (Meta-Dataset's: ways, shots and queries vary): `records` is a
+    list of (n_i, 5) records; batch(a, b) pads episodes a..b-1 to their largest (pad_batch)."""
+
+    def __getitem__(self, i):
+        return self.source.gather(self.records[i][:, :3])
+
+    @property
+    def shape(self) -> tuple:
+        raise TypeError("variable episodes have no one shape")
+
+    @property
+    def episode(self) -> tuple[int, int, int]:
+        raise TypeError("variable episodes have no one (ways, shots, queries)")
+
+    def batch(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        return pad_batch(self.records[a:b], self.source.gather)
+
+
+def pad_batch(records: list, gather) -> dict[str, torch.Tensor]:
+    """Variable episodes (records (n_i, 5): class, image, turns, label, part) -> one batch padded
+    to its largest: x_support (T, S, C, H, W) float, y_support (T, S) long with -1 on the padding
+    rows; x_query, y_query likewise; ways (T,) long, each task's number of classes. `gather`: the
+    split's gather, or one per record (episodes of several sources)."""
+    support = [r[r[:, 4] == 0] for r in records]
+    query = [r[r[:, 4] == 1] for r in records]
+    if callable(gather):
+        images = gather(np.concatenate([r[:, :3] for r in support + query]))  # (rows, C, H, W)
+    else:
+        images = np.concatenate(
+            [g(r[:, :3]) for g, r in zip(gather, support)]
+            + [g(r[:, :3]) for g, r in zip(gather, query)]
+        )
+    out, k = {}, 0
+    for name, parts in (("support", support), ("query", query)):
+        rows = max(len(p) for p in parts)
+        x = np.zeros((len(parts), rows, *images.shape[1:]), np.uint8)
+        y = np.full((len(parts), rows), -1, np.int64)
+        for t, p in enumerate(parts):
+            x[t, : len(p)], y[t, : len(p)] = images[k : k + len(p)], p[:, 3]
+            k += len(p)
+        out[f"x_{name}"], out[f"y_{name}"] = to_float(torch.from_numpy(x)), torch.from_numpy(y)
+    out["ways"] = torch.tensor([int(r[:, 3].max()) + 1 for r in records])
+    return out
 
 
 class MappedPool:
@@ -120,7 +176,8 @@ class EpisodeSource:
         self.ways, self.shots, self.queries = (
             self.manifest[k] for k in ("ways", "shots", "queries")
         )
-        self.n = self.ways * (self.shots + self.queries)
+        self.variable = self.manifest.get("episode") == "variable"
+        self.n = None if self.variable else self.ways * (self.shots + self.queries)
         self.image_shape = tuple(self.manifest["image_shape"])
         self.class_images = self.manifest["class_images"]
         self.offsets = np.concatenate([[0], np.cumsum(self.class_images)]).astype(np.int64)
@@ -185,21 +242,18 @@ class EpisodeSource:
                 f"{len(self.class_images)}"
             )
 
-    def shard(self, j: int) -> np.ndarray:
-        """The records of episode shard j: (episodes, n, 3) int32."""
+    def shard(self, j: int) -> np.ndarray | list:
+        """The records of episode shard j: (episodes, n, 3) int32, or for variable episodes a
+        list of (n_i, 5) int32."""
         if self._cache is None or self._cache[0] != j:
             entry = self.shards[j]
             data = self.store.read(self.split, entry)
-            self._cache = (
-                j,
-                decode_records(
-                    self.store.url(self.split, entry["name"]),
-                    data,
-                    entry["episodes"],
-                    self.n,
-                    self.class_images,
-                ),
-            )
+            url = self.store.url(self.split, entry["name"])
+            if self.variable:
+                recs = decode_variable_records(url, data, entry["episodes"], self.class_images)
+            else:
+                recs = decode_records(url, data, entry["episodes"], self.n, self.class_images)
+            self._cache = (j, recs)
         return self._cache[1]
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:
@@ -233,12 +287,17 @@ class EpisodeSource:
         within = np.random.default_rng([self.seed, 12, epoch, j]).permutation(int(self.counts[j]))
         return j, int(within[offset - starts[slot]])
 
-    def episodes(self, positions) -> np.ndarray:
+    def records_at(self, positions) -> list:
+        """The records at these stream positions."""
         recs = []
         for p in positions:
             j, i = self.locate(p)
             recs.append(self.shard(j)[i])
-        return self.gather(np.stack(recs))
+        return recs
+
+    def episodes(self, positions) -> np.ndarray:
+        """The (fixed) episodes at these stream positions: uint8 (len, n, C, H, W)."""
+        return self.gather(np.stack(self.records_at(positions)))
 
     def all(self, limit: int = 0) -> Episodes:
         """The split's episodes in index order (fixed val/test sets), gathered on demand."""
@@ -249,7 +308,41 @@ class EpisodeSource:
                 break
             out.append(self.shard(j)[: n - done])
             done += len(out[-1])
+        if self.variable:
+            return VariableEpisodes(self, [r for part in out for r in part])
         return Episodes(self, np.concatenate(out))
+
+
+def source_names(roots: list) -> list[str]:
+    """A short name per source (data.sources): its folder's or URL's last part, numbered where two
+    are alike."""
+    names = [str(r).rstrip("/").rsplit("/", 1)[-1] or str(r) for r in roots]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def open_sources(roots: list, split: str, seed: int = 0, access: Access = Access()) -> list:
+    """`split` of every source, checked to mix in one run: images of one shape, episodes of one
+    kind (variable, or fixed of one ways/shots/queries). A source that does not mix is one
+    ShardError naming it."""
+    out = [EpisodeSource(r, split, seed, access) for r in roots]
+    first, names = out[0], source_names(roots)
+
+    def kind(s: EpisodeSource) -> str:
+        return "variable" if s.variable else f"{s.ways}-way {s.shots}-shot {s.queries}-query"
+
+    for name, s in zip(names[1:], out[1:]):
+        if s.image_shape != first.image_shape:
+            raise ShardError(
+                f"data.sources: {name} has images of shape {list(s.image_shape)}, {names[0]} "
+                f"{list(first.image_shape)}: prepare every source at one data.image_size and "
+                "data.channels"
+            )
+        if kind(s) != kind(first):
+            raise ShardError(
+                f"data.sources: {name} has {kind(s)} episodes, {names[0]} {kind(first)}: prepare "
+                "every source with the same data.episode (variable, or one ways/shots/queries)"
+            )
+    return out
 
 
 def to_batch(x, ways: int, shots: int, queries: int) -> dict[str, torch.Tensor]:
@@ -280,6 +373,7 @@ class StreamSpec:
     task_aug: float = 0.0
     num_workers: int = 0
     device: object = None  # a torch device: the split resident there (ResidentBatches)
+    source_weights: tuple = ()  # many sources: each task's source drawn by these (uniform: ())
 
     @property
     def share(self) -> int:
@@ -329,6 +423,92 @@ class MetaBatches(IterableDataset):
         k, n = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.spec.start + k, self.spec.stop, n):
             yield self.batch_at(step)
+
+
+class VariableBatches(MetaBatches):
+    """The same stream as MetaBatches over a split of variable episodes: each step's episodes
+    padded to their largest (pad_batch), with task augmentation on the padded images."""
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        recs = self.source.records_at([step * self.batch + t for t in self.tasks])
+        b = pad_batch(recs, self.source.gather)
+        if self.spec.task_aug > 0:
+            ks = task_rotations(self.spec.seed, step, self.tasks, self.spec.task_aug)
+            b["x_support"], b["x_query"] = (
+                rotate_tasks(b["x_support"], ks),
+                rotate_tasks(b["x_query"], ks),
+            )
+        b["step"] = step
+        return b
+
+
+class SourceMix:
+    """Which source each task of a run draws its episode from, and which of that source's
+    episodes: the source of global task t of step s drawn by `weights` from (seed, s, t) alone, so
+    the draw does not depend on the world size; source k's episodes taken in its own stream order
+    (EpisodeSource.locate), the n-th task drawn from it getting position n. The draws come in
+    blocks of BLOCK steps, each from its own generator, with their counts cumulated, so a resumed
+    run finds its positions without replaying every step."""
+
+    BLOCK = 1024
+
+    def __init__(self, weights: list[float], seed: int, batch: int):
+        w = np.asarray(weights, np.float64)
+        self.p, self.seed, self.batch = w / w.sum(), seed, batch
+        self._before = [np.zeros(len(w), np.int64)]  # counts before each block
+
+    @lru_cache(maxsize=2)  # noqa: B019 (one mix per run)
+    def _block(self, b: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 19, b])
+        return rng.choice(len(self.p), size=(self.BLOCK, self.batch), p=self.p)
+
+    def at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, position) of every task of `step`: two (batch,) arrays."""
+        b, r = divmod(step, self.BLOCK)
+        while len(self._before) <= b:
+            k = len(self._before) - 1
+            counts = np.bincount(self._block(k).ravel(), minlength=len(self.p))
+            self._before.append(self._before[-1] + counts)
+        block = self._block(b)
+        seen = self._before[b] + np.bincount(block[:r].ravel(), minlength=len(self.p))
+        src = block[r]
+        pos = np.empty(self.batch, np.int64)
+        for t, k in enumerate(src.tolist()):
+            pos[t] = seen[k]
+            seen[k] += 1
+        return src, pos
+
+
+class MixedBatches(MetaBatches):
+    """Meta-batches whose tasks come from several sources (data.sources), each task's source and
+    episode from a SourceMix: episodes padded to the step's largest (variable ones; fixed ones all
+    of one shape are stacked), with `source` (tasks, sources), each task's source one-hot."""
+
+    def __init__(self, sources: list[EpisodeSource], weights: list[float], spec: StreamSpec):
+        super().__init__(sources[0], spec)
+        self.sources = sources
+        self.mix = SourceMix(weights, spec.seed, spec.meta_batch_size)
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        src, pos = self.mix.at(step)
+        mine = [(self.sources[src[t]], int(pos[t])) for t in self.tasks]
+        recs = [s.records_at([p])[0] for s, p in mine]
+        if self.source.variable:
+            b = pad_batch(recs, [s.gather for s, _ in mine])
+        else:
+            x = np.stack([s.gather(r) for (s, _), r in zip(mine, recs)])
+            b = to_batch(x, self.source.ways, self.source.shots, self.source.queries)
+        if self.spec.task_aug > 0:
+            ks = task_rotations(self.spec.seed, step, self.tasks, self.spec.task_aug)
+            b["x_support"], b["x_query"] = (
+                rotate_tasks(b["x_support"], ks),
+                rotate_tasks(b["x_query"], ks),
+            )
+        b["source"] = torch.nn.functional.one_hot(
+            torch.from_numpy(src[self.tasks.start : self.tasks.stop]), len(self.sources)
+        ).float()
+        b["step"] = step
+        return b
 
 
 class ResidentBatches(MetaBatches):
@@ -401,8 +581,9 @@ class ClassBatches(MetaBatches):
 
 def loader(ds: MetaBatches, num_workers: int):
     """An iterator over a batch reader: in this process, or from `num_workers` forked DataLoader
-    workers (the pool is read and checked first, so they share it)."""
-    _ = ds.source.pool
+    workers (the pools are read and checked first, so they share them)."""
+    for source in getattr(ds, "sources", [ds.source]):
+        _ = source.pool
     if num_workers == 0:
         return iter(ds)
     return iter(
@@ -416,11 +597,20 @@ def loader(ds: MetaBatches, num_workers: int):
     )
 
 
-def meta_batches(source: EpisodeSource | str | Path, spec: StreamSpec):
+def meta_batches(source, spec: StreamSpec, weights: list[float] | None = None):
     """Iterator over this rank's share of the episode meta-batches of `spec` (resident on
-    `spec.device` when given). `source`: an EpisodeSource, or a local split folder."""
+    `spec.device` when given). `source`: an EpisodeSource, or a local split folder; or a list of
+    EpisodeSources (many sources: MixedBatches, each task's source drawn by `weights`, uniform if
+    None)."""
+    if isinstance(source, list):
+        if len(source) > 1:
+            w = weights or list(spec.source_weights) or [1.0] * len(source)
+            return loader(MixedBatches(source, w, spec), spec.num_workers)
+        source = source[0]
     if not isinstance(source, EpisodeSource):
         source = EpisodeSource(source, None, spec.seed)
+    if source.variable:  # padded on the host, step by step
+        return loader(VariableBatches(source, spec), spec.num_workers)
     if spec.device is not None:  # the whole split resident on the device (no workers needed)
         return iter(ResidentBatches(source, spec))
     return loader(MetaBatches(source, spec), spec.num_workers)

@@ -73,15 +73,40 @@ def task_conv(h: torch.Tensor, w: torch.Tensor, padding: int = 1) -> torch.Tenso
     return F.conv2d(h, w.reshape(T * w.shape[1], *w.shape[2:]), None, padding=padding, groups=T)
 
 
+def masked_batch_norm(x: torch.Tensor, weight, bias, mask: torch.Tensor) -> torch.Tensor:
+    """batch_norm with the statistics of the rows where `mask` (n, channels, 1, 1) is 1 alone:
+    the padding rows of variable episodes change nothing (their outputs are never read)."""
+    count = mask.sum(0, keepdim=True) * (x.shape[2] * x.shape[3])
+    mean = (x * mask).sum((0, 2, 3), keepdim=True) / count
+    var = ((x - mean).square() * mask).sum((0, 2, 3), keepdim=True) / count
+    scale = weight * torch.rsqrt(var + EPS)
+    return torch.addcmul(bias - mean * scale, x, scale)
+
+
+def fold_mask(mask: torch.Tensor, channels: int) -> torch.Tensor:
+    """(T, n) bool, the real (not padding) images of each task -> (n, T*channels, 1, 1) float,
+    matching fold()'s channels."""
+    return mask.t().repeat_interleave(channels, dim=1)[..., None, None].float()
+
+
 def task_norm(
-    h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, step: int = 0, native: bool = False
+    h: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    step: int = 0,
+    native: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each task's BatchNorm (its own statistics and weights): h (n, T*C, H, W), g and b (T, C), or
     (T, steps, C) per inner step (row `step`, the last for later steps). native: torch's fused
-    kernel, right and faster where no second-order graph goes through it."""
+    kernel, right and faster where no second-order graph goes through it. mask (T, n): a padded
+    batch's real images (variable episodes), the only ones the statistics see."""
     if g.dim() == 3:
         row = min(step, g.shape[1] - 1)
         g, b = g[:, row], b[:, row]
+    if mask is not None:
+        m = fold_mask(mask, h.shape[1] // mask.shape[0]).to(h.dtype)
+        return masked_batch_norm(h, g.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1), m)
     if native:
         return F.batch_norm(h, None, None, g.reshape(-1), b.reshape(-1), training=True, eps=EPS)
     return batch_norm(h, g.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))
@@ -170,10 +195,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         step: int = 0,
         native_norm: bool = False,
         rng: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (T, n, C, H, W), params[k] (T, *shape): every task with its own weights -> (T, n,
         feature_dim). rng: the generator of random layers (DropBlock) in meta-training; None: none
-        drop."""
+        drop. mask (T, n): a padded batch's real images (variable episodes; None: all real)."""
 
     def tasks_forward(
         self,
@@ -182,10 +208,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         step: int = 0,
         native_norm: bool = False,
         rng: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run T tasks at once, task t with its own weights params[k][t]; `step` is the inner step
         (per-step BatchNorm weights). x: (T, n, C, H, W) -> logits (T, n, ways)."""
-        h = self.tasks_features(params, x, step, native_norm, rng)
+        h = self.tasks_features(params, x, step, native_norm, rng, mask)
         return torch.baddbmm(
             params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2)
         )

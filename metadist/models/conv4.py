@@ -59,9 +59,9 @@ class ConvNet(Backbone):
     def features(self, x):
         return self.blocks(x).flatten(1)
 
-    def tasks_features(self, params, x, step=0, native_norm=False, rng=None):
+    def tasks_features(self, params, x, step=0, native_norm=False, rng=None, mask=None):
         """Tasks folded into channels: (n, T*C, H, W) with grouped convolutions, so each task keeps
-        its own BatchNorm statistics."""
+        its own BatchNorm statistics (of its real images alone, with a `mask`)."""
         T, n = x.shape[:2]
         h = fold(x)
         for i in range(self.depth):
@@ -72,6 +72,7 @@ class ConvNet(Backbone):
                 params[f"blocks.{i}.norm.bias"],
                 step,
                 native_norm,
+                mask,
             )
             h = F.max_pool2d(F.relu(h), 2)
         return h.reshape(n, T, -1).transpose(0, 1)  # (T, n, features)

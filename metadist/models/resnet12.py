@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from metadist.config import ConfigError
-from metadist.models.common import Backbone, BatchStatNorm, InnerRates, fold, task_conv, task_norm
+from metadist.models.common import (
+    Backbone,
+    BatchStatNorm,
+    InnerRates,
+    fold,
+    fold_mask,
+    task_conv,
+    task_norm,
+)
 
 SLOPE = 0.1
 
@@ -67,8 +75,9 @@ class ResNet12(Backbone):
     def features(self, x):
         return self.blocks(x).mean((2, 3))
 
-    def _drop(self, h: torch.Tensor, i: int, T: int, rng: torch.Generator | None) -> torch.Tensor:
-        """DropBlock on (n, T*C, H, W), each task's mask rescaled by its own kept fraction."""
+    def _drop(self, h: torch.Tensor, i: int, T: int, rng, mask=None) -> torch.Tensor:
+        """DropBlock on (n, T*C, H, W), each task's mask rescaled by its own kept fraction (of its
+        real images, with a padding `mask` (T, n))."""
         if not self.dropblock or rng is None or i < 2:
             return h
         n, tc, H, W = h.shape
@@ -80,11 +89,16 @@ class ResNet12(Backbone):
         pad = bs - 1
         blocks = F.max_pool2d(F.pad(seeds, (pad, pad, pad, pad)), bs, stride=1)[..., :H, :W]
         keep = 1.0 - blocks
-        kept = keep.reshape(n, T, -1, H, W).sum((0, 2, 3, 4)).clamp_min(1.0)  # per task
-        scale = (keep.numel() / T) / kept
+        if mask is None:
+            kept = keep.reshape(n, T, -1, H, W).sum((0, 2, 3, 4)).clamp_min(1.0)  # per task
+            scale = (keep.numel() / T) / kept
+        else:
+            m = fold_mask(mask, tc // T).to(keep)
+            kept = (keep * m).reshape(n, T, -1, H, W).sum((0, 2, 3, 4)).clamp_min(1.0)
+            scale = m.reshape(n, T, -1).sum((0, 2)) * (H * W) / kept
         return h * keep * scale.repeat_interleave(tc // T).view(1, tc, 1, 1)
 
-    def tasks_features(self, params, x, step=0, native_norm=False, rng=None):
+    def tasks_features(self, params, x, step=0, native_norm=False, rng=None, mask=None):
         T, n = x.shape[:2]
         h = fold(x)
         for i in range(len(self.widths)):
@@ -97,6 +111,7 @@ class ResNet12(Backbone):
                     params[p + bn + ".bias"],
                     step,
                     native_norm,
+                    mask,
                 )
 
             out = F.leaky_relu(conv_norm(h, "conv1", "bn1"), SLOPE)
@@ -105,7 +120,7 @@ class ResNet12(Backbone):
             h = F.max_pool2d(
                 F.leaky_relu(out + conv_norm(h, "shortcut", "bn_sc", padding=0), SLOPE), 2
             )
-            h = self._drop(h, i, T, rng)
+            h = self._drop(h, i, T, rng, mask)
         return h.mean((2, 3)).reshape(n, T, -1).transpose(0, 1)  # (T, n, widths[-1])
 
 

@@ -71,13 +71,23 @@ def decode(where, channels: int, data: bytes | None = None) -> torch.Tensor:
 class ClassSet:
     """names[i]: class i's name (a relative path, unique); images[i]: its images (n_i, C, H, W)
     uint8; splits[s]: the class indices of split s (no class in two splits); rotations[s]: the
-    quarter turns k of np.rot90 that make extra classes of split s (the MAML paper's Omniglot)."""
+    quarter turns k of np.rot90 that make extra classes of split s (the MAML paper's Omniglot);
+    groups[i]: class i's group (variable episodes draw one episode's classes from one group), or
+    None."""
 
     names: list[str]
     images: list[np.ndarray]
     splits: dict[str, list[int]]
     rotations: dict[str, tuple[int, ...]]
     source: dict = field(default_factory=dict)
+    groups: list[str] | None = None
+
+    def split_groups(self, split: str) -> list[int] | None:
+        """The group of each of `split`'s classes, as ids 0.. in order of first appearance."""
+        if self.groups is None:
+            return None
+        ids: dict[str, int] = {}
+        return [ids.setdefault(self.groups[c], len(ids)) for c in self.splits[split]]
 
     def digest(self, split: str) -> str:
         """sha256 of split's class names and pixels, in order (the content, not the files)."""

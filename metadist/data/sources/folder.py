@@ -6,7 +6,8 @@ Layouts (`data.folder.split`, a table of readers: LAYOUTS):
   `data.val_fraction`
              with numpy's default_rng(data.seed) (test first, then val, the rest train)
   lists      <root>/<class>/<image> and <split_dir>/{train,val,test}.txt, one class per line (as
-             CIFAR-FS and CUB splits are distributed; blank lines and # comments skipped)
+             CIFAR-FS and CUB splits are distributed; blank lines and # comments skipped); or
+             split_dir a Meta-Dataset split file, <source>_splits.json (train, valid, test lists)
   csv        <root>/<filename> and <split_dir>/{train,val,test}.csv with the columns filename,label
              (Ravi & Larochelle's mini-ImageNet split: every image in one folder)
   folders    <root>/{train,val,test}/<class>/<image> (FC100 style)
@@ -83,6 +84,8 @@ def class_order(name: str) -> tuple:
 
 
 def _read_lists(split_dir: Path, depth: int) -> dict[str, list[str]]:
+    if split_dir.suffix == ".json":
+        return _read_split_json(split_dir, depth)
     out = {}
     for split in SPLITS:
         path = split_dir / f"{split}.txt"
@@ -102,6 +105,33 @@ def _read_lists(split_dir: Path, depth: int) -> dict[str, list[str]]:
                     )
                 names.append(line)
         out[split] = names
+    return out
+
+
+def _read_split_json(path: Path, depth: int) -> dict[str, list[str]]:
+    """Meta-Dataset's split files (dataset_conversion/splits/<source>_splits.json): {"train":
+    [classes], "valid": [...], "test": [...]}; a split may be empty (a test-only source)."""
+    import json
+
+    if not path.is_file():
+        raise DataError(f"data.folder.split_dir={path}: no such split file")
+    try:
+        table = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a JSON split file ({e})") from None
+    keys = {"train": "train", "val": "valid" if "valid" in table else "val", "test": "test"}
+    out = {}
+    for split, key in keys.items():
+        names = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path}: expected a list of class names under {key!r}")
+        bad = [n for n in names if len(n.strip("/").split("/")) != depth]
+        if bad:
+            raise DataError(
+                f"{path}: class {bad[0]!r} is not {depth} folder(s) deep "
+                f"(data.folder.class_depth={depth})"
+            )
+        out[split] = [n.strip("/") for n in names]
     return out
 
 
@@ -172,8 +202,9 @@ def _layout_lists(root: Path, sdir: Path, f, seed: int, val_fraction: float, log
     for s in SPLITS:
         for c in parts[s]:
             if c not in paths:
+                where = sdir if sdir.suffix == ".json" else sdir / (s + ".txt")
                 raise DataError(
-                    f"{sdir / (s + '.txt')}: class {c!r} does not exist under {root} "
+                    f"{where}: class {c!r} does not exist under {root} "
                     f"(no folder with images there)"
                 )
         parts[s] = sorted(parts[s], key=class_order)
@@ -226,20 +257,25 @@ LAYOUTS = {
 
 
 def _keep_large_enough(
-    paths: dict, parts: dict, need: int, small: str, root: Path, layout: str, log
+    paths: dict, parts: dict, need: tuple, f, root: Path, log, empty_ok=False
 ) -> dict:
-    """Each split's classes with at least `need` images (small="skip": the others left out,
-    counted)."""
+    """Each split's classes with at least need[0] images (need[1] says why; f.small_classes=skip:
+    the others left out, counted). A split the layout (f.split) leaves empty is an error, unless
+    `empty_ok`."""
+    small, layout = f.small_classes, f.split
+    need, why = need
     for s in SPLITS:
+        if not parts[s] and empty_ok:
+            continue
         kept = []
         for c in parts[s]:
             if len(paths[c]) < need:
                 if small == "skip":
                     continue
                 raise DataError(
-                    f"class {c!r} ({s}) has {len(paths[c])} images, an episode needs shots + "
-                    "queries = "
-                    f"{need}; remove it, lower data.queries, or set data.folder.small_classes=skip"
+                    f"class {c!r} ({s}) has {len(paths[c])} images, an episode needs {why} = "
+                    f"{need}; remove it, set data.folder.small_classes=skip"
+                    + (", or lower data.queries" if why.startswith("shots") else "")
                 )
             kept.append(c)
         if len(kept) < len(parts[s]):
@@ -256,10 +292,11 @@ def _keep_large_enough(
     return parts
 
 
-def load(d, need: int, log=print, workers: int = 0) -> ClassSet:
+def load(d, need: int, log=print, workers: int = 0, empty_ok: bool = False) -> ClassSet:
     """The dataset of data section `d` (data.raw in layout data.folder.split), preprocessed: every
     class with at least `need` images (shots + queries); fewer is an error naming the class, or
-    (data.folder.small_classes=skip) the class is left out and counted."""
+    (data.folder.small_classes=skip) the class is left out and counted. empty_ok: a split the
+    layout leaves without classes is kept empty (Meta-Dataset's test-only sources)."""
     f = d.folder
     root = Path(d.raw).expanduser()
     if not d.raw or not root.is_dir():
@@ -270,7 +307,8 @@ def load(d, need: int, log=print, workers: int = 0) -> ClassSet:
         raise DataError(f"data.folder.split={f.split!r}: allowed values are {', '.join(LAYOUTS)}")
     sdir = Path(f.split_dir).expanduser() if f.split_dir else root
     paths, parts = LAYOUTS[f.split](root, sdir, f, d.seed, d.val_fraction, log)
-    parts = _keep_large_enough(paths, parts, need, f.small_classes, root, f.split, log)
+    why = "a support and a query image" if d.episode == "variable" else "shots + queries"
+    parts = _keep_large_enough(paths, parts, (need, why), f, root, log, empty_ok)
     names = [c for s in SPLITS for c in parts[s]]
     images = _decode_all(
         [(paths[c], d.channels, d.image_size, f.resize, f.invert) for c in names], workers

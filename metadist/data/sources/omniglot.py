@@ -155,6 +155,17 @@ def pool(
     return names, np.concatenate([background.images, evaluation.images])
 
 
+def _by_alphabet(names: list[tuple[str, str, str]], idx_bg: list[int], idx_ev: list[int]) -> dict:
+    """Meta-Dataset's Omniglot split (make_splits, `metadataset`)."""
+    alphabets: dict[str, list[int]] = {}
+    for i in idx_bg:
+        alphabets.setdefault(names[i][1], []).append(i)
+    n_val = 5 if len(alphabets) == 30 else max(1, round(len(alphabets) * 5 / 30))
+    smallest = sorted(alphabets, key=lambda a: (len(alphabets[a]), a))[:n_val]
+    val = sorted(i for a in smallest for i in alphabets[a])
+    return {"train": sorted(set(idx_bg) - set(val)), "val": val, "test": sorted(idx_ev)}
+
+
 def make_splits(
     names: list[tuple[str, str, str]], protocol: str, seed: int, val_fraction: float = 0.2
 ) -> dict[str, Split]:
@@ -165,6 +176,10 @@ def make_splits(
     characters: all characters permuted by default_rng(seed); 1100 train, 100 val, the rest test
       (423 on full Omniglot), each class also rotated by 90/180/270 degrees (the MAML paper).
       On a smaller set the counts scale as 1100:100:423.
+    metadataset: Meta-Dataset's split by alphabet: the 5 smallest background alphabets (by
+      characters, then name: Blackfoot, Ojibwe, Inuktitut, Tagalog, Alphabet of the Magi; 81
+      characters) val, the other 25 train (883), the 20 evaluation alphabets test (659); on a
+      smaller set 1 in 6 background alphabets (at least 1) go to val.
     """
     idx_bg = [i for i, n in enumerate(names) if n[0] == SETS[0]]
     idx_ev = [i for i, n in enumerate(names) if n[0] == SETS[1]]
@@ -174,6 +189,8 @@ def make_splits(
         n_val = max(1, round(val_fraction * len(perm)))
         parts = {"train": sorted(perm[n_val:]), "val": sorted(perm[:n_val]), "test": sorted(idx_ev)}
         rotations = (0,)
+    elif protocol == "metadataset":
+        parts, rotations = _by_alphabet(names, idx_bg, idx_ev), (0,)
     elif protocol == "characters":
         every = idx_bg + idx_ev
         perm = [every[i] for i in rng.permutation(len(every))]
