@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import meta_step as reference_step
 from metadist.algorithms import maml
 from metadist.algorithms.core import Chunking, Inner, meta_backward
+from metadist.machine import cpu_facts
 from metadist.models.conv4 import ConvNet
 
 # metadist's selectable strategies; "batched" is the default
@@ -39,15 +39,38 @@ def strategies(device) -> tuple[str, ...]:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    c = cpu_facts()
+    return (
+        f"{c['name']} ({c['vendor']} family {c['family']} model {c['model']}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+
+
+def cpu_peak(threads: int) -> tuple[float, str]:
+    """The float32 ceiling of `threads` cores in GFLOP/s, and how it was counted: vector lanes
+    (AVX-512: 16, AVX/AVX2: 8, else 4) x 2 (an FMA is two FLOPs) x 2 FMA units per core (what
+    current server cores have: Xeon Sapphire Rapids, EPYC Zen 4/5; an assumption, not read from
+    the CPU) x the clock /proc/cpuinfo reports (on a VM often the base clock, not the boost)."""
+    c = cpu_facts()
+    flags = set(c["vector_flags"])
+    lanes = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+    ghz = c["mhz"] / 1000
+    peak = threads * lanes * 2 * 2 * ghz
+    how = f"{threads} cores x {lanes} float32 lanes x 2 (FMA) x 2 FMA units x {ghz:.2f} GHz"
+    return peak, how
+
+
+def flops_per_task(model, batch, inner: Inner) -> float:
+    """FLOPs of one task of the reference loop's meta-step (forward, inner gradients and the
+    meta-backward through them), as torch.utils.flop_counter counts them (convolutions and matrix
+    products; element-wise work such as BatchNorm and ReLU is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: v[:1] for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        reference_step(model, one, inner.steps, inner.lr, inner.first_order)
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 def make_batch(ways, tasks, device, shots=1, queries=1, seed=0):
@@ -174,6 +197,7 @@ def bench_meta(device, quick: bool) -> list[dict]:
                 runs = {"reference": runner("reference", model, batch, inner)}
                 runs.update({s: runner(s, model, batch, inner) for s in strategies(device)})
                 err = equivalence(model, batch, inner)
+                flops = flops_per_task(model, batch, inner)
                 tps = time_interleaved(model, runs, tasks, device, rounds=2)
                 mem = {k: graph_bytes(run, device) for k, run in runs.items()}
                 model.zero_grad(set_to_none=True)
@@ -191,6 +215,8 @@ def bench_meta(device, quick: bool) -> list[dict]:
                             "strategy": k if k != "auto" else f"auto={pick}",
                             "tasks_per_s": tps[k],
                             "ratio": tps[k] / tps["reference"],
+                            "gflop_per_task": flops / 1e9,
+                            "gflop_per_s": flops * tps[k] / 1e9,
                             "mem_mb": mem[k] / 2**20,
                             "max_rel_grad_err": err.get(k, 0.0),
                         }
@@ -199,7 +225,8 @@ def bench_meta(device, quick: bool) -> list[dict]:
                     print(
                         f"{ways:>4} {tasks:>5} {r['order']:>5} {steps:>5}  {r['strategy']:<12} "
                         f"{r['tasks_per_s']:>8.1f} "
-                        f"{r['ratio']:>6.2f}x {r['mem_mb']:>9.1f} {r['max_rel_grad_err']:>14.1e}",
+                        f"{r['ratio']:>6.2f}x {r['gflop_per_task']:>7.3f} {r['gflop_per_s']:>7.1f} "
+                        f"{r['mem_mb']:>9.1f} {r['max_rel_grad_err']:>14.1e}",
                         flush=True,
                     )
     return rows
@@ -297,10 +324,20 @@ def main():
         )
         print(
             f"{'ways':>4} {'batch':>5} {'order':>5} {'steps':>5}  {'strategy':<12} {'tasks/s':>8} "
-            f"{'ratio':>7} "
+            f"{'ratio':>7} {'GFLOP':>7} {'GFLOP/s':>7} "
             f"{'mem MB':>9} {'grad err (f64)':>14}"
         )
         out["meta"] = bench_meta(device, args.quick)
+        if device.type == "cpu":
+            peak, how = cpu_peak(torch.get_num_threads())
+            best = max(r["gflop_per_s"] for r in out["meta"])
+            out["cpu_peak_gflop_per_s"] = peak
+            print(
+                f"GFLOP: per task of the reference loop (torch.utils.flop_counter: convolutions "
+                f"and matrix products); GFLOP/s: that work over each row's time. This CPU's "
+                f"float32 ceiling: {peak:.0f} GFLOP/s ({how}); the best row reaches "
+                f"{best:.1f} ({100 * best / peak:.1f}%)."
+            )
     if args.only in (None, "memory"):
         print(
             "\nsecond-order memory against inner steps (5-way 1-shot, 32 tasks, batched) "

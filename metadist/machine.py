@@ -4,14 +4,20 @@ metadist/schedule.py). The same command on the same machine then reads the same 
 gives the same weights.
 
 The cache is `$METADIST_CACHE_DIR`, else `$XDG_CACHE_HOME/metadist`, else `~/.cache/metadist`; a
-record is keyed by the machine (CPU model, torch version, intra-op threads) and the shape of what
-was measured. Concurrent runs take a lock: one measures, the others wait and read it.
+record is keyed by the machine and the shape of what was measured. The machine is what changes the
+kernels torch picks and their float rounding: the CPU's vendor, family, model and stepping (the
+model *name* alone reads "AMD EPYC" for several generations on virtual machines), its vector
+flags, the intra-op threads, the torch version and build and the kernel level torch dispatches to
+(`ATEN_CPU_CAPABILITY` can lower it), and the GPUs. A cache in a home folder shared by a
+cluster's mixed nodes then gives each kind of node its own records. Concurrent runs take a lock:
+one measures, the others wait and read it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -29,18 +35,78 @@ def cache_dir() -> Path:
     return Path(base) / "metadist"
 
 
-def cpu_model() -> str:
+# the flags that decide which vector kernels run (x86: SSE..AVX-512, AMX; Arm: NEON, SVE)
+VECTOR_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512dq", "avx512bw",
+    "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+    "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
+)  # fmt: skip
+# /proc/cpuinfo's field for each fact: x86 first, then Arm
+_FIELDS = {
+    "vendor": ("vendor_id", "CPU implementer"),
+    "family": ("cpu family", "CPU architecture"),
+    "model": ("model", "CPU part"),
+    "stepping": ("stepping", "CPU revision"),
+    "name": ("model name",),
+    "flags": ("flags", "Features"),
+}
+
+
+@functools.cache
+def cpu_facts() -> dict:
+    """The first processor's identity in /proc/cpuinfo: vendor, family, model, stepping, model
+    name, the vector flags it has (of VECTOR_FLAGS), and its clock now (MHz, not part of keys)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                if fields:
+                    break  # the first processor's block
+                continue
+            k, _, v = line.partition(":")
+            fields.setdefault(k.strip(), v.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    facts = {
+        fact: next((fields[f] for f in names if f in fields), "") for fact, names in _FIELDS.items()
+    }
+    facts["name"] = facts["name"] or platform.processor() or platform.machine()
+    present = set(facts.pop("flags").split())
+    facts["vector_flags"] = [f for f in VECTOR_FLAGS if f in present]
+    facts["mhz"] = float(fields.get("cpu MHz", 0) or 0)
+    return facts
+
+
+def cpu_model() -> str:
+    return cpu_facts()["name"]
+
+
+@functools.cache
+def torch_build() -> str:
+    """torch's version, commit and a digest of its build settings (BLAS, oneDNN, compilers)."""
+    show = torch.__config__.show()
+    return (
+        f"{torch.__version__} {torch.version.git_version[:12]} "
+        f"{hashlib.sha256(show.encode()).hexdigest()[:12]}"
+    )
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    """What this machine's kernels and rounding depend on: the key of every cached fact."""
+    cpu = cpu_facts()
+    key = {
+        "cpu": cpu["name"],
+        "cpu_id": f"{cpu['vendor']} family {cpu['family']} model {cpu['model']} "
+        f"stepping {cpu['stepping']}",
+        "vector_flags": " ".join(cpu["vector_flags"]),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "torch_build": torch_build(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        key["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return key
 
 
 @contextlib.contextmanager

@@ -43,3 +43,29 @@ def test_written_out_batch_norm_equals_torchs():
     assert torch.allclose(
         ours, F.batch_norm(x, None, None, w, b, training=True), rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 4, 7, 9), (20, 64, 28, 28)])
+def test_channels_last_max_pool_equals_torchs_bit_for_bit(dtype, shape):
+    """The max pool whose forward runs through the channels-last kernel (models.common) gives
+    F.max_pool2d's output, gradient and second-order gradient bit for bit, ties included (ReLU's
+    zeros and repeated values tie in most windows), odd sizes dropping the last row/column."""
+    from metadist.models.common import _MaxPool2
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(-3, 4, shape, generator=g).to(dtype)  # many ties
+    x = torch.where(x < 0, torch.zeros_like(x), x) + 0.0  # ReLU-like zeros
+    x[0, 0, :2, :2] = float("nan")
+    w = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=g, dtype=dtype)
+    outs = []
+    for pool in (lambda v: F.max_pool2d(v, 2), _MaxPool2.apply):
+        a = x.clone().requires_grad_(True)
+        y = pool(a * a)  # the input's own gradient path makes the double backward non-trivial
+        (gx,) = torch.autograd.grad((y * w).nansum(), a, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * gx).nansum(), a)
+        outs.append((y.detach(), gx.detach(), ggx))
+        assert y.is_contiguous()
+    for ref, got in zip(outs[0], outs[1]):
+        assert ref.shape == got.shape
+        assert torch.equal(ref.nan_to_num(7.5), got.nan_to_num(7.5))

@@ -1,6 +1,8 @@
 """Which strategy runs a rank's tasks (metadist/strategy.py): the rule, the measurement and its
 per-machine cache (metadist/machine.py), with a measured chunk that is a fake with a known speed."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,13 +58,41 @@ def test_auto_on_a_cpu_measures_once_per_machine_and_shape(monkeypatch, cache):
     # another shape is measured anew
     other = strategy.choose("auto", torch.device("cpu"), {"ways": 20}, run)
     assert other["strategy"] == "batched" and len(run.calls) > n
-    # and so is another machine fact: the key holds the CPU, torch and the thread count
+    # and so is another machine: the key names the CPU beyond its model name (two generations
+    # of "AMD EPYC" differ in family/model/stepping and flags), torch's build, the threads
     key = first["key"]
-    assert key["shape"] == {"ways": 5} and {"cpu", "torch", "threads"} <= set(key)
-    monkeypatch.setattr(machine, "machine", lambda: dict(key, threads=key["threads"] + 7))
-    n = len(run.calls)
-    strategy.choose("auto", torch.device("cpu"), {"ways": 5}, run)
-    assert len(run.calls) > n
+    want = {"cpu", "cpu_id", "vector_flags", "kernels", "torch", "torch_build", "threads"}
+    assert key["shape"] == {"ways": 5} and want <= set(key)
+    assert "family" in key["cpu_id"] and "stepping" in key["cpu_id"]
+    for other_machine in (
+        dict(key, threads=key["threads"] + 7),
+        dict(key, cpu_id=key["cpu_id"] + "0"),  # same model name, another stepping
+        dict(key, vector_flags=key["vector_flags"] + " avx512_fp16x"),
+        dict(key, torch_build=key["torch_build"] + "x"),
+    ):
+        monkeypatch.setattr(machine, "machine", lambda m=other_machine: m)
+        n = len(run.calls)
+        got = strategy.choose("auto", torch.device("cpu"), {"ways": 5}, run, say=lambda *a: None)
+        assert len(run.calls) > n and "measured now" in got["why"]
+
+
+def test_the_machine_key_reads_the_cpu_identity_of_proc_cpuinfo():
+    """On Linux the key's CPU fields come from /proc/cpuinfo's first processor (x86 or Arm)."""
+    facts = machine.cpu_facts()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "vendor_id" in text:
+        first = text.split("\n\n")[0]
+        fields = {
+            k.strip(): v.strip() for k, _, v in (x.partition(":") for x in first.splitlines())
+        }
+        assert facts["vendor"] == fields["vendor_id"] and facts["model"] == fields["model"]
+        assert facts["stepping"] == fields["stepping"]
+        assert set(facts["vector_flags"]) == set(machine.VECTOR_FLAGS) & set(
+            fields["flags"].split()
+        )
+    key = machine.machine()
+    assert key["kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert key["torch_build"].startswith(torch.__version__)
 
 
 def test_an_unwritable_cache_measures_for_this_run_and_says_so(monkeypatch, tmp_path):

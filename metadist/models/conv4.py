@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from metadist.config import ConfigError
-from metadist.models.common import Backbone, BatchStatNorm, InnerRates, fold, task_conv, task_norm
+from metadist.models.common import (
+    Backbone,
+    BatchStatNorm,
+    InnerRates,
+    fold,
+    max_pool2,
+    task_conv,
+    task_norm,
+)
 
 
 class Block(nn.Module):
@@ -74,7 +82,7 @@ class ConvNet(Backbone):
                 native_norm,
                 mask,
             )
-            h = F.max_pool2d(F.relu(h), 2)
+            h = max_pool2(F.relu(h))
         return h.reshape(n, T, -1).transpose(0, 1)  # (T, n, features)
 
 

@@ -20,6 +20,7 @@ from metadist.models.common import (
     InnerRates,
     fold,
     fold_mask,
+    max_pool2,
     task_conv,
     task_norm,
 )
@@ -117,9 +118,7 @@ class ResNet12(Backbone):
             out = F.leaky_relu(conv_norm(h, "conv1", "bn1"), SLOPE)
             out = F.leaky_relu(conv_norm(out, "conv2", "bn2"), SLOPE)
             out = conv_norm(out, "conv3", "bn3")
-            h = F.max_pool2d(
-                F.leaky_relu(out + conv_norm(h, "shortcut", "bn_sc", padding=0), SLOPE), 2
-            )
+            h = max_pool2(F.leaky_relu(out + conv_norm(h, "shortcut", "bn_sc", padding=0), SLOPE))
             h = self._drop(h, i, T, rng, mask)
         return h.mean((2, 3)).reshape(n, T, -1).transpose(0, 1)  # (T, n, widths[-1])
 
