@@ -1,7 +1,9 @@
 """What the exact reduction costs (make bench-reduce): train.reduce=exact against fast, on this CPU.
 
 1. Meta-step time, one process: fast (a rank's tasks in one graph, accumulated .grad) against
-   exact (chunks of `algo.tasks_per_chunk` tasks, each gradient alone, summed by the tree), the
+   exact (each task's gradient from one group of a rank's tasks, where this machine's kernels give
+   a task the same bits in any group; and chunks of `algo.tasks_per_chunk` tasks, each gradient
+   alone), summed by the tree, the
    strong.yaml shape (second-order 5-way 1-shot, learned rates) and first order; interleaved rounds.
 2. Memory: the bytes the autograd graph holds (saved tensors, counted by hooks) for the largest
    chunk, plus exact mode's gradient buffers (one per tree level, each the size of the gradient).
@@ -68,10 +70,12 @@ def saved_bytes(fn) -> int:
 
 def step_times(rounds: int, quick: bool):
     rows = []
-    settings = [(8, False), (32, False), (8, True)] if not quick else [(8, False)]
+    settings = [(8, False), (32, False), (8, True), (32, True)] if not quick else [(8, False)]
     for tasks, first_order in settings:
         variants = {
             "fast": ["train.reduce=fast"],
+            # the default where the kernels allow it (metadist.strategy.exact_grouping)
+            "exact, per task, 1 group": ["train.reduce=exact", "PER_TASK"],
             "exact, 1 task/chunk": ["train.reduce=exact", "algo.tasks_per_chunk=1"],
         }
         if tasks // 8 > 1:  # the default chunk (meta_batch_size / 8)
@@ -88,7 +92,7 @@ def step_times(rounds: int, quick: bool):
                     f"train.meta_batch_size={tasks}",
                     "algo.strategy=batched",
                     f"algo.first_order={first_order}",
-                    *extra,
+                    *[e for e in extra if e != "PER_TASK"],
                 ],
             )
             torch.manual_seed(0)
@@ -99,13 +103,15 @@ def step_times(rounds: int, quick: bool):
                 tasks,
                 say=lambda *a: None,
             )
-            s.use_strategy("batched")
+            per_task = "PER_TASK" in extra
+            s.use_strategy("batched", per_task)
             steps[name] = s
-            chunk = {k: v[: s.chunk] for k, v in batch(tasks).items()}
+            leaf = s.reduction.chunk if s.s.reduce == "exact" else s.chunk
+            chunk = {k: v[: s.s.group if per_task else s.chunk] for k, v in batch(tasks).items()}
+            n = sum(p.numel() for p in s.param_list)
+            # the tree's buffers (one per level), and per task: the group's task gradients
             grad_buffers = (
-                (s.chunk and (tasks // s.chunk).bit_length())
-                * 4
-                * sum(p.numel() for p in s.param_list)
+                ((tasks // leaf).bit_length() + (tasks if per_task else 0)) * 4 * n
                 if s.s.reduce == "exact"
                 else 0
             )
@@ -216,12 +222,12 @@ def main():
     )
     print("\nmeta-step time and memory, one process (strong.yaml shape, batched):")
     print(
-        f"{'tasks':>5} {'order':>5} {'mode':<22} {'step ms':>9} {'vs fast':>8} {'graph MB':>9} "
+        f"{'tasks':>5} {'order':>5} {'mode':<26} {'step ms':>9} {'vs fast':>8} {'graph MB':>9} "
         f"{'grad buffers MB':>16}"
     )
     for r in step_times(args.rounds, args.quick):
         print(
-            f"{r['tasks']:>5} {r['order']:>5} {r['mode']:<22} {r['step_ms']:>9.1f} "
+            f"{r['tasks']:>5} {r['order']:>5} {r['mode']:<26} {r['step_ms']:>9.1f} "
             f"{r['ratio_to_fast']:>7.2f}x "
             f"{r['graph_mb']:>9.1f} {r['grad_buffers_mb']:>16.2f}"
         )

@@ -194,6 +194,8 @@ class TrainState:
     strategy_why: str = ""
     reduce: str = "fast"  # exact | fast (train.reduce)
     tasks_per_chunk: int = 0  # the chunk size the step used
+    # exact mode: each task's gradient a leaf of the tree, from groups (kept on every resume)
+    exact_per_task: bool = False
     # intra-op threads per process (float32 rounding on a CPU depends on it)
     threads: int = 0
     world_size: int = 1  # of the launch that wrote the checkpoint

@@ -142,8 +142,8 @@ class AlgoConfig:
     # derivative-order annealing (MAML++): the first N steps first order
     first_order_steps: int = 0
     strategy: str = "auto"  # auto | batched | loop: how a rank's tasks are processed
-    # exact reduce: tasks per chunk, 0 = meta_batch_size/8 (1..8 processes agree); fast: 0 = a
-    # rank's tasks in one graph
+    # the most tasks computed at once (0: a rank's tasks in one graph); exact reduce where a
+    # task's gradient depends on its group (metadist/step.py): tasks per chunk, 0 = B/8
     tasks_per_chunk: int = 0
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
     # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) |

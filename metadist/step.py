@@ -6,11 +6,14 @@ the schedule. Two small pieces are swapped, not branched on: the reduction (`Exa
 `FastReduction`) and the runner (eager, or replayed as a CUDA graph). It returns device tensors
 only: no host sync here.
 
-`train.reduce=exact` (default): the global meta-batch is cut into chunks of `algo.tasks_per_chunk`
-tasks (0: the largest chunk that 8 processes still split evenly, B/8 for a multiple of 8), each
-chunk's gradient computed alone and the chunks summed by a fixed tree (metadist/exact.py), so the
-weights are bit-identical for any world size that splits the chunks evenly. `fast`: each rank's
-tasks in one graph (or its chunks accumulated), one all-reduce.
+`train.reduce=exact` (default): gradients summed by a fixed tree over the global meta-batch
+(metadist/exact.py), so the weights are bit-identical for any world size. Its leaves are the
+tasks, each task's gradient taken from its rank's tasks computed as groups of `algo.tasks_per_chunk`
+(0: all of them) where this machine's kernels give a task the same bits in any group
+(metadist.strategy.exact_grouping; as fast as `fast`); or every task alone (the loop strategy);
+else chunks of `algo.tasks_per_chunk` tasks (0: B/8, what 8 processes still split evenly), each
+computed alone. `fast`: each rank's tasks in one graph (or its chunks accumulated), one
+all-reduce.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class StepSettings:
 
     reduce: str = "exact"
     chunk: int = 1
+    group: int = 1  # exact mode with per-task gradients: tasks computed at once
     meta_batch_size: int = 1
     local_tasks: int = 1
     clip: float = math.inf
@@ -110,6 +114,7 @@ class StepSettings:
         return cls(
             reduce=t.reduce,
             chunk=chunk_size(t.reduce, a.tasks_per_chunk, local_tasks, t.meta_batch_size),
+            group=min(a.tasks_per_chunk or local_tasks, local_tasks),
             meta_batch_size=t.meta_batch_size,
             local_tasks=local_tasks,
             clip=t.grad_clip if t.grad_clip > 0 else math.inf,
@@ -163,20 +168,33 @@ class ExactReduction:
                 "choose a chunk size "
                 f"that divides {s.local_tasks}, fewer processes, or train.reduce=fast"
             )
-        self.dist, self.params, self.chunk = dist, params, s.chunk
-        chunks = s.meta_batch_size // s.chunk
-        self.layout = exact.layout(chunks, dist.world)
-        self.first_chunk = dist.rank * (chunks // dist.world)
+        self.dist, self.params, self.s, self.per_task = dist, params, s, False
+        self.leaves(s.chunk)
         self.scale = 1.0 / s.meta_batch_size  # the same for every world size
         # each chunk's flat gradient carries VOTES slots for the stop votes, padded to a multiple of
         # the world size so the all-to-all sends it as it is (zeros change no sum)
         self.n_grad = sum(p.numel() for p in params)
         self.extra = VOTES + (-(self.n_grad + VOTES)) % dist.world
 
+    def leaves(self, chunk: int) -> None:
+        """The tree's leaves: chunks of `chunk` tasks over the global meta-batch."""
+        self.chunk, chunks = chunk, self.s.meta_batch_size // chunk
+        self.layout = exact.layout(chunks, self.dist.world)
+        self.first_chunk = self.dist.rank * (chunks // self.dist.world)
+
+    def use(self, strategy: str, per_task: bool) -> None:
+        """The tree's leaves. per_task: every task is a leaf, its gradient taken from a group of
+        s.group tasks computed at once (metadist.strategy.exact_grouping says where that is
+        exact). The loop: every task is a leaf, computed alone as the loop always does. Else
+        chunks of s.chunk tasks, each computed alone."""
+        self.per_task = per_task
+        self.leaves(1 if per_task or strategy == "loop" else self.s.chunk)
+
     def backward(self, run, rng) -> tuple:
         """(loss sum, accuracy sum, this rank's dyadic block sums of the chunk gradients)."""
         tree = exact.TreeSum(self.first_chunk)
-        loss_sum, acc_sum = run(Chunking(self.chunk, self.scale, tree, self.extra, rng))
+        size = self.s.group if self.per_task else self.chunk
+        loss_sum, acc_sum = run(Chunking(size, self.scale, tree, self.extra, rng, self.per_task))
         return (loss_sum, acc_sum, *[v for _, _, v in tree.blocks()])
 
     def reduce(self, out: tuple, votes: torch.Tensor, step: int) -> torch.Tensor:
@@ -267,9 +285,23 @@ class MetaStep:
     def second_order(self) -> bool:
         return self.algorithms[False].second_order
 
-    def use_strategy(self, strategy: str) -> None:
-        """How this rank's tasks run (batched | loop); set before the first step."""
+    def use_strategy(self, strategy: str, per_task: bool = False) -> None:
+        """How this rank's tasks run (batched | loop) and, in exact mode, whether each task's
+        gradient is a leaf of the tree (see ExactReduction.use_per_task); set before the first
+        step."""
         self.strategy = strategy
+        if isinstance(self.reduction, ExactReduction):
+            self.reduction.use(strategy, per_task)
+
+    @property
+    def per_task(self) -> bool:
+        return getattr(self.reduction, "per_task", False)
+
+    @property
+    def leaf(self) -> int:
+        """Tasks per leaf of the exact tree (per chunk computed alone), or per chunk in fast
+        mode."""
+        return self.reduction.chunk
 
     def _chunk_rng(self, step: int):
         """DropBlock's generator for each chunk, named by (seed, step, global chunk index): the same
@@ -406,3 +438,24 @@ def from_config(cfg, model: torch.nn.Module, dist, local_tasks: int, say=print) 
         schedule,
         say,
     )
+
+
+def group_runner(step: MetaStep, batch: dict):
+    """grads(size) -> (tasks, n): each task's gradient of `batch` (a sample of the run's episodes)
+    computed in groups of `size` as exact mode's per-task leaves are, for
+    metadist.strategy.exact_grouping; the weights and their gradients are left as they were."""
+    batch = {k: v.to(step.dist.device) for k, v in batch.items()}
+    algo = step.algorithms[False]
+
+    class Rows(list):
+        push = list.append
+
+    def grads(size: int) -> torch.Tensor:
+        rows = Rows()
+        cut = Chunking(size, 1.0, rows, 0, None, True)
+        meta_backward(
+            algo.task_losses, step.model, step.params, batch, "batched", cut, algo.second_order
+        )
+        return torch.stack(rows)
+
+    return grads

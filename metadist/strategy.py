@@ -11,6 +11,12 @@ time): the one owner of the rule, the measurement, its cache and its record.
   reads the same answer.
 - A run records what it used and why (`<run>/strategy.json`, and every checkpoint's state), and a
   resumed run keeps it, whatever the cache says by then.
+- `exact_grouping`: whether train.reduce=exact may compute a rank's tasks as one group and take
+  each task's own gradient from it (metadist.algorithms.core.task_gradients), which needs a task's
+  gradient to be the same bits in every group size. That holds where the kernels work on each
+  task's channels alone, whatever the group (checked on an Intel Xeon with AVX-512), but it is a
+  property of the kernels: it is checked once per machine and shape, on the run's own episodes, in
+  groups of 1, 2, 3 and the run's group, and cached like the strategy.
 """
 
 from __future__ import annotations
@@ -63,3 +69,18 @@ def choose(requested: str, device: torch.device, shape: dict, run_chunk, say=pri
     return dict(
         rec, why=f"algo.strategy=auto on this CPU: {speeds} tasks/s ({where}): {rec['strategy']}"
     )
+
+
+def exact_grouping(shape: dict, task_grads, group: int, say=print) -> dict:
+    """{"per_task": whether each task's gradient is bit-identical in groups of 1, 2, 3 and
+    `group`, "groups": those sizes}, for this machine and shape (cached). `task_grads(size)` ->
+    (tasks, n) the per-task gradients of one fixed sample of `group` tasks, computed in groups of
+    `size`."""
+    sizes = sorted({1, 2, 3, group})
+
+    def compute():
+        ref = task_grads(group)
+        same = all(torch.equal(ref, task_grads(g)) for g in sizes if g != group)
+        return {"per_task": bool(same), "groups": sizes}
+
+    return cached("grouping", dict(shape, group=group), compute, say)

@@ -56,7 +56,7 @@ from metadist.models import build_model
 from metadist.run_folder import RunFolder
 from metadist.schedule import BudgetFit
 from metadist.signals import StopSignals
-from metadist.step import TrainError, sample_chunk
+from metadist.step import TrainError, group_runner, sample_chunk
 from metadist.step import from_config as step_from_config
 from metadist.tracking import make_tracker
 
@@ -463,7 +463,7 @@ class Trainer:
                 )
         self._decide_strategy()
         s = self.state
-        s.reduce, s.tasks_per_chunk, s.threads = t.reduce, self.settings.chunk, dist.threads
+        s.reduce, s.tasks_per_chunk, s.threads = t.reduce, self.meta_step.leaf, dist.threads
         s.meta_batch_size, s.seed, s.world_size = t.meta_batch_size, cfg.seed, dist.world
         if s.step >= t.steps:
             self.say(f"{self.run_dir}: already trained {s.step} of {t.steps} steps")
@@ -478,16 +478,62 @@ class Trainer:
                 choice = {
                     "strategy": state.strategy,
                     "why": state.strategy_why or "kept from the checkpoint",
+                    "exact_per_task": state.exact_per_task,
                 }
             elif state.step and path.is_file():
                 choice = dict(json.loads(path.read_text()), why="kept from strategy.json")
             else:
                 choice = self._new_strategy()
+                choice.update(self._exact_grouping(choice["strategy"]))
                 path.write_text(json.dumps(choice, indent=1) + "\n")
                 self.say(choice["why"])
+                if "exact" in choice:
+                    self.say(choice["exact"])
         choice = self.dist.broadcast_object(choice)
-        self.meta_step.use_strategy(choice["strategy"])
+        per_task = bool(choice.get("exact_per_task"))
+        self.meta_step.use_strategy(choice["strategy"], per_task)
         state.strategy, state.strategy_why = choice["strategy"], choice["why"]
+        state.exact_per_task = per_task
+
+    def _exact_grouping(self, strategy: str) -> dict:
+        """train.reduce=exact: whether a rank's tasks run as groups, each task's gradient a leaf
+        of the tree (as fast as fast mode), or as chunks each computed alone; and why."""
+        s, d = self.settings, self.cfg.data
+        if s.reduce != "exact":
+            return {}
+        weights = sum(p.numel() for p in self.model.parameters())
+        if strategy == "loop":
+            return {
+                "exact_per_task": False,
+                "exact": "train.reduce=exact: each task's gradient computed alone (the loop)",
+            }
+        why = (
+            "variable episodes are padded to each group's largest"
+            if self.train_split.variable
+            else "DropBlock draws its masks per chunk"
+            if getattr(self.model, "dropblock", 0)
+            else f"{s.group} tasks' gradients of {weights:,} weights exceed 2^26 numbers"
+            if weights * s.group > 2**26
+            else None
+        )
+        if why is None:
+            chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, s.group)
+            runner = group_runner(self.meta_step, chunk)
+            rec = strategy_mod.exact_grouping(self.chunk_shape(), runner, s.group, self.say)
+            where = "cached" if rec.get("cached") else "checked now"
+            if rec["per_task"]:
+                return {
+                    "exact_per_task": True,
+                    "exact": f"train.reduce=exact: each task's gradient from groups of {s.group} "
+                    f"task(s) (the same bits in groups of {rec['groups']} on this machine, "
+                    f"{where})",
+                }
+            why = f"a task's gradient differs between groups of {rec['groups']} here ({where})"
+        return {
+            "exact_per_task": False,
+            "exact": f"train.reduce=exact: chunks of {s.chunk} task(s), each computed alone "
+            f"({why})",
+        }
 
     def _new_strategy(self) -> dict:
         a, d = self.cfg.algo, self.cfg.data
@@ -496,7 +542,7 @@ class Trainer:
                 "strategy": "batched" if a.strategy == "auto" else a.strategy,
                 "why": "debug mode (the first step cross-checks it against the loop)",
             }
-        n = min(4, self.settings.chunk)
+        n = min(4, self.settings.group)
         if self.train_split.variable:  # the run's own first episodes, padded as a chunk is
             chunk = pad_batch(self.train_split.records_at(range(n)), self.train_split.gather)
         else:
@@ -634,10 +680,14 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         t, state, device = self.cfg.train, self.state, self.device
+        chunks = (
+            f"each task's gradient from groups of {self.settings.group}"
+            if self.meta_step.per_task
+            else f"{self.meta_step.leaf} task(s) per chunk"
+        )
         self.say(
-            f"training {self.cfg.algo.name} ({state.strategy}, reduce={t.reduce}, "
-            f"{self.settings.chunk} task(s) "
-            f"per chunk) on {self.dist.world} process(es), {device}, {self.dist.threads} thread(s) "
+            f"training {self.cfg.algo.name} ({state.strategy}, reduce={t.reduce}, {chunks}) on "
+            f"{self.dist.world} process(es), {device}, {self.dist.threads} thread(s) "
             "each: "
             f"{t.meta_batch_size} tasks/step ({self.local_tasks} per process), steps "
             f"{state.step}..{t.steps}"
@@ -776,6 +826,7 @@ class Trainer:
             "strategy": s.strategy,
             "reduce": s.reduce,
             "tasks_per_chunk": s.tasks_per_chunk,
+            "exact_per_task": s.exact_per_task,
             "threads": dist.threads,
             "algorithm": cfg.algo.name,
             "seed": cfg.seed,

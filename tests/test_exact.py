@@ -117,3 +117,80 @@ def test_exact_mode_checks_that_the_chunks_split_over_the_processes():
         from_config(cfg, model_for(cfg), OneProcess(0, 4), 2, say=lambda *a: None)
     with pytest.raises(config.ConfigError, match="choose a divisor"):
         config.load(None, ["train.meta_batch_size=8", "algo.tasks_per_chunk=3"])
+
+
+def eight_tasks(ways=5):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x_support": torch.rand(8, ways, 1, 28, 28, generator=g),
+        "y_support": torch.arange(ways).expand(8, -1),
+        "x_query": torch.rand(8, ways, 1, 28, 28, generator=g),
+        "y_query": torch.arange(ways).expand(8, -1),
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["algo.name=fomaml"], ["algo.inner_steps=2", "algo.learn_inner_lr=layer"]],
+)
+def test_a_tasks_gradient_in_groups_of_1_2_3_and_8_and_the_check_that_says_so(
+    overrides, tmp_path, monkeypatch
+):
+    """Exact mode's per-task leaves: each task's gradient taken from groups of 1 (computed as two
+    copies), 2, 3 and 8 tasks. Where the bits agree the check (metadist.strategy.exact_grouping)
+    says per-task, and each equals the task's own gradient in float64 within float32's error;
+    where they do not, it must say so (the run then falls back to chunks computed alone)."""
+    from metadist import strategy
+    from metadist.step import group_runner
+
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path))
+    cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=8", *overrides])
+    torch.manual_seed(0)
+    step = from_config(cfg, model_for(cfg), OneProcess(), 8, say=lambda *a: None)
+    grads = group_runner(step, eight_tasks())
+    by_size = {g: grads(g) for g in (1, 2, 3, 8)}
+    same = all(torch.equal(by_size[8], v) for v in by_size.values())
+    rec = strategy.exact_grouping({"test": overrides}, grads, 8, say=lambda *a: None)
+    assert rec["per_task"] == same and rec["groups"] == [1, 2, 3, 8]
+    # and they are each task's gradient: float64 against float32, one task at a time
+    step64 = from_config(cfg, model_for(cfg).double(), OneProcess(), 8, say=lambda *a: None)
+    step64.model.load_state_dict({k: v.double() for k, v in step.model.state_dict().items()})
+    batch64 = {k: v.double() if v.is_floating_point() else v for k, v in eight_tasks().items()}
+    ref = group_runner(step64, batch64)(1)
+    err = (by_size[8].double() - ref).abs().max() / ref.abs().max()
+    assert ref.abs().sum() > 0 and err < 1e-4
+    assert not torch.equal(by_size[8][0], by_size[8][1])  # tasks are told apart
+
+
+@pytest.mark.parametrize("overrides", [[], ["algo.name=fomaml"]])
+def test_per_task_leaves_give_the_same_bits_at_1_2_4_and_8_ranks(overrides):
+    """Exact mode with per-task leaves, the ranks' shares of 8 tasks computed as one group each
+    (8, 4, 2 tasks; 1 at 8 ranks): the meta-gradient is the same to the last bit, where this
+    machine's kernels give a task the same gradient in every group (else the test is moot)."""
+    from metadist.step import group_runner
+
+    cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=8", *overrides])
+    batch = eight_tasks()
+    torch.manual_seed(0)
+    step = from_config(cfg, model_for(cfg), OneProcess(), 8, say=lambda *a: None)
+    grads = group_runner(step, batch)
+    if not all(torch.equal(grads(8), grads(g)) for g in (1, 2, 4)):
+        pytest.skip("this machine's kernels round a task differently by group size")
+    sums = {}
+    for world in (1, 2, 4, 8):
+        items = []
+        for r in range(world):
+            torch.manual_seed(0)
+            step = from_config(
+                cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None
+            )
+            step.use_strategy("batched", per_task=True)
+            assert step.reduction.layout == exact.layout(8, world) and step.s.group == 8 // world
+            share = {k: v[r * 8 // world : (r + 1) * 8 // world] for k, v in batch.items()}
+            out = step.backward(False, share)
+            items += [(a, s, v) for (a, s), v in zip(step.reduction.layout[r], out[2:])]
+        sums[world] = exact.merge(items)[: step.reduction.n_grad + 2]
+    ref = sums.pop(1)
+    assert ref.abs().sum() > 0
+    for world, got in sums.items():
+        assert torch.equal(got, ref), world

@@ -20,6 +20,7 @@ the prototypes into the body.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -294,13 +295,51 @@ class Chunking:
     """How a meta-backward cuts a rank's tasks: chunks of `size` tasks (0: all at once; the loop
     strategy's fast mode: one task each), `scale` times each task's loss; `tree` (a
     metadist.exact.TreeSum) takes each chunk's flat gradient with `extra` zeros appended instead of
-    accumulating; `rng(i)`: the generator of chunk i's random layers (DropBlock), or None."""
+    accumulating; `rng(i)`: the generator of chunk i's random layers (DropBlock), or None.
+    `per_task` (with a tree): a chunk is a group of tasks computed at once, and each task's own
+    gradient goes to the tree (see `task_gradients`)."""
 
     size: int = 0
     scale: float = 1.0
     tree: object = None
     extra: int = 0
     rng: object = None
+    per_task: bool = False
+
+
+def task_gradients(task_losses, params: Params, chunk: dict, scale: float):
+    """Each task's own gradient of scale * its loss, from one grouped computation: the weights are
+    given to the group as one leaf per task (params repeated, not expanded), so the gradients
+    arrive per task before any cross-task sum. A group of one task is computed as two copies of
+    it: a single task would run through other kernels (an ungrouped convolution) than a task in a
+    group, and round differently. Returns (losses (t,), accuracies (t,), gradients [(t, *shape)]
+    in params' order, None where a weight gets no gradient)."""
+    t = chunk["x_support"].shape[0]
+    if t == 1:
+        chunk = {k: torch.cat([v, v]) for k, v in chunk.items()}
+    n = chunk["x_support"].shape[0]
+    leaves = {
+        k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(v.requires_grad)
+        for k, v in params.items()
+    }
+    forward_leaves = [v for v in leaves.values() if v.requires_grad]
+    losses, accs = task_losses(leaves, chunk)
+    grads = iter(torch.autograd.grad(losses[:t].sum() * scale, forward_leaves, allow_unused=True))
+    out = [next(grads) if v.requires_grad else None for v in leaves.values()]
+    return losses[:t], accs[:t], [g if g is None else g[:t] for g in out]
+
+
+def _push(cut: Chunking, grads, leaves) -> None:
+    """One flat gradient (zeros where a weight got none, then cut.extra zeros) to cut.tree."""
+    cut.tree.push(
+        torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, leaves)
+            ]
+            + [leaves[0].new_zeros(cut.extra)]
+        )
+    )
 
 
 def meta_backward(
@@ -317,7 +356,8 @@ def meta_backward(
     `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (no
     tree): accumulated into params' .grad; with the loop strategy every task is its own chunk (the
     reference's memory profile). Exact (a tree): each chunk gives its own flat gradient, pushed to
-    the tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it.
+    the tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it;
+    with cut.per_task each task of a chunk pushes its own (task_gradients).
     Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here);
     where the batch says each task's source (batch["source"], one-hot (T, sources)), the accuracy
     sum is a vector: the total, then each source's.
@@ -328,21 +368,19 @@ def meta_backward(
     for i, chunk in enumerate(chunks(batch, size)):
         forward = make_forward(model, strategy, second_order, cut.rng(i) if cut.rng else None)
         t = chunk["x_support"].shape[0]
-        losses, accs = task_losses(forward, per_task(params, t), chunk)
-        total = losses.sum() * cut.scale
-        if cut.tree is None:
-            total.backward()
-        else:
-            grads = torch.autograd.grad(total, leaves, allow_unused=True)
-            cut.tree.push(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                        for g, p in zip(grads, leaves)
-                    ]
-                    + [leaves[0].new_zeros(cut.extra)]
-                )
+        if cut.per_task and cut.tree is not None:
+            losses, accs, grads = task_gradients(
+                functools.partial(task_losses, forward), params, chunk, cut.scale
             )
+            for j in range(t):
+                _push(cut, [g if g is None else g[j] for g in grads], leaves)
+        else:
+            losses, accs = task_losses(forward, per_task(params, t), chunk)
+            total = losses.sum() * cut.scale
+            if cut.tree is None:
+                total.backward()
+            else:
+                _push(cut, torch.autograd.grad(total, leaves, allow_unused=True), leaves)
         loss_sum = loss_sum + losses.detach().sum()
         a = accs.detach()
         if "source" in chunk:  # the total, then each source's
