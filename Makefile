@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce bench-storage bench-pool bench-backbones bench-variable soak plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -64,6 +64,9 @@ bench-backbones:       ## Conv4 and ResNet-12 at 84x84 RGB: memory per task, tas
 
 bench-variable:        ## Meta-Dataset's episodes: memory per task at the largest, reading episodes/s, the sampler
 	$(PY) bench/variable.py
+
+bench-budget:          ## does the budget schedule's fit hold? protonet.yaml under 1, 2 and 4 minutes
+	$(PY) bench/budget.py
 
 soak:                  ## a 2-process run killed 10 times at random and relaunched: same weights at the end
 	$(PY) bench/soak.py --kills 10 --steps 300

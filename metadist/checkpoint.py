@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,6 +274,23 @@ class CheckpointManager:
         for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def time_write(self) -> float:
+        """Seconds to write one checkpoint of the parts as they are, into a scratch folder that is
+        removed again (the budget schedule counts it per checkpoint); 0 on other ranks, or where
+        the folder cannot be written (the first real checkpoint then says why)."""
+        if not self.is_main:
+            return 0.0
+        scratch = self.dir / f".probe-{os.getpid()}"
+        t = time.perf_counter()
+        try:
+            scratch.mkdir(parents=True, exist_ok=True)
+            self._write(scratch, 0)
+            return time.perf_counter() - t
+        except (OSError, CheckpointError):
+            return 0.0
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _write(self, folder: Path, step: int) -> None:
         p = self.parts

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -71,20 +73,30 @@ class Schedule:
         self.fixed = state.get("steps") or 0
 
 
+class ProbeWork(NamedTuple):
+    """What the budget schedule times besides the steps: validate() -> episodes, one validation
+    on a few val episodes; checkpoint() -> seconds, one checkpoint written (and removed)."""
+
+    validate: Callable[[], int]
+    checkpoint: Callable[[], float]
+
+
 class BudgetFit:
     """train.budget_schedule: lay the step count (and the cosine) over train.max_minutes. The run
     times its steps from step 3 to `train.budget_probe` (the learning rate holds until then, so the
-    count cannot change them) and one validation on a few val episodes; rank 0 turns these into
-    the steps that fit the budget (3% spare; at most train.steps) and every rank takes that count.
+    count cannot change them; the timing is wall time, so data, logging and the step itself), one
+    validation on a few val episodes and one checkpoint write; rank 0 turns these into the steps
+    that fit the budget (each validation also writes the best weights, about a checkpoint; 3%
+    spare; at most train.steps) and every rank takes that count.
     The timings are a machine fact (metadist/machine.py, per CPU, torch, threads and the run's
     shape): the same command on the same machine gets the same count, hence the same weights.
     The count is recorded in <run>/schedule.json and in every checkpoint."""
 
     WARM = 3
 
-    def __init__(self, t, val_episodes: int, shape: dict, dist, run_dir: Path, evaluate_some, say):
+    def __init__(self, t, val_episodes: int, shape: dict, dist, run_dir: Path, work, say):
         """t: the train section; shape: what the step's time depends on (the cache key, with the
-        machine); evaluate_some() -> episodes: one validation on a few episodes."""
+        machine); work: the ProbeWork to time."""
         self.on, self.probe, self.t, self.val_episodes, self.dist, self.say = (
             t.budget_schedule,
             t.budget_probe,
@@ -96,7 +108,7 @@ class BudgetFit:
         self.shape = dict(
             shape, world=dist.world, meta_batch_size=t.meta_batch_size, val_every=t.val_every
         )
-        self.path, self.evaluate_some = Path(run_dir) / "schedule.json", evaluate_some
+        self.path, self.work = Path(run_dir) / "schedule.json", work
         self.t0 = self.s0 = None
 
     def maybe_fix(self, step: int, schedule: Schedule) -> bool:
@@ -110,7 +122,11 @@ class BudgetFit:
             return False
         rec = self.dist.broadcast_object(self._timings(step) if self.dist.is_main else None)
         t = self.t
-        fit = int(60 * t.max_minutes * 0.97 / (rec["step_s"] + rec["val_s"] / t.val_every))
+        ckpt_s = rec.get("ckpt_s", 0.0)
+        per_step = (
+            rec["step_s"] + (rec["val_s"] + ckpt_s) / t.val_every + ckpt_s / t.checkpoint_every
+        )
+        fit = int(60 * t.max_minutes * 0.97 / per_step)
         schedule.fix(max(self.probe + 1, min(t.steps, fit)))
         if self.dist.is_main:
             self.path.write_text(
@@ -118,8 +134,8 @@ class BudgetFit:
             )
             where = "cached" if rec.get("cached") else "measured"
             self.say(
-                f"train.budget_schedule: {rec['step_s']:.3f} s/step and {rec['val_s']:.1f} s per "
-                "validation "
+                f"train.budget_schedule: {rec['step_s']:.3f} s/step, {rec['val_s']:.1f} s per "
+                f"validation and {ckpt_s:.2f} s per checkpoint "
                 f"({where}{', ' + rec['cache'] if rec.get('cache') else ''}): {fit} steps fit "
                 f"{t.max_minutes:g} min; the schedule ends at step {schedule.total}"
             )
@@ -130,10 +146,14 @@ class BudgetFit:
 
         def measure():
             t = time.perf_counter()
-            episodes = self.evaluate_some()
+            episodes = self.work.validate()
             val_s = (
                 (time.perf_counter() - t) * self.val_episodes / max(1, episodes) / self.dist.world
             )
-            return {"step_s": timed[0] / max(1, timed[1]), "val_s": val_s}
+            return {
+                "step_s": timed[0] / max(1, timed[1]),
+                "val_s": val_s,
+                "ckpt_s": self.work.checkpoint(),
+            }
 
         return cached("budget", self.shape, measure, self.say)

@@ -65,6 +65,20 @@ VOTES = 3  # the stop votes that ride the reduction: time, signal, a shard chang
 EXACT_PROCESSES = 8
 
 
+def group_sizes(meta_batch_size: int, tasks_per_chunk: int) -> list[int]:
+    """Every group size exact mode's per-task leaves may compute at some world size: a rank's
+    share L = B / W for every W dividing B, in groups of algo.tasks_per_chunk (0: all L), and the
+    remainder group. Checking them all makes the choice the same at every world size."""
+    sizes = set()
+    for world in range(1, meta_batch_size + 1):
+        if meta_batch_size % world == 0:
+            local = meta_batch_size // world
+            sizes.add(min(tasks_per_chunk or local, local))
+            if tasks_per_chunk and local % tasks_per_chunk:
+                sizes.add(local % tasks_per_chunk)
+    return sorted(sizes)
+
+
 def chunk_size(reduce: str, tasks_per_chunk: int, local_tasks: int, meta_batch_size: int) -> int:
     """Tasks per chunk. Exact mode fixes it for every world size: 0 -> the largest divisor c of the
     meta-batch with at least EXACT_PROCESSES chunks (B/8 for a multiple of 8; 1 below 8 tasks), so

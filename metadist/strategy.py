@@ -16,7 +16,8 @@ time): the one owner of the rule, the measurement, its cache and its record.
   gradient to be the same bits in every group size. That holds where the kernels work on each
   task's channels alone, whatever the group (checked on an Intel Xeon with AVX-512), but it is a
   property of the kernels: it is checked once per machine and shape, on the run's own episodes, in
-  groups of 1, 2, 3 and the run's group, and cached like the strategy.
+  every group size the run could use at any world size (so every world size makes the same
+  choice), and cached like the strategy.
 """
 
 from __future__ import annotations
@@ -71,16 +72,15 @@ def choose(requested: str, device: torch.device, shape: dict, run_chunk, say=pri
     )
 
 
-def exact_grouping(shape: dict, task_grads, group: int, say=print) -> dict:
-    """{"per_task": whether each task's gradient is bit-identical in groups of 1, 2, 3 and
-    `group`, "groups": those sizes}, for this machine and shape (cached). `task_grads(size)` ->
-    (tasks, n) the per-task gradients of one fixed sample of `group` tasks, computed in groups of
-    `size`."""
-    sizes = sorted({1, 2, 3, group})
+def exact_grouping(shape: dict, task_grads, sizes: list[int], say=print) -> dict:
+    """{"per_task": whether each task's gradient is bit-identical in groups of every size in
+    `sizes` (those a run may use at any world size), "groups": sizes}, for this machine and shape
+    (cached). `task_grads(size)` -> (tasks, n): the per-task gradients of one fixed sample of
+    max(sizes) tasks, computed in groups of `size`."""
 
     def compute():
-        ref = task_grads(group)
-        same = all(torch.equal(ref, task_grads(g)) for g in sizes if g != group)
-        return {"per_task": bool(same), "groups": sizes}
+        ref = task_grads(max(sizes))
+        same = all(torch.equal(ref, task_grads(g)) for g in sizes[:-1])
+        return {"per_task": bool(same), "groups": list(sizes)}
 
-    return cached("grouping", dict(shape, group=group), compute, say)
+    return cached("grouping", dict(shape, groups=list(sizes)), compute, say)

@@ -54,9 +54,9 @@ from metadist.errors import Preempted
 from metadist.evaluate import evaluate, format_table, source_table
 from metadist.models import build_model
 from metadist.run_folder import RunFolder
-from metadist.schedule import BudgetFit
+from metadist.schedule import BudgetFit, ProbeWork
 from metadist.signals import StopSignals
-from metadist.step import TrainError, group_runner, sample_chunk
+from metadist.step import TrainError, group_runner, group_sizes, sample_chunk
 from metadist.step import from_config as step_from_config
 from metadist.tracking import make_tracker
 
@@ -512,14 +512,15 @@ class Trainer:
             if self.train_split.variable
             else "DropBlock draws its masks per chunk"
             if getattr(self.model, "dropblock", 0)
-            else f"{s.group} tasks' gradients of {weights:,} weights exceed 2^26 numbers"
-            if weights * s.group > 2**26
+            else f"{s.meta_batch_size} tasks' gradients of {weights:,} weights exceed 2^26 numbers"
+            if weights * s.meta_batch_size > 2**26
             else None
         )
         if why is None:
-            chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, s.group)
+            sizes = group_sizes(s.meta_batch_size, self.cfg.algo.tasks_per_chunk)
+            chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, max(sizes))
             runner = group_runner(self.meta_step, chunk)
-            rec = strategy_mod.exact_grouping(self.chunk_shape(), runner, s.group, self.say)
+            rec = strategy_mod.exact_grouping(self.chunk_shape(), runner, sizes, self.say)
             where = "cached" if rec.get("cached") else "checked now"
             if rec["per_task"]:
                 return {
@@ -640,9 +641,20 @@ class Trainer:
             self.device,
             mapped_fault,
         )
+        self.budget = self._build_budget()
+
+    def _build_budget(self) -> BudgetFit:
+        """train.budget_schedule's fit, timing the steps, a validation and a checkpoint."""
         val_episodes = sum(len(v) for v in self.val_sets.values())
-        self.budget = BudgetFit(
-            t, val_episodes, self.chunk_shape(), dist, self.run_dir, self._evaluate_some, self.say
+        work = ProbeWork(self._evaluate_some, self.checkpoints.time_write)
+        return BudgetFit(
+            self.cfg.train,
+            val_episodes,
+            self.chunk_shape(),
+            self.dist,
+            self.run_dir,
+            work,
+            self.say,
         )
 
     # ---- pieces the components call ----

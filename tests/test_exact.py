@@ -150,7 +150,7 @@ def test_a_tasks_gradient_in_groups_of_1_2_3_and_8_and_the_check_that_says_so(
     grads = group_runner(step, eight_tasks())
     by_size = {g: grads(g) for g in (1, 2, 3, 8)}
     same = all(torch.equal(by_size[8], v) for v in by_size.values())
-    rec = strategy.exact_grouping({"test": overrides}, grads, 8, say=lambda *a: None)
+    rec = strategy.exact_grouping({"test": overrides}, grads, [1, 2, 3, 8], say=lambda *a: None)
     assert rec["per_task"] == same and rec["groups"] == [1, 2, 3, 8]
     # and they are each task's gradient: float64 against float32, one task at a time
     step64 = from_config(cfg, model_for(cfg).double(), OneProcess(), 8, say=lambda *a: None)
@@ -194,3 +194,16 @@ def test_per_task_leaves_give_the_same_bits_at_1_2_4_and_8_ranks(overrides):
     assert ref.abs().sum() > 0
     for world, got in sums.items():
         assert torch.equal(got, ref), world
+
+
+def test_the_group_sizes_checked_are_those_of_every_world_size():
+    """The per-task check covers every group a rank may compute at any world size (its share
+    B/W, cut by algo.tasks_per_chunk, and the remainder), so 1 and 2 processes decide alike (an
+    84x84 RGB shape here gives a task other bits in a group of 4 than of 2: one world size
+    alone would have said yes, the other no)."""
+    from metadist.step import group_sizes
+
+    assert group_sizes(32, 0) == [1, 2, 4, 8, 16, 32]
+    assert group_sizes(8, 3) == [1, 2, 3]  # 8 = 3+3+2, 4 = 3+1, 2, 1
+    assert group_sizes(12, 0) == [1, 2, 3, 4, 6, 12]
+    assert group_sizes(1, 0) == [1]

@@ -448,10 +448,14 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     train(config.load(None, base + ["run.name=first", "train.steps=8"]), log=lambda *a: None)
     rec_file = next((tmp_path / "cache").glob("budget-*.json"))
     rec = json.loads(rec_file.read_text())
-    assert rec["step_s"] > 0 and rec["val_s"] > 0
-    # pretend this machine is slow, so that fewer steps than train.steps fit the budget
-    rec_file.write_text(json.dumps(dict(rec, step_s=1.0, val_s=2.0)))
-    want = int(30 * 0.97 / (1.0 + 2.0 / 5))  # 20
+    assert rec["step_s"] > 0 and rec["val_s"] > 0 and rec["ckpt_s"] > 0
+    # the timed checkpoint was written aside and removed: only the run's own remain
+    ckpts = tmp_path / "runs" / "first" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000005", "step_000008"]
+    # pretend this machine is slow, so that fewer steps than train.steps fit the budget; each
+    # validation also writes the best weights (counted as a checkpoint), and so does every 5th step
+    rec_file.write_text(json.dumps(dict(rec, step_s=1.0, val_s=2.0, ckpt_s=0.5)))
+    want = int(30 * 0.97 / (1.0 + (2.0 + 0.5) / 5 + 0.5 / 5))  # 18
     said = []
     a = train(config.load(None, base + ["run.name=a"]), log=said.append)
     assert any(f"the schedule ends at step {want}" in x for x in said)
@@ -474,7 +478,7 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
         if int(p.name[5:]) > 10:
             shutil.rmtree(p)
     # a count of 2, were it asked
-    rec_file.write_text(json.dumps(dict(rec, step_s=10.0, val_s=2.0)))
+    rec_file.write_text(json.dumps(dict(rec, step_s=10.0, val_s=2.0, ckpt_s=0.5)))
     said = []
     d = train(config.load(None, base + ["run.name=d"]), log=said.append)
     assert any("from step_000010" in x for x in said) and not any(
