@@ -507,8 +507,11 @@ class Trainer:
                 "exact_per_task": False,
                 "exact": "train.reduce=exact: each task's gradient computed alone (the loop)",
             }
+        sizes = group_sizes(s.meta_batch_size, self.cfg.algo.tasks_per_chunk)
         why = (
-            "variable episodes are padded to each group's largest"
+            "one task at a time: algo.tasks_per_chunk=1"
+            if max(sizes) < 2
+            else "variable episodes are padded to each group's largest"
             if self.train_split.variable
             else "DropBlock draws its masks per chunk"
             if getattr(self.model, "dropblock", 0)
@@ -517,7 +520,6 @@ class Trainer:
             else None
         )
         if why is None:
-            sizes = group_sizes(s.meta_batch_size, self.cfg.algo.tasks_per_chunk)
             chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, max(sizes))
             runner = group_runner(self.meta_step, chunk)
             rec = strategy_mod.exact_grouping(self.chunk_shape(), runner, sizes, self.say)

@@ -486,3 +486,33 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     )
     wd = load_weights(tmp_path / "runs" / "d" / "model.safetensors")[0]
     assert d["steps"] == want and all(torch.equal(wa[k], wd[k]) for k in wa)
+
+
+def test_exact_mode_records_how_it_sums_and_why(omniglot_dir, tmp_path, monkeypatch):
+    """train.reduce=exact says in strategy.json, summary.json and the checkpoint whether each
+    task's gradient came from a group (where the grouping check passed here) or from chunks
+    computed alone, and why; one task at a time (algo.tasks_per_chunk=1) never pays for a group
+    (a single task would be computed as two copies)."""
+    from metadist.train import train
+
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
+    base = small_overrides(
+        omniglot_dir, tmp_path, **{"train.steps": 2, "algo.strategy": "batched"}
+    ) + ["train.meta_batch_size=4"]
+    said = []
+    train(config.load(None, base + ["run.name=group"]), log=said.append)
+    rec = json.loads((tmp_path / "runs" / "group" / "strategy.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "group" / "summary.json").read_text())
+    assert summary["exact_per_task"] == rec["exact_per_task"]
+    if rec["exact_per_task"]:
+        assert "groups of [1, 2, 4]" in rec["exact"]
+        assert any("each task's gradient from groups of 4" in x for x in said)
+    else:
+        assert "differs between groups of [1, 2, 4]" in rec["exact"]
+    meta = json.loads(
+        (tmp_path / "runs" / "group" / "checkpoints" / "step_000002" / "meta.json").read_text()
+    )
+    assert meta["exact_per_task"] == rec["exact_per_task"]
+    train(config.load(None, base + ["run.name=one", "algo.tasks_per_chunk=1"]), log=said.append)
+    rec = json.loads((tmp_path / "runs" / "one" / "strategy.json").read_text())
+    assert rec["exact_per_task"] is False and "algo.tasks_per_chunk=1" in rec["exact"]
