@@ -284,14 +284,16 @@ def train(cfg: Config, log=print) -> dict:
     models.check(cfg.model)
     dist = Dist(cfg.train.collective_timeout_s, cfg.train.threads)
     run = RunFolder(cfg.run, config_mod.to_yaml(cfg), dist.is_main)
-    try:
-        with StopSignals() as signals:
+    # the clean-up too runs with the stop signals caught: when one rank stops with an error, the
+    # launcher SIGTERMs the others, which must still reach their own one-line error
+    with StopSignals() as signals:
+        try:
             return Trainer(
                 cfg, dist, run, signals, log if dist.is_main else (lambda *a, **k: None)
             ).fit()
-    finally:
-        run.close()
-        dist.close()
+        finally:
+            run.close()
+            dist.close()
 
 
 class Trainer:
