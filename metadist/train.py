@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -179,7 +180,11 @@ class Logger:
                     for ln in path.read_text().splitlines()
                     if ln.strip() and json.loads(ln)["step"] <= resumed_step
                 ]
-                path.write_text("".join(ln + "\n" for ln in kept))
+                # replaced whole, never truncated in place: a reader (metadist plot, a tail, a
+                # launcher's health check) sees the old file or the new one, never an empty one
+                tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, path)
         self.file = open(path, "a")  # noqa: SIM115 (open for the whole run; closed by close())
 
     def close(self) -> None:
