@@ -35,6 +35,22 @@ def sum_as(world, vectors):
     return exact.merge(items)
 
 
+def merged_over_ranks(cfg, batch, world: int, use) -> torch.Tensor:
+    """What `world` ranks reduce to for 8 tasks: each rank's MetaStep (set up by `use(step)`) on its
+    share, its dyadic blocks merged; the gradient and the votes (the padding varies with W)."""
+    items = []
+    for r in range(world):
+        torch.manual_seed(0)
+        step = from_config(
+            cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None
+        )
+        use(step)
+        share = {k: v[r * 8 // world : (r + 1) * 8 // world] for k, v in batch.items()}
+        out = step.backward(False, share)
+        items += [(a, s, v) for (a, s), v in zip(step.reduction.layout[r], out[2:])]
+    return exact.merge(items)[: step.reduction.n_grad + 2]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
 def test_tree_sum_is_bit_identical_for_every_world_size(k):
     g = torch.Generator().manual_seed(k)
@@ -89,22 +105,12 @@ def test_a_ranks_blocks_do_not_depend_on_the_world_size(overrides):
         "x_query": torch.rand(8, 5, 1, 28, 28, generator=g),
         "y_query": torch.arange(5).expand(8, -1),
     }
+    strategy = cfg.algo.strategy if cfg.algo.strategy != "auto" else "batched"
     sums = {}
     for world in (1, 2, 4, 8):
         if world > 8 // max(1, cfg.algo.tasks_per_chunk):
             continue
-        items = []
-        for r in range(world):
-            torch.manual_seed(0)
-            step = from_config(
-                cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None
-            )
-            step.use_strategy(cfg.algo.strategy if cfg.algo.strategy != "auto" else "batched")
-            share = {k: v[r * 8 // world : (r + 1) * 8 // world] for k, v in batch.items()}
-            out = step.backward(False, share)
-            items += [(a, s, v) for (a, s), v in zip(step.reduction.layout[r], out[2:])]
-        # gradient and votes; the padding varies with W
-        sums[world] = exact.merge(items)[: step.reduction.n_grad + 2]
+        sums[world] = merged_over_ranks(cfg, batch, world, lambda step: step.use_strategy(strategy))
     ref = sums.pop(1)
     assert ref.abs().sum() > 0
     for world, got in sums.items():
@@ -178,18 +184,12 @@ def test_per_task_leaves_give_the_same_bits_at_1_2_4_and_8_ranks(overrides):
         pytest.skip("this machine's kernels round a task differently by group size")
     sums = {}
     for world in (1, 2, 4, 8):
-        items = []
-        for r in range(world):
-            torch.manual_seed(0)
-            step = from_config(
-                cfg, model_for(cfg), OneProcess(r, world), 8 // world, say=lambda *a: None
-            )
+
+        def per_task(step, world=world):
             step.use_strategy("batched", per_task=True)
             assert step.reduction.layout == exact.layout(8, world) and step.s.group == 8 // world
-            share = {k: v[r * 8 // world : (r + 1) * 8 // world] for k, v in batch.items()}
-            out = step.backward(False, share)
-            items += [(a, s, v) for (a, s), v in zip(step.reduction.layout[r], out[2:])]
-        sums[world] = exact.merge(items)[: step.reduction.n_grad + 2]
+
+        sums[world] = merged_over_ranks(cfg, batch, world, per_task)
     ref = sums.pop(1)
     assert ref.abs().sum() > 0
     for world, got in sums.items():
