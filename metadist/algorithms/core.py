@@ -262,7 +262,10 @@ def adapt(
 
 
 def per_task(params: Params, tasks: int) -> Params:
-    """Meta-parameters viewed once per task (gradients flow back to the shared tensors)."""
+    """Meta-parameters viewed once per task (gradients flow back to the shared tensors); one task
+    (the loop): a plain view, no expand node in its graph."""
+    if tasks == 1:
+        return {k: v.unsqueeze(0) for k, v in params.items()}
     return {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
 
 

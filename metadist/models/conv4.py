@@ -1,5 +1,10 @@
 """Conv4, the reference conv net of MAML: `depth` blocks of [conv 3x3 (no bias) -> BatchNorm on
 batch statistics -> ReLU -> max-pool 2], then a linear head over the flattened features.
+
+The ReLU runs after the pooling: ReLU is monotonic, so max(relu(x)) = relu(max(x)) exactly, the
+max picks the same element, and the gradients route through the same positions with the same values
+(max-pooling's windows do not overlap), in both orders of derivative, bit for bit; the ReLU and its
+backward then touch a quarter of the elements.
 `model.hidden` filters (64 for Omniglot, 32 for the MAML paper's mini-ImageNet), input channels
 and size from the shards' manifest: 28 -> 14 -> 7 -> 3 -> 1 for Omniglot, 84 -> ... -> 5 at 84 px.
 """
@@ -31,7 +36,7 @@ class Block(nn.Module):
         self.norm = BatchStatNorm(cout, bn_steps)
 
     def forward(self, x):
-        return F.max_pool2d(F.relu(self.norm(self.conv(x))), 2)
+        return F.relu(F.max_pool2d(self.norm(self.conv(x)), 2))
 
 
 def feature_side(depth: int, side: int = 28) -> int:
@@ -82,7 +87,7 @@ class ConvNet(Backbone):
                 native_norm,
                 mask,
             )
-            h = max_pool2(F.relu(h))
+            h = F.relu(max_pool2(h))
         return h.reshape(n, T, -1).transpose(0, 1)  # (T, n, features)
 
 
