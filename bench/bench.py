@@ -27,6 +27,7 @@ from metadist.algorithms import maml
 from metadist.algorithms.core import Chunking, Inner, meta_backward
 from metadist.machine import cpu_facts
 from metadist.models.conv4 import ConvNet
+from metadist.strategy import SIZES
 
 # metadist's selectable strategies; "batched" is the default
 STRATEGIES = ("batched", "loop")
@@ -197,13 +198,23 @@ def bench_meta(device, quick: bool) -> list[dict]:
                 runs = {"reference": runner("reference", model, batch, inner)}
                 runs.update({s: runner(s, model, batch, inner) for s in strategies(device)})
                 err = equivalence(model, batch, inner)
+                # on a CPU, algo.strategy=auto also measures the tasks the batched strategy
+                # computes at once (metadist.strategy.SIZES): the same maths in chunks
+                sizes = [c for c in SIZES if c < tasks] if device.type == "cpu" else []
+                for c in sizes:
+                    runs[f"batched/{c}"] = runner("batched", model, batch, inner, chunk=c)
+                    err[f"batched/{c}"] = err["batched"]
                 flops = flops_per_task(model, batch, inner)
                 tps = time_interleaved(model, runs, tasks, device, rounds=2)
                 mem = {k: graph_bytes(run, device) for k, run in runs.items()}
                 model.zero_grad(set_to_none=True)
-                # auto: on a GPU batched; on a CPU the faster of the two, as the run's start-up
-                # measurement picks
-                pick = "batched" if device.type == "cuda" else max(("batched", "loop"), key=tps.get)
+                # auto: on a GPU batched; on a CPU the fastest of the loop and the batched
+                # strategy at each size, as the run's start-up measurement picks
+                pick = (
+                    "batched"
+                    if device.type == "cuda"
+                    else max(["batched", "loop", *[f"batched/{c}" for c in sizes]], key=tps.get)
+                )
                 tps["auto"], mem["auto"], err["auto"] = tps[pick], mem[pick], err[pick]
                 for k in list(runs) + ["auto"]:
                     rows.append(
@@ -223,7 +234,7 @@ def bench_meta(device, quick: bool) -> list[dict]:
                     )
                     r = rows[-1]
                     print(
-                        f"{ways:>4} {tasks:>5} {r['order']:>5} {steps:>5}  {r['strategy']:<12} "
+                        f"{ways:>4} {tasks:>5} {r['order']:>5} {steps:>5}  {r['strategy']:<18} "
                         f"{r['tasks_per_s']:>8.1f} "
                         f"{r['ratio']:>6.2f}x {r['gflop_per_task']:>7.3f} {r['gflop_per_s']:>7.1f} "
                         f"{r['mem_mb']:>9.1f} {r['max_rel_grad_err']:>14.1e}",
@@ -323,7 +334,7 @@ def main():
             "per-task loop)"
         )
         print(
-            f"{'ways':>4} {'batch':>5} {'order':>5} {'steps':>5}  {'strategy':<12} {'tasks/s':>8} "
+            f"{'ways':>4} {'batch':>5} {'order':>5} {'steps':>5}  {'strategy':<18} {'tasks/s':>8} "
             f"{'ratio':>7} {'GFLOP':>7} {'GFLOP/s':>7} "
             f"{'mem MB':>9} {'grad err (f64)':>14}"
         )

@@ -197,6 +197,8 @@ class TrainState:
     tasks_per_chunk: int = 0  # the chunk size the step used
     # exact mode: each task's gradient a leaf of the tree, from groups (kept on every resume)
     exact_per_task: bool = False
+    # the batched strategy's tasks computed at once (0: the settings' own; kept on every resume)
+    tasks_at_once: int = 0
     # intra-op threads per process (float32 rounding on a CPU depends on it)
     threads: int = 0
     world_size: int = 1  # of the launch that wrote the checkpoint

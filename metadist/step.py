@@ -19,6 +19,7 @@ all-reduce.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -299,11 +300,19 @@ class MetaStep:
     def second_order(self) -> bool:
         return self.algorithms[False].second_order
 
-    def use_strategy(self, strategy: str, per_task: bool = False) -> None:
-        """How this rank's tasks run (batched | loop) and, in exact mode, whether each task's
-        gradient is a leaf of the tree (see ExactReduction.use_per_task); set before the first
-        step."""
+    def use_strategy(self, strategy: str, per_task: bool = False, at_once: int = 0) -> None:
+        """How this rank's tasks run (batched | loop); in exact mode, whether each task's gradient
+        is a leaf of the tree (see ExactReduction.use); `at_once` (0: the settings' own): the
+        batched strategy's tasks computed at once, the fast mode's chunk and the per-task leaves'
+        group (metadist.strategy measures it); set before the first step."""
         self.strategy = strategy
+        if at_once:
+            s = self.s
+            size = min(at_once, s.local_tasks)
+            self.s = dataclasses.replace(
+                s, group=size, chunk=size if s.reduce == "fast" else s.chunk
+            )
+            self.reduction = type(self.reduction)(self.s, self.dist, self.param_list)
         if isinstance(self.reduction, ExactReduction):
             self.reduction.use(strategy, per_task)
 
@@ -398,20 +407,20 @@ class MetaStep:
         return out[0], out[1], grad_norm, agreed
 
     def chunk_runner(self, batch: dict):
-        """run(strategy) -> tasks: one meta-backward of `batch` (a chunk of this run's shape: see
-        sample_chunk), for the strategy measurement; the weights and their gradients are left as
-        they were."""
+        """run(strategy, size) -> tasks: one meta-backward of the first `size` tasks of `batch`
+        (tasks of this run's shape: see sample_chunk) computed at once, for the strategy
+        measurement; the weights and their gradients are left as they were."""
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
-        n = batch["x_support"].shape[0]
         algo = self.algorithms[False]
 
-        def run(strategy: str) -> int:
-            cut = Chunking(0, 1.0 / n)
+        def run(strategy: str, size: int) -> int:
+            chunk = {k: v[:size] for k, v in batch.items()}
+            cut = Chunking(0, 1.0 / size)
             meta_backward(
-                algo.task_losses, self.model, self.params, batch, strategy, cut, algo.second_order
+                algo.task_losses, self.model, self.params, chunk, strategy, cut, algo.second_order
             )
             self.model.zero_grad(set_to_none=True)
-            return n
+            return size
 
         return run
 

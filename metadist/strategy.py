@@ -9,6 +9,12 @@ time): the one owner of the rule, the measurement, its cache and its record.
   the per-machine cache (metadist/machine.py), keyed by the machine and the shape of a chunk of
   tasks (backbone, image, episode, algorithm); every later run on that machine with that shape
   reads the same answer.
+- With `algo.tasks_per_chunk=0` on a CPU, `auto` also measures how many tasks the batched
+  strategy computes at once (`tasks_at_once`: 2, 4, 8, 16, up to a rank's tasks): folded tasks make
+  activations that many times larger, and once they leave the CPU's caches the memory-bound
+  BatchNorm, ReLU and pooling (and their double backward) slow down more than the folding gains
+  (on an Intel Xeon, 5-way 1-shot second order: 8 at once 1.36x the exercise's loop, all 32 at
+  once 1.07x). Sizes whose measurement would take more than MEASURE_SECONDS are left out.
 - A run records what it used and why (`<run>/strategy.json`, and every checkpoint's state), and a
   resumed run keeps it, whatever the cache says by then.
 - `exact_grouping`: whether train.reduce=exact may compute a rank's tasks as one group and take
@@ -29,47 +35,83 @@ import torch
 from metadist.machine import cached
 
 STRATEGIES = ("batched", "loop")
+SIZES = (2, 4, 8, 16)  # tasks at once the batched strategy is measured with
+MEASURE_SECONDS = 6.0  # the most one size's measurement (every round) may take
 
 
-def measure(run_chunk, rounds: int = 2) -> dict[str, float]:
-    """Tasks/s of each strategy: `run_chunk(strategy) -> tasks` runs one chunk's meta-backward;
-    interleaved, best of `rounds` after a warm-up round."""
-    best = dict.fromkeys(STRATEGIES, 0.0)
+def sizes(most: int, task_seconds: float, rounds: int) -> list[int]:
+    """The tasks-at-once sizes worth measuring for a rank of `most` tasks (SIZES below it, and
+    `most` up to 16), those whose `rounds` cost at most MEASURE_SECONDS at `task_seconds` a
+    task; at least the smallest."""
+    top = min(most, SIZES[-1])
+    out = sorted({c for c in SIZES if c < top} | {top})
+    return [c for c in out if c * task_seconds * rounds <= MEASURE_SECONDS] or out[:1]
+
+
+def measure(run_chunk, at_once: list[int], rounds: int = 2) -> dict[str, float]:
+    """Tasks/s of the loop and of the batched strategy with each size of `at_once` ("batched/8":
+    8 tasks at once; "batched" when there is one size): `run_chunk(strategy, size) -> tasks`
+    runs that many tasks' meta-backward; interleaved, best of `rounds` after a warm-up round."""
+    runs = {"loop": ("loop", min(at_once))}
+    for c in at_once:
+        runs[f"batched/{c}" if len(at_once) > 1 else "batched"] = ("batched", c)
+    best = dict.fromkeys(runs, 0.0)
     for r in range(rounds + 1):
-        for strategy in STRATEGIES:
+        for name, (strategy, size) in runs.items():
             t = time.perf_counter()
-            tasks = run_chunk(strategy)
+            tasks = run_chunk(strategy, size)
             if r:
-                best[strategy] = max(best[strategy], tasks / (time.perf_counter() - t))
+                best[name] = max(best[name], tasks / (time.perf_counter() - t))
     return best
 
 
-def cached_choice(shape: dict, run_chunk, say=print) -> dict:
-    """The measured strategy for this machine and shape (see `cached`)."""
+def task_seconds(run_chunk) -> float:
+    """One task's meta-backward time (the loop on one task, after one warm-up)."""
+    run_chunk("loop", 1)
+    t = time.perf_counter()
+    run_chunk("loop", 1)
+    return time.perf_counter() - t
+
+
+def cached_choice(shape: dict, run_chunk, most: int, free: bool, say=print) -> dict:
+    """The measured strategy for this machine and shape (see `cached`): with `free`, the batched
+    strategy measured at several tasks at once up to `most` (`tasks_at_once` in the record: the
+    size chosen, 0 for the loop); else at `most`."""
 
     def compute():
-        speed = measure(run_chunk)
-        return {"strategy": max(speed, key=speed.get), "tasks_per_s": speed}
+        at_once = sizes(most, task_seconds(run_chunk), 3) if free else [most]
+        speed = measure(run_chunk, at_once)
+        best = max(speed, key=speed.get)
+        strategy, _, size = best.partition("/")
+        return {
+            "strategy": strategy,
+            "tasks_at_once": int(size) if size else 0,
+            "tasks_per_s": speed,
+        }
 
-    return cached("strategy", shape, compute, say)
+    return cached("strategy", dict(shape, at_once=[most, free]), compute, say)
 
 
-def choose(requested: str, device: torch.device, shape: dict, run_chunk, say=print) -> dict:
-    """{strategy, why, ...}: what this run uses (before any checkpoint says otherwise)."""
+def choose(
+    requested: str, device: torch.device, shape: dict, run_chunk, most: int, free: bool, say=print
+) -> dict:
+    """{strategy, why, tasks_at_once, ...}: what this run uses (before any checkpoint says
+    otherwise); `most`, `free`: see cached_choice (free: only `auto` on a CPU uses it)."""
     if requested != "auto":
         return {"strategy": requested, "why": f"algo.strategy={requested}"}
     if device.type != "cpu":
         return {"strategy": "batched", "why": f"algo.strategy=auto on {device.type}: batched"}
-    rec = cached_choice(shape, run_chunk, say)
+    rec = cached_choice(shape, run_chunk, most, free, say)
     speeds = ", ".join(f"{k} {v:.1f}" for k, v in rec["tasks_per_s"].items())
     where = (
         f"cached in {rec['cache']}"
         if rec.get("cached")
         else (f"measured now, cached in {rec['cache']}" if rec.get("cache") else "measured now")
     )
-    return dict(
-        rec, why=f"algo.strategy=auto on this CPU: {speeds} tasks/s ({where}): {rec['strategy']}"
+    chosen = rec["strategy"] + (
+        f", {rec['tasks_at_once']} tasks at once" if rec.get("tasks_at_once") else ""
     )
+    return dict(rec, why=f"algo.strategy=auto on this CPU: {speeds} tasks/s ({where}): {chosen}")
 
 
 def exact_grouping(shape: dict, task_grads, sizes: list[int], say=print) -> dict:

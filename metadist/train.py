@@ -486,26 +486,30 @@ class Trainer:
                     "strategy": state.strategy,
                     "why": state.strategy_why or "kept from the checkpoint",
                     "exact_per_task": state.exact_per_task,
+                    "tasks_at_once": state.tasks_at_once,
                 }
             elif state.step and path.is_file():
                 choice = dict(json.loads(path.read_text()), why="kept from strategy.json")
             else:
                 choice = self._new_strategy()
-                choice.update(self._exact_grouping(choice["strategy"]))
+                self.meta_step.use_strategy(choice["strategy"], False, choice["tasks_at_once"])
+                choice.update(self._exact_grouping(choice["strategy"], choice["tasks_at_once"]))
                 path.write_text(json.dumps(choice, indent=1) + "\n")
                 self.say(choice["why"])
                 if "exact" in choice:
                     self.say(choice["exact"])
         choice = self.dist.broadcast_object(choice)
-        per_task = bool(choice.get("exact_per_task"))
-        self.meta_step.use_strategy(choice["strategy"], per_task)
+        per_task, at_once = bool(choice.get("exact_per_task")), choice.get("tasks_at_once", 0)
+        self.meta_step.use_strategy(choice["strategy"], per_task, at_once)
+        self.settings = self.meta_step.s
         state.strategy, state.strategy_why = choice["strategy"], choice["why"]
-        state.exact_per_task = per_task
+        state.exact_per_task, state.tasks_at_once = per_task, at_once
 
-    def _exact_grouping(self, strategy: str) -> dict:
-        """train.reduce=exact: whether a rank's tasks run as groups, each task's gradient a leaf
-        of the tree (as fast as fast mode), or as chunks each computed alone; and why."""
-        s, d = self.settings, self.cfg.data
+    def _exact_grouping(self, strategy: str, at_once: int) -> dict:
+        """train.reduce=exact: whether a rank's tasks run as groups (of `at_once` tasks, else
+        algo.tasks_per_chunk), each task's gradient a leaf of the tree (as fast as fast mode), or
+        as chunks each computed alone; and why."""
+        s, d = self.meta_step.s, self.cfg.data
         if s.reduce != "exact":
             return {}
         weights = sum(p.numel() for p in self.model.parameters())
@@ -514,7 +518,7 @@ class Trainer:
                 "exact_per_task": False,
                 "exact": "train.reduce=exact: each task's gradient computed alone (the loop)",
             }
-        sizes = group_sizes(s.meta_batch_size, self.cfg.algo.tasks_per_chunk)
+        sizes = group_sizes(s.meta_batch_size, at_once or self.cfg.algo.tasks_per_chunk)
         why = (
             "one task at a time: algo.tasks_per_chunk=1"
             if max(sizes) < 2
@@ -546,19 +550,28 @@ class Trainer:
         }
 
     def _new_strategy(self) -> dict:
-        a, d = self.cfg.algo, self.cfg.data
+        """The strategy (and, measured with it, the tasks computed at once: 0 for the settings'
+        own) of a new run."""
+        a, d, s = self.cfg.algo, self.cfg.data, self.settings
         if self.cfg.train.debug:
             return {
                 "strategy": "batched" if a.strategy == "auto" else a.strategy,
                 "why": "debug mode (the first step cross-checks it against the loop)",
+                "tasks_at_once": 0,
             }
-        n = min(4, self.settings.group)
+        # the tasks computed at once are measured where nothing bounds them: fixed episodes (a
+        # variable one can take gigabytes), and algo.tasks_per_chunk unset
+        free = not (self.train_split.variable or a.tasks_per_chunk)
+        n = min(strategy_mod.SIZES[-1], s.local_tasks) if free else min(4, s.group)
         if self.train_split.variable:  # the run's own first episodes, padded as a chunk is
             chunk = pad_batch(self.train_split.records_at(range(n)), self.train_split.gather)
         else:
             chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, n)
         runner = self.meta_step.chunk_runner(chunk)
-        return strategy_mod.choose(a.strategy, self.device, self.chunk_shape(), runner, self.say)
+        rec = strategy_mod.choose(
+            a.strategy, self.device, self.chunk_shape(), runner, n, free, self.say
+        )
+        return dict(rec, tasks_at_once=rec.get("tasks_at_once", 0))
 
     def chunk_shape(self) -> dict:
         """What decides a chunk's speed (the strategy and budget caches' key, with the machine)."""
@@ -848,6 +861,7 @@ class Trainer:
             "reduce": s.reduce,
             "tasks_per_chunk": s.tasks_per_chunk,
             "exact_per_task": s.exact_per_task,
+            "tasks_at_once": s.tasks_at_once,
             "threads": dist.threads,
             "algorithm": cfg.algo.name,
             "seed": cfg.seed,

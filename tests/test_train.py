@@ -242,7 +242,18 @@ def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(
     cached = list((tmp_path / "cache").glob("strategy-*.json"))
     assert len(cached) == 1
     rec = json.loads(cached[0].read_text())
-    assert rec["strategy"] == s1["strategy"] and set(rec["tasks_per_s"]) == {"batched", "loop"}
+    # the batched strategy measured at 2, 4 and 8 tasks at once (a rank's 8 tasks): the record's
+    # size is what the run computes at once (each task's gradient from groups of that size)
+    assert rec["strategy"] == s1["strategy"] and set(rec["tasks_per_s"]) == {
+        "loop",
+        "batched/2",
+        "batched/4",
+        "batched/8",
+    }
+    assert s1["tasks_at_once"] == rec["tasks_at_once"]
+    if rec["strategy"] == "batched":
+        assert rec["tasks_at_once"] in (2, 4, 8)
+        assert any(f"from groups of {rec['tasks_at_once']}" in x for x in said), said
     assert rec["key"]["threads"] == torch.get_num_threads() and rec["key"]["shape"]["ways"] == 5
     said = []
     s2 = train(config.load(None, base + ["run.name=two"]), log=said.append)

@@ -1,0 +1,121 @@
+"""Training speed against the exercise's loop (make bench-train): whole meta-steps of strong.yaml
+(second-order MAML, 5-way 1-shot, learned inner rates) at a meta-batch of 32 on this CPU, as
+`metadist train` runs them (MetaStep: the meta-backward, the reduction, Adam), against the
+exercise's per-task loop (bench/reference.py) with its Adam step, on the same episodes,
+interleaved rounds, median tasks/s.
+
+Variants: the batched strategy with every task at once (what `algo.strategy=batched` does), with
+the tasks at once `algo.strategy=auto` measured on this machine (metadist.strategy), the loop;
+in fast and exact mode.
+
+  python bench/train_speed.py [--rounds 6] [--meta-batch 32] [--first-order]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench import machine as machine_line
+from bench.reduce import OneProcess, batch
+from bench.reference import meta_step as reference_step
+from metadist import config, strategy
+from metadist.models import build_model
+from metadist.step import from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(tasks: int, overrides: list[str]):
+    cfg = config.load(ROOT / "configs/strong.yaml", [f"train.meta_batch_size={tasks}", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
+    return from_config(cfg, model, OneProcess(), tasks, say=lambda *a: None), cfg
+
+
+def measured_at_once(tasks: int, first_order: bool) -> tuple[int, dict]:
+    """What `auto` measures here (not cached: this bench's own measurement)."""
+    step, _ = build(tasks, [f"algo.first_order={first_order}", "train.reduce=fast"])
+    run = step.chunk_runner(batch(min(strategy.SIZES[-1], tasks)))
+    most = min(strategy.SIZES[-1], tasks)
+    speed = strategy.measure(run, strategy.sizes(most, strategy.task_seconds(run), 3))
+    best = max(speed, key=speed.get)
+    return (int(best.partition("/")[2]) if "/" in best else 0), speed
+
+
+def variants(tasks: int, fo: bool, at_once: int) -> dict:
+    """name -> a MetaStep, in fast and exact mode."""
+    steps = {}
+    for reduce in ("fast", "exact"):
+        runs = [("batched, all at once", "batched", 0), ("loop", "loop", 0)]
+        if at_once:
+            runs.insert(1, (f"batched, {at_once} at once (auto)", "batched", at_once))
+        for name, strat, size in runs:
+            s, _ = build(tasks, [f"algo.first_order={fo}", f"train.reduce={reduce}"])
+            # exact: each task's gradient from groups where the grouping holds (the batched
+            # strategy, Conv4 on Omniglot; metadist.strategy.exact_grouping), the loop alone
+            s.use_strategy(strat, reduce == "exact" and strat == "batched", size)
+            steps[f"{reduce}: {name}"] = s
+    return steps
+
+
+def reference(tasks: int, fo: bool):
+    """The exercise's meta-step with its Adam step (a fixed inner lr: no learned rates)."""
+    _, cfg = build(tasks, ["algo.learn_inner_lr=none"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+
+    def run(b):
+        opt.zero_grad(set_to_none=True)
+        reference_step(model, b, 1, 0.4, fo)
+        opt.step()
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--meta-batch", type=int, default=32)
+    ap.add_argument("--first-order", action="store_true")
+    args = ap.parse_args()
+    tasks, fo = args.meta_batch, args.first_order
+    at_once, speed = measured_at_once(tasks, fo)
+    print(machine_line(torch.device("cpu")))
+    print(
+        f"strong.yaml, meta-batch {tasks}, {'first' if fo else 'second'} order; "
+        "auto's measurement: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in speed.items())
+        + f" tasks/s -> {f'batched, {at_once} at once' if at_once else 'its pick'}",
+        flush=True,
+    )
+    runs = {"exercise's loop": reference(tasks, fo)}
+    for name, s in variants(tasks, fo, at_once).items():
+        runs[name] = lambda b, s=s: s(0, b, lambda: torch.zeros(3))
+    b = batch(tasks)
+    samples = {k: [] for k in runs}
+    for r in range(args.rounds + 1):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn(b)
+            if r:
+                samples[name].append(tasks / (time.perf_counter() - t))
+    ref = statistics.median(samples["exercise's loop"])
+    print(f"median tasks/s over {args.rounds} interleaved rounds (ratio to the exercise's loop):")
+    for name, v in samples.items():
+        m = statistics.median(v)
+        print(
+            f"  {name:<40} {m:7.1f}  {m / ref:.2f}x  "
+            f"(min {min(v) / ref:.2f}, max {max(v) / ref:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
