@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-budget soak plot clean
+.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -49,6 +49,9 @@ bench-startup:         ## launch -> first meta-step, fresh and resumed (strong.y
 
 bench-scaling:         ## meta-step time vs tasks per rank, all-reduce time, predicted 1/2/4/8-device scaling
 	$(PY) bench/scaling.py
+
+bench-train:           ## whole training steps of strong.yaml at meta-batch 32 against the exercise's loop (tasks at once as auto measures)
+	$(PY) bench/train_speed.py
 
 bench-reduce:          ## train.reduce=exact against fast: step time, memory, the reduction between 2 processes, 8-GPU model
 	$(PY) bench/reduce.py
