@@ -6,7 +6,8 @@ interleaved rounds, median tasks/s.
 
 Variants: the batched strategy with every task at once (what `algo.strategy=batched` does), with
 the tasks at once `algo.strategy=auto` measured on this machine (metadist.strategy), the loop;
-in fast and exact mode.
+in fast and exact mode; and `algo.compile=on` (metadist/compiled.py; its first round, the
+warm-up, compiles).
 
   python bench/train_speed.py [--rounds 6] [--meta-batch 32] [--first-order]
 """
@@ -62,6 +63,11 @@ def variants(tasks: int, fo: bool, at_once: int) -> dict:
             # strategy, Conv4 on Omniglot; metadist.strategy.exact_grouping), the loop alone
             s.use_strategy(strat, reduce == "exact" and strat == "batched", size)
             steps[f"{reduce}: {name}"] = s
+    # algo.compile=on: each chunk compiled as one graph (exact: chunks of B/8 computed alone)
+    for reduce, size in (("fast", at_once or 8), ("fast", tasks), ("exact", 0)):
+        s, _ = build(tasks, [f"algo.first_order={fo}", f"train.reduce={reduce}", "algo.compile=on"])
+        s.use_strategy("batched", False, size)
+        steps[f"{reduce}: compiled, {s.s.chunk} at once"] = s
     return steps
 
 

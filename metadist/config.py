@@ -145,6 +145,8 @@ class AlgoConfig:
     # the most tasks computed at once (0: a rank's tasks in one graph); exact reduce where a
     # task's gradient depends on its group (metadist/step.py): tasks per chunk, 0 = B/8
     tasks_per_chunk: int = 0
+    # on: each chunk's meta-backward as one compiled graph on a CPU (metadist/compiled.py)
+    compile: str = "off"
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
     # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) |
     # element (Meta-SGD)
@@ -231,6 +233,7 @@ CHOICES = {
     "data.pool": ("mmap", "memory"),
     "data.episode": ("fixed", "variable"),
     "algo.strategy": ("auto", "batched", "loop"),
+    "algo.compile": ("off", "on"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
     "train.schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "bf16"),
@@ -478,6 +481,19 @@ def _check_model_algo(cfg: Config, need) -> None:
         "algo.multi_step_loss",
         "must be >= 0 (meta-steps of annealing; 0 = off)",
     )
+    if a.compile == "on":
+        need(
+            not m.dropblock,
+            "algo.compile",
+            "=on cannot compile DropBlock's per-step random masks: set model.dropblock=0 or "
+            "algo.compile=off",
+        )
+        need(
+            cfg.data.episode == "fixed",
+            "algo.compile",
+            "=on compiles one graph per episode shape, and variable episodes change shape "
+            "every step: use algo.compile=off",
+        )
     if t.reduce == "exact" and a.tasks_per_chunk:
         need(
             t.meta_batch_size % a.tasks_per_chunk == 0,

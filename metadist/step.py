@@ -29,6 +29,7 @@ import torch
 from metadist import algorithms, exact
 from metadist.algorithms.core import Chunking, meta_backward
 from metadist.algorithms.maml import msl_weights
+from metadist.compiled import CompiledChunks
 from metadist.config import ConfigError
 from metadist.cuda_graph import GraphedStep
 from metadist.errors import MetadistError
@@ -118,6 +119,7 @@ class StepSettings:
     debug: bool = False
     bf16: bool = False
     graph: bool = False
+    compile: bool = False  # algo.compile=on (metadist.compiled)
 
     @classmethod
     def of(cls, cfg, local_tasks: int, device: torch.device) -> StepSettings:
@@ -125,6 +127,11 @@ class StepSettings:
         if t.cuda_graph == "on" and device.type != "cuda":
             raise ConfigError(
                 f"train.cuda_graph=on needs a CUDA device (this process runs on {device})"
+            )
+        if a.compile == "on" and device.type != "cpu":
+            raise ConfigError(
+                f"algo.compile=on compiles the meta-step for a CPU; on {device} the CUDA graph "
+                "(train.cuda_graph) does that job: use algo.compile=off"
             )
         return cls(
             reduce=t.reduce,
@@ -147,6 +154,7 @@ class StepSettings:
             and not cfg.model.dropblock
             and cfg.data.episode == "fixed"
             and not cfg.data.sources,
+            compile=a.compile == "on",
         )
 
 
@@ -286,6 +294,7 @@ class MetaStep:
             else contextlib.nullcontext()
         )
         self.graphs = {}  # the captured meta-step of each variant, on CUDA
+        self.compiled = CompiledChunks() if settings.compile else None
         if settings.first_order_steps and self.second_order:
             say(
                 f"derivative-order annealing: steps 1..{settings.first_order_steps} first order, "
@@ -344,6 +353,8 @@ class MetaStep:
         algo = self.algorithms[first_order]
 
         def run(cut: Chunking):
+            if self.compiled is not None and not cut.per_task:
+                cut = dataclasses.replace(cut, compiled=self.compiled)
             return meta_backward(
                 algo.task_losses,
                 self.model,

@@ -522,6 +522,8 @@ class Trainer:
         why = (
             "one task at a time: algo.tasks_per_chunk=1"
             if max(sizes) < 2
+            else "algo.compile=on compiles one graph per chunk shape"
+            if s.compile
             else "variable episodes are padded to each group's largest"
             if self.train_split.variable
             else "DropBlock draws its masks per chunk"
@@ -553,10 +555,15 @@ class Trainer:
         """The strategy (and, measured with it, the tasks computed at once: 0 for the settings'
         own) of a new run."""
         a, d, s = self.cfg.algo, self.cfg.data, self.settings
-        if self.cfg.train.debug:
+        if self.cfg.train.debug or a.compile == "on":
+            why = (
+                "debug mode (the first step cross-checks it against the loop)"
+                if self.cfg.train.debug
+                else "algo.compile=on (the batched chunk compiled as one graph)"
+            )
             return {
                 "strategy": "batched" if a.strategy == "auto" else a.strategy,
-                "why": "debug mode (the first step cross-checks it against the loop)",
+                "why": why,
                 "tasks_at_once": 0,
             }
         # the tasks computed at once are measured where nothing bounds them: fixed episodes (a
@@ -589,6 +596,7 @@ class Trainer:
             "learn_inner_lr": a.learn_inner_lr,
             "per_step_bn": a.per_step_bn,
             "tasks_per_chunk": self.settings.chunk,
+            "compile": a.compile,
             "head_init": self.algorithm.train_inner.head_init,
             "device": self.device.type,
         }

@@ -308,6 +308,8 @@ class Chunking:
     extra: int = 0
     rng: object = None
     per_task: bool = False
+    # algo.compile=on: a metadist.compiled.CompiledChunks computes each chunk (not per_task)
+    compiled: object = None
 
 
 def task_gradients(task_losses, params: Params, chunk: dict, scale: float):
@@ -345,6 +347,17 @@ def _push(cut: Chunking, grads, leaves) -> None:
     )
 
 
+def _take(cut: Chunking, grads, leaves) -> None:
+    """A chunk's gradients (None where a weight got none), computed outside autograd's engine:
+    accumulated into .grad as backward() would, or pushed to the tree."""
+    if cut.tree is not None:
+        _push(cut, grads, leaves)
+        return
+    for p, g in zip(leaves, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+
+
 def meta_backward(
     task_losses,
     model: Backbone,
@@ -377,6 +390,11 @@ def meta_backward(
             )
             for j in range(t):
                 _push(cut, [g if g is None else g[j] for g in grads], leaves)
+        elif cut.compiled is not None:
+            losses, accs, grads = cut.compiled(
+                task_losses, model, params, chunk, strategy, second_order, cut.scale
+            )
+            _take(cut, grads, leaves)
         else:
             losses, accs = task_losses(forward, per_task(params, t), chunk)
             total = losses.sum() * cut.scale
@@ -385,12 +403,16 @@ def meta_backward(
             else:
                 _push(cut, torch.autograd.grad(total, leaves, allow_unused=True), leaves)
         loss_sum = loss_sum + losses.detach().sum()
-        a = accs.detach()
-        if "source" in chunk:  # the total, then each source's
-            acc_sum = acc_sum + torch.cat([a.sum()[None], a @ chunk["source"].to(a)])
-        else:
-            acc_sum = acc_sum + a.sum()
+        acc_sum = acc_sum + _accuracy_sum(accs.detach(), chunk)
     return loss_sum, acc_sum
+
+
+def _accuracy_sum(a: torch.Tensor, chunk: dict) -> torch.Tensor:
+    """The chunk's accuracy sum; where the chunk says each task's source, the total, then each
+    source's."""
+    if "source" in chunk:
+        return torch.cat([a.sum()[None], a @ chunk["source"].to(a)])
+    return a.sum()
 
 
 def adapt_and_predict(

@@ -1,0 +1,98 @@
+"""algo.compile=on (metadist/compiled.py): a chunk's meta-backward compiled as one graph computes
+the eager step's maths (equal in float64), trains reproducibly, and refuses what it cannot
+compile in one line. Compiling takes tens of seconds, so the compiling tests are slow ones."""
+
+import pytest
+import torch
+
+from metadist import config
+from metadist.algorithms import maml
+from metadist.algorithms.core import Chunking, Inner, meta_backward
+from metadist.compiled import CompiledChunks
+from metadist.models.common import InnerRates
+from metadist.models.conv4 import ConvNet
+from tests.conftest import small_overrides
+
+
+def _batch(tasks: int, dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x_support": torch.rand(tasks, 10, 1, 28, 28, generator=g, dtype=dtype),
+        "y_support": torch.arange(5).repeat_interleave(2).expand(tasks, -1),
+        "x_query": torch.rand(tasks, 5, 1, 28, 28, generator=g, dtype=dtype),
+        "y_query": torch.arange(5).expand(tasks, -1),
+    }
+
+
+def _grads(model, batch, inner, compiled) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    loss, acc = meta_backward(
+        lambda f, p, c: maml.task_losses(f, p, c, inner),
+        model,
+        params,
+        batch,
+        "batched",
+        Chunking(2, 0.25, compiled=compiled),
+        not inner.first_order,
+    )
+    g = torch.cat([p.grad.flatten() for p in params.values()] + [loss.reshape(1), acc.reshape(1)])
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+@pytest.mark.slow
+def test_the_compiled_chunk_equals_the_eager_one_in_float64():
+    """Second order, 2 inner steps, learned per-layer rates, two chunks of 2 tasks accumulated:
+    gradients, loss and accuracy equal the eager step's to float64 rounding; in float32 they are
+    as close to float64 as the eager step's own float32 (a bound from the eager step's error)."""
+    inner = Inner(2, 0.4)
+    torch.manual_seed(0)
+    model = ConvNet(5, hidden=8, rates=InnerRates("layer", 0.4, 2)).double()
+    b64 = _batch(4, torch.float64)
+    eager64 = _grads(model, b64, inner, None)
+    compiled64 = _grads(model, b64, inner, CompiledChunks())
+    assert (compiled64 - eager64).abs().max() <= 1e-10 * eager64.abs().max()
+    m32 = model.float()
+    b32 = {k: v.float() if v.is_floating_point() else v for k, v in b64.items()}
+    chunks = CompiledChunks()
+    eager_err = (_grads(m32, b32, inner, None).double() - eager64).abs().max()
+    compiled32 = _grads(m32, b32, inner, chunks)
+    assert (compiled32.double() - eager64).abs().max() <= 8 * eager_err
+    # the second call reuses the graph compiled for this shape
+    assert len(chunks.graphs) == 1 and torch.equal(_grads(m32, b32, inner, chunks), compiled32)
+
+
+@pytest.mark.slow
+def test_compiled_training_is_reproducible_and_records_why(omniglot_dir, tmp_path):
+    from metadist.checkpoint import load_weights
+    from metadist.train import train
+
+    base = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{"algo.compile": "on", "algo.strategy": "auto", "train.steps": 2},
+    )
+    said = []
+    s1 = train(config.load(None, base + ["run.name=a"]), log=said.append)
+    train(config.load(None, base + ["run.name=b"]), log=lambda *a: None)
+    assert s1["strategy"] == "batched"
+    assert any("algo.compile=on (the batched chunk compiled as one graph)" in x for x in said)
+    assert any("each computed alone (algo.compile=on" in x for x in said), said
+    a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"model.dropblock": 0.1, "model.backbone": "resnet12"}, "DropBlock"),
+        ({"data.episode": "variable"}, "variable episodes"),
+    ],
+)
+def test_what_cannot_be_compiled_is_refused_in_one_line(omniglot_dir, tmp_path, extra, said):
+    with pytest.raises(config.ConfigError, match=said) as e:
+        config.load(
+            None, small_overrides(omniglot_dir, tmp_path, **{"algo.compile": "on", **extra})
+        )
+    assert "algo.compile" in str(e.value) and "\n" not in str(e.value)
