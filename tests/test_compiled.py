@@ -11,7 +11,7 @@ from metadist.algorithms.core import Chunking, Inner, meta_backward
 from metadist.compiled import CompiledChunks
 from metadist.models.common import InnerRates
 from metadist.models.conv4 import ConvNet
-from tests.conftest import small_overrides
+from tests.conftest import launch, max_diff, run_cli, small_overrides, weights
 
 
 def _batch(tasks: int, dtype) -> dict:
@@ -81,6 +81,31 @@ def test_compiled_training_is_reproducible_and_records_why(omniglot_dir, tmp_pat
     assert any("each computed alone (algo.compile=on" in x for x in said), said
     a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_compiled_exact_runs_are_the_same_at_1_and_2_processes(omniglot_dir, tmp_path):
+    """Exact mode under compile computes each chunk alone through the same graph: 1 and 2
+    processes (accelerate launch, gloo, one thread each) give the same weights, bit for bit."""
+    args = small_overrides(
+        omniglot_dir,
+        tmp_path,
+        **{
+            "algo.compile": "on",
+            "train.reduce": "exact",
+            "algo.tasks_per_chunk": 2,
+            "train.threads": 1,
+            "train.steps": 3,
+            "train.val_every": 50,
+        },
+    )
+    r = run_cli("prepare", *args)
+    assert r.returncode == 0, r.stderr
+    for n in (1, 2):
+        r = launch(n, args + [f"run.name=p{n}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "chunks of 2 task(s), each computed alone (algo.compile=on" in r.stdout
+    assert max_diff(weights(tmp_path / "runs" / "p1"), weights(tmp_path / "runs" / "p2")) == 0.0
 
 
 @pytest.mark.parametrize(
