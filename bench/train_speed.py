@@ -43,11 +43,9 @@ def build(tasks: int, overrides: list[str]):
 def measured_at_once(tasks: int, first_order: bool) -> tuple[int, dict]:
     """What `auto` measures here (not cached: this bench's own measurement)."""
     step, _ = build(tasks, [f"algo.first_order={first_order}", "train.reduce=fast"])
-    run = step.chunk_runner(batch(min(strategy.SIZES[-1], tasks)))
     most = min(strategy.SIZES[-1], tasks)
-    speed = strategy.measure(run, strategy.sizes(most, strategy.task_seconds(run), 3))
-    best = max(speed, key=speed.get)
-    return (int(best.partition("/")[2]) if "/" in best else 0), speed
+    rec = strategy.pick(step.chunk_runner(batch(most)), most, free=True)
+    return rec["tasks_at_once"], rec["tasks_per_s"]
 
 
 def variants(tasks: int, fo: bool, at_once: int) -> dict:

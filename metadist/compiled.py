@@ -62,7 +62,7 @@ class CompiledChunks:
 
         strategy, second_order, scale = how
         names, grad = list(params), [p.requires_grad for p in params.values()]
-        tasks = chunk_tasks(dict(zip(keys, inputs[len(names) :])))
+        tasks = inputs[len(names) + keys.index("x_support")].shape[0]
         used = []
 
         def step(*args):
@@ -80,7 +80,3 @@ class CompiledChunks:
         with inductor_config.patch(layout_optimization=False):
             run = compile_fx(graph, inputs)
         return run, list(used)
-
-
-def chunk_tasks(chunk: dict) -> int:
-    return chunk["x_support"].shape[0]

@@ -73,23 +73,21 @@ def task_seconds(run_chunk) -> float:
     return time.perf_counter() - t
 
 
+def pick(run_chunk, most: int, free: bool) -> dict:
+    """{strategy, tasks_at_once, tasks_per_s}, measured now: with `free`, the batched strategy at
+    several tasks at once up to `most` (tasks_at_once: the size chosen, 0 for the loop); else at
+    `most` (tasks_at_once 0: the settings' own)."""
+    at_once = sizes(most, task_seconds(run_chunk), 3) if free else [most]
+    speed = measure(run_chunk, at_once)
+    strategy, _, size = max(speed, key=speed.get).partition("/")
+    return {"strategy": strategy, "tasks_at_once": int(size) if size else 0, "tasks_per_s": speed}
+
+
 def cached_choice(shape: dict, run_chunk, most: int, free: bool, say=print) -> dict:
-    """The measured strategy for this machine and shape (see `cached`): with `free`, the batched
-    strategy measured at several tasks at once up to `most` (`tasks_at_once` in the record: the
-    size chosen, 0 for the loop); else at `most`."""
-
-    def compute():
-        at_once = sizes(most, task_seconds(run_chunk), 3) if free else [most]
-        speed = measure(run_chunk, at_once)
-        best = max(speed, key=speed.get)
-        strategy, _, size = best.partition("/")
-        return {
-            "strategy": strategy,
-            "tasks_at_once": int(size) if size else 0,
-            "tasks_per_s": speed,
-        }
-
-    return cached("strategy", dict(shape, at_once=[most, free]), compute, say)
+    """`pick`, once per machine and shape (see `cached`)."""
+    return cached(
+        "strategy", dict(shape, at_once=[most, free]), lambda: pick(run_chunk, most, free), say
+    )
 
 
 def choose(
@@ -98,9 +96,13 @@ def choose(
     """{strategy, why, tasks_at_once, ...}: what this run uses (before any checkpoint says
     otherwise); `most`, `free`: see cached_choice (free: only `auto` on a CPU uses it)."""
     if requested != "auto":
-        return {"strategy": requested, "why": f"algo.strategy={requested}"}
+        return {"strategy": requested, "why": f"algo.strategy={requested}", "tasks_at_once": 0}
     if device.type != "cpu":
-        return {"strategy": "batched", "why": f"algo.strategy=auto on {device.type}: batched"}
+        return {
+            "strategy": "batched",
+            "why": f"algo.strategy=auto on {device.type}: batched",
+            "tasks_at_once": 0,
+        }
     rec = cached_choice(shape, run_chunk, most, free, say)
     speeds = ", ".join(f"{k} {v:.1f}" for k, v in rec["tasks_per_s"].items())
     where = (

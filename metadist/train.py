@@ -575,10 +575,9 @@ class Trainer:
         else:
             chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, n)
         runner = self.meta_step.chunk_runner(chunk)
-        rec = strategy_mod.choose(
+        return strategy_mod.choose(
             a.strategy, self.device, self.chunk_shape(), runner, n, free, self.say
         )
-        return dict(rec, tasks_at_once=rec.get("tasks_at_once", 0))
 
     def chunk_shape(self) -> dict:
         """What decides a chunk's speed (the strategy and budget caches' key, with the machine)."""
