@@ -4,6 +4,7 @@ checkpointed) and float32 accuracy against the reference loop's own; ANIL; the i
 evaluation builds no second-order graph; the algorithm table."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -246,16 +247,48 @@ F32_FACTOR = 8
 F32_FLOOR = 64 * torch.finfo(torch.float32).eps  # below this, both are rounding noise
 
 
+@pytest.fixture
+def smooth_decisions(monkeypatch):
+    """Conv4 and the exercise's loop with ReLU -> softplus and max-pool -> average pooling, in the
+    same order in both (pool, then the activation).
+
+    ReLU and max-pooling round nothing, but they decide: which element a window passes on, whether
+    a unit is on. With ~10^6 such decisions a step, Conv4's float64 meta-gradient of random
+    episodes jumps by 1e-3 to 1e-1 (relative) when the images move by 1e-6 (relative), and for
+    some seeds (seed 1 of this test) already by 6.5e-4 to 3.3e-3 at 1e-7: a float32 computation
+    then lands on one side of a decision or the other by how its kernels happen to round (the
+    exercise's own loop measured 6.5e-4 on an Intel Xeon's kernels, 5.4e-6 on an AMD Zen 3's at
+    one thread). That is no precision of a computation: the rounding of each strategy is measured
+    where the meta-gradient is a smooth function of its inputs, and the decisions' exactness is
+    tested on their own (tests/test_model.py)."""
+    import bench.reference as reference
+    from metadist.models import conv4
+
+    def namespace(**over):
+        ns = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if k[:2] != "__"})
+        ns.__dict__.update(over)
+        return ns
+
+    monkeypatch.setattr(conv4, "F", namespace(relu=F.softplus))
+    monkeypatch.setattr(conv4, "max_pool2", lambda h: F.avg_pool2d(h, 2))
+    # the exercise's loop applies the activation before the pool: both moved into the pool
+    pool = namespace(relu=lambda x: x, max_pool2d=lambda x, **_: F.softplus(F.avg_pool2d(x, 2)))
+    monkeypatch.setattr(reference, "F", pool)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_strategies_in_float32_are_as_exact_as_the_reference_loop(seed):
-    """The default net and data shape in float32, where training runs. The truth is the float64
-    meta-gradient; the bound is not a number tuned on one CPU but the float32 error of the
-    exercise's own per-task loop (bench/reference.py, torch's native kernels) on the same data,
-    on this machine: no strategy may be more than F32_FACTOR times less exact than it."""
+def test_strategies_in_float32_are_as_exact_as_the_reference_loop(seed, threads, smooth_decisions):
+    """The default net and data shape in float32, where training runs, at 1 and 2 intra-op
+    threads (their kernels round differently). The truth is the float64 meta-gradient; the bound
+    is not a number tuned on one CPU but the float32 error of the exercise's own per-task loop
+    (bench/reference.py, torch's native kernels) on the same data, on this machine's kernels: no
+    strategy may be more than F32_FACTOR times less exact than it."""
     from bench.reference import meta_step as reference_step
 
-    old = torch.get_default_dtype()
+    old, old_threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
         model = ConvNet(5)
@@ -276,8 +309,8 @@ def test_strategies_in_float32_are_as_exact_as_the_reference_loop(seed):
             model.zero_grad(set_to_none=True)
             reference_step(model, b, 2, 0.4, first_order)
             ref_err = error(torch.cat([p.grad.flatten() for p in model.parameters()]))
-            assert ref_err < 1e-2, ref_err  # the reference itself is float32-accurate
-            for strategy, chunk in (("loop", 0), ("batched", 0), ("batched", 4)):
+            assert ref_err < 1e-3, ref_err  # the reference itself is float32-accurate
+            for strategy, chunk in (("loop", 0), ("batched", 0), ("batched", 4), ("batched", 1)):
                 _, g = ours(model, b, Inner(2, 0.4, first_order), strategy, chunk)
                 assert g.dtype == torch.float32
                 err = error(g)
@@ -290,6 +323,7 @@ def test_strategies_in_float32_are_as_exact_as_the_reference_loop(seed):
                 )
     finally:
         torch.set_default_dtype(old)
+        torch.set_num_threads(old_threads)
 
 
 @pytest.mark.parametrize("per_step_bn", [False, True])
