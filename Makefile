@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-budget soak plot clean
+.PHONY: install test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -17,6 +17,14 @@ test:                  ## fast suite (a few minutes, CPU; one worker per core)
 
 test-slow:             ## multi-process, resume, multi-node, tracking, real-data training
 	$(PY) -m pytest -q -m slow
+
+# the tests whose behaviour depends on the CPU's kernels (the plan and its measurement, exact mode,
+# float32 precision), again with an AVX2 machine's kernels (oneDNN and ATen capped)
+KERNEL_TESTS = tests/test_plan.py tests/test_exact.py tests/test_algorithms.py tests/test_compiled.py tests/test_step.py
+test-avx2:             ## the kernel-dependent tests under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -n auto $(KERNEL_TESTS) \
+		"tests/test_train.py::test_auto_strategy_is_a_property_of_the_machine_and_the_shape" \
+		"tests/test_train.py::test_exact_mode_records_its_groups_and_the_world_sizes_it_supports"
 
 test-all: test test-slow
 

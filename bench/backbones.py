@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench import graph_bytes
 from metadist import machine
 from metadist.algorithms import maml
-from metadist.algorithms.core import Chunking, Inner, meta_backward
+from metadist.algorithms.core import Inner
 from metadist.models.conv4 import ConvNet
 from metadist.models.resnet12 import ResNet12
+from metadist.step.compute import Eager, meta_backward
 
 # an 80 GB card, 10% kept for weights, optimizer, workspace and fragmentation
 GPU_BYTES = 80e9 * 0.9
@@ -44,12 +45,10 @@ def run(model, b, inner: Inner, chunk: int = 0) -> None:
     params = dict(model.named_parameters())
     meta_backward(
         lambda f, p, c: maml.task_losses(f, p, c, inner),
-        model,
+        Eager(model, not inner.first_order, chunk),
         params,
         b,
-        "batched",
-        Chunking(chunk, 1.0 / b["x_support"].shape[0]),
-        not inner.first_order,
+        1.0 / b["x_support"].shape[0],
     )
     model.zero_grad(set_to_none=True)
 

@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import meta_step as reference_step
 from metadist.algorithms import maml
-from metadist.algorithms.core import Chunking, Inner, meta_backward
+from metadist.algorithms.core import Inner
 from metadist.machine import cpu_facts
 from metadist.models.conv4 import ConvNet
-from metadist.strategy import SIZES
+from metadist.step.compute import Eager, Graphed, meta_backward
+from metadist.step.plan import SIZES
 
 # metadist's selectable strategies; "batched" is the default
 STRATEGIES = ("batched", "loop")
@@ -96,21 +97,17 @@ def runner(name, model, batch, inner: Inner, chunk=0):
     if name == "reference":
         return lambda: reference_step(model, batch, inner.steps, inner.lr, inner.first_order)
     fn = lambda f, p, c: maml.task_losses(f, p, c, inner)
-    if name == "graph":  # the batched strategy captured as one CUDA graph (train.cuda_graph)
-        from metadist.cuda_graph import GraphedStep
-
-        step = GraphedStep(
-            lambda b: meta_backward(
-                fn, model, params, b, "batched", Chunking(chunk, 1.0 / tasks), not inner.first_order
-            ),
+    # the loop: one task at a time
+    compute = Eager(model, not inner.first_order, 1 if name == "loop" else chunk)
+    if name == "graph":  # tasks at once captured as one CUDA graph (algo.compile on a GPU)
+        step = Graphed(
+            lambda b: meta_backward(fn, compute, params, b, 1.0 / tasks),
             list(params.values()),
             batch,
         )
         model.zero_grad(set_to_none=True)
         return lambda: step(batch)
-    return lambda: meta_backward(
-        fn, model, params, batch, name, Chunking(chunk, 1.0 / tasks), not inner.first_order
-    )
+    return lambda: meta_backward(fn, compute, params, batch, 1.0 / tasks)
 
 
 def grads_of(model, run):
@@ -199,8 +196,8 @@ def bench_meta(device, quick: bool) -> list[dict]:
                 runs.update({s: runner(s, model, batch, inner) for s in strategies(device)})
                 err = equivalence(model, batch, inner)
                 # on a CPU, algo.strategy=auto also measures the tasks the batched strategy
-                # computes at once (metadist.strategy.SIZES): the same maths in chunks
-                sizes = [c for c in SIZES if c < tasks] if device.type == "cpu" else []
+                # computes at once (metadist.step.plan.SIZES; 1 is the loop): the same maths
+                sizes = [c for c in SIZES if 1 < c < tasks] if device.type == "cpu" else []
                 for c in sizes:
                     runs[f"batched/{c}"] = runner("batched", model, batch, inner, chunk=c)
                     err[f"batched/{c}"] = err["batched"]

@@ -8,7 +8,7 @@ behaviour gives the same lines; `--compare OLD.json` says which command changed.
 Commands (one process unless said; the strategy cache is a folder of this run, so `auto` is
 measured once and shared by every command, and the strategy is pinned where it matters):
   strong       configs/strong.yaml, 20 steps on real Omniglot (batched)
-  boss         configs/boss.yaml, 12 steps (loop strategy, task augmentation)
+  boss         configs/boss.yaml, 12 steps (one task at a time, task augmentation)
   protonet     configs/protonet.yaml, 20 steps (the budget schedule's probe is never reached)
   resnet12     ResNet-12 (narrow widths, DropBlock) at 84x84 RGB on a synthetic folder dataset, 2
   steps folder       Conv4-32 at 84x84 RGB on the synthetic folder dataset, 5 steps
@@ -111,7 +111,7 @@ def main() -> None:
             *short,
             "train.steps=12",
             "run.name=boss",
-            "algo.strategy=loop",
+            "algo.tasks_per_chunk=1",
         ],
         "protonet": [
             "train",
@@ -162,7 +162,7 @@ def main() -> None:
             "train.val_every=5",
             "train.checkpoint_every=5",
             "run.name=folder10",
-            "algo.strategy=loop",
+            "algo.tasks_per_chunk=1",
             "train.reduce=exact",
         ],
         "resumed": [

@@ -1,10 +1,10 @@
 """What the exact reduction costs (make bench-reduce): train.reduce=exact against fast, on this CPU.
 
-1. Meta-step time, one process: fast (a rank's tasks in one graph, accumulated .grad) against
-   exact (each task's gradient from one group of a rank's tasks, where this machine's kernels give
-   a task the same bits in any group; and chunks of `algo.tasks_per_chunk` tasks, each gradient
-   alone), summed by the tree, the
-   strong.yaml shape (second-order 5-way 1-shot, learned rates) and first order; interleaved rounds.
+1. Meta-step time, one process: fast (a rank's tasks in one graph, or in chunks, accumulated
+   .grad) against exact (fixed groups of tasks, each group's gradient a leaf of the tree: groups
+   of B/4, the default for 1/2/4 processes, and one task at a time), the strong.yaml shape
+   (second-order 5-way 1-shot, learned rates) and first order; interleaved rounds. Run it under
+   `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` for an AVX2 machine's kernels.
 2. Memory: the bytes the autograd graph holds (saved tensors, counted by hooks) for the largest
    chunk, plus exact mode's gradient buffers (one per tree level, each the size of the gradient).
 3. The reduction itself between 2 processes (gloo, this machine): all-reduce against the exact
@@ -25,21 +25,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metadist import config, exact, machine
+from metadist import config, machine
 from metadist.models import build_model
-from metadist.step import from_config
+from metadist.step import Plan, build
+from metadist.step import reduce as exact
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class OneProcess:
-    world, rank, device = 1, 0, torch.device("cpu")
-
-    def mean_gradients(self, params, votes, step):
-        return votes
-
-    def exact_mean(self, mine, layout, step):
-        return exact.merge(mine)
+    world, rank, device, reduce_seconds = 1, 0, torch.device("cpu"), 0.0
 
 
 def batch(tasks, ways=5):
@@ -72,50 +67,35 @@ def step_times(rounds: int, quick: bool):
     rows = []
     settings = [(8, False), (32, False), (8, True), (32, True)] if not quick else [(8, False)]
     for tasks, first_order in settings:
+        g = tasks // 4
         variants = {
-            "fast": ["train.reduce=fast"],
-            # the default where the kernels allow it (metadist.strategy.exact_grouping)
-            "exact, per task, 1 group": ["train.reduce=exact", "PER_TASK"],
-            "exact, 1 task/chunk": ["train.reduce=exact", "algo.tasks_per_chunk=1"],
+            "fast": ("fast", 0),
+            f"fast, {g} at once": ("fast", g),
+            f"exact, groups of {g}": ("exact", g),
+            "exact, groups of 1": ("exact", 1),
         }
-        if tasks // 8 > 1:  # the default chunk (meta_batch_size / 8)
-            variants[f"exact, {tasks // 8} tasks/chunk"] = ["train.reduce=exact"]
-        variants[f"exact, {tasks // 4} tasks/chunk"] = [
-            "train.reduce=exact",
-            f"algo.tasks_per_chunk={tasks // 4}",
-        ]
         steps, mem = {}, {}
-        for name, extra in variants.items():
+        for name, (reduce, at_once) in variants.items():
             cfg = config.load(
                 ROOT / "configs/strong.yaml",
                 [
                     f"train.meta_batch_size={tasks}",
-                    "algo.strategy=batched",
                     f"algo.first_order={first_order}",
-                    *[e for e in extra if e != "PER_TASK"],
+                    f"train.reduce={reduce}",
                 ],
             )
             torch.manual_seed(0)
-            s = from_config(
-                cfg,
-                build_model(cfg.model, cfg.algo, (1, 28, 28), 5),
-                OneProcess(),
-                tasks,
-                say=lambda *a: None,
+            worlds = tuple(exact.worlds(tasks, at_once)) if reduce == "exact" else ()
+            model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
+            s = build(
+                cfg, model, OneProcess(), Plan(at_once, reduce, "eager", worlds), tasks, print
             )
-            per_task = "PER_TASK" in extra
-            s.use_strategy("batched", per_task)
             steps[name] = s
-            leaf = s.reduction.chunk if s.s.reduce == "exact" else s.chunk
-            chunk = {k: v[: s.s.group if per_task else s.chunk] for k, v in batch(tasks).items()}
+            chunk = {k: v[: at_once or tasks] for k, v in batch(tasks).items()}
             n = sum(p.numel() for p in s.param_list)
-            # the tree's buffers (one per level), and per task: the group's task gradients
-            grad_buffers = (
-                ((tasks // leaf).bit_length() + (tasks if per_task else 0)) * 4 * n
-                if s.s.reduce == "exact"
-                else 0
-            )
-            mem[name] = (saved_bytes(lambda s=s, c=chunk: s.backward(False, c)), grad_buffers)
+            # the tree's buffers: one per level
+            grad_buffers = (tasks // at_once).bit_length() * 4 * n if reduce == "exact" else 0
+            mem[name] = (saved_bytes(lambda s=s, c=chunk: s.local(False, c)), grad_buffers)
         b = batch(tasks)
         best = dict.fromkeys(steps, float("inf"))
         for r in range(rounds + 1):
@@ -132,6 +112,7 @@ def step_times(rounds: int, quick: bool):
                     "mode": name,
                     "step_ms": 1000 * best[name],
                     "ratio_to_fast": best[name] / best["fast"],
+                    "ratio_to_fast_same_groups": best[name] / best[f"fast, {tasks // 4} at once"],
                     "graph_mb": mem[name][0] / 1e6,
                     "grad_buffers_mb": mem[name][1] / 1e6,
                 }

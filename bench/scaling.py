@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 from bench.bench import machine, make_batch, sync  # noqa: E402
 from bench.bench_dist import free_port  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
+from metadist.algorithms.core import Inner  # noqa: E402
 from metadist.models import InnerRates  # noqa: E402
 from metadist.models.conv4 import ConvNet  # noqa: E402
+from metadist.step.compute import Eager, meta_backward  # noqa: E402
 
 
 def step_time(model, ways: int, tasks: int, device, strategy: str, rounds: int) -> float:
@@ -50,12 +51,10 @@ def step_time(model, ways: int, tasks: int, device, strategy: str, rounds: int) 
     def run():
         meta_backward(
             lambda f, p, c: maml.task_losses(f, p, c, inner),
-            model,
+            Eager(model, True, 1 if strategy == "loop" else 0),
             params,
             batch,
-            strategy,
-            Chunking(0, 1.0 / tasks),
-            True,
+            1.0 / tasks,
         )
         model.zero_grad(set_to_none=True)
 

@@ -41,7 +41,7 @@ from metadist import config, machine
 from metadist.data.episodes import episode_rng, sample_episode
 from metadist.data.sources import decode, folder, preprocess
 from metadist.models import build_model
-from metadist.step import from_config
+from metadist.step import Plan, build
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 84
 IMAGES, EPISODES = 38_400 + 9_600 + 12_000, 20_000 + 320 + 640
@@ -91,16 +91,11 @@ def consumption(steps: int = 2) -> dict:
         )
 
         class One:
-            world, rank, device = 1, 0, torch.device("cpu")
-
-            def mean_gradients(self, params, votes, step):
-                return votes
+            world, rank, device, reduce_seconds = 1, 0, torch.device("cpu"), 0.0
 
         torch.manual_seed(0)
-        s = from_config(
-            cfg, build_model(cfg.model, cfg.algo, (3, 84, 84), 5), One(), 4, say=lambda *a: None
-        )
-        s.use_strategy("batched")
+        model = build_model(cfg.model, cfg.algo, (3, 84, 84), 5)
+        s = build(cfg, model, One(), Plan(0, "fast"), 4, say=lambda *a: None)
         g = torch.Generator().manual_seed(0)
         b = {
             "x_support": torch.rand(4, 5, 3, 84, 84, generator=g),

@@ -26,46 +26,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench import machine as machine_line
 from bench.reduce import OneProcess, batch
 from bench.reference import meta_step as reference_step
-from metadist import config, strategy
+from metadist import config
 from metadist.models import build_model
-from metadist.step import from_config
+from metadist.step import Plan, runner
+from metadist.step import build as build_step
+from metadist.step import plan as plan_mod
+from metadist.step import reduce as reduce_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(tasks: int, overrides: list[str]):
+def build(tasks: int, overrides: list[str], at_once: int = 0, compute: str = "eager"):
     cfg = config.load(ROOT / "configs/strong.yaml", [f"train.meta_batch_size={tasks}", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
-    return from_config(cfg, model, OneProcess(), tasks, say=lambda *a: None), cfg
+    reduce = cfg.train.reduce
+    worlds = tuple(reduce_mod.worlds(tasks, at_once)) if reduce == "exact" else ()
+    plan = Plan(at_once, reduce, compute, worlds)
+    return build_step(cfg, model, OneProcess(), plan, tasks, say=lambda *a: None), cfg
 
 
 def measured_at_once(tasks: int, first_order: bool) -> tuple[int, dict]:
-    """What `auto` measures here (not cached: this bench's own measurement)."""
+    """What `auto` measures here for fast mode (not cached: this bench's own measurement)."""
     step, _ = build(tasks, [f"algo.first_order={first_order}", "train.reduce=fast"])
-    most = min(strategy.SIZES[-1], tasks)
-    rec = strategy.pick(step.chunk_runner(batch(most)), most, free=True)
-    return rec["tasks_at_once"], rec["tasks_per_s"]
+    sizes = [c for c in plan_mod.SIZES if c <= tasks]
+    rec = plan_mod.pick(runner(step.learner, batch(max(sizes)), torch.device("cpu")), sizes)
+    return rec["at_once"], rec["tasks_per_s"]
 
 
 def variants(tasks: int, fo: bool, at_once: int) -> dict:
-    """name -> a MetaStep, in fast and exact mode."""
+    """name -> a MetaStep: fast mode at all tasks at once, at auto's size and one at a time;
+    exact mode's fixed groups (for 1/2/4 processes: B/4 tasks a group, and one at a time); the
+    compiled step."""
     steps = {}
-    for reduce in ("fast", "exact"):
-        runs = [("batched, all at once", "batched", 0), ("loop", "loop", 0)]
-        if at_once:
-            runs.insert(1, (f"batched, {at_once} at once (auto)", "batched", at_once))
-        for name, strat, size in runs:
-            s, _ = build(tasks, [f"algo.first_order={fo}", f"train.reduce={reduce}"])
-            # exact: each task's gradient from groups where the grouping holds (the batched
-            # strategy, Conv4 on Omniglot; metadist.strategy.exact_grouping), the loop alone
-            s.use_strategy(strat, reduce == "exact" and strat == "batched", size)
-            steps[f"{reduce}: {name}"] = s
-    # algo.compile=on: each chunk compiled as one graph (exact: chunks of B/8 computed alone)
-    for reduce, size in (("fast", at_once or 8), ("fast", tasks), ("exact", 0)):
-        s, _ = build(tasks, [f"algo.first_order={fo}", f"train.reduce={reduce}", "algo.compile=on"])
-        s.use_strategy("batched", False, size)
-        steps[f"{reduce}: compiled, {s.s.chunk} at once"] = s
+    fo_ = f"algo.first_order={fo}"
+    runs = [("fast: all at once", "fast", 0), ("fast: one at a time", "fast", 1)]
+    if at_once:
+        runs.insert(1, (f"fast: {at_once} at once (auto)", "fast", at_once))
+    runs += [(f"exact: groups of {tasks // 4}", "exact", tasks // 4)]
+    runs += [("exact: one at a time", "exact", 1)]
+    for name, reduce, size in runs:
+        steps[name] = build(tasks, [fo_, f"train.reduce={reduce}"], size)[0]
+    for reduce, size in (("fast", at_once or 8), ("exact", tasks // 4)):
+        s, _ = build(tasks, [fo_, f"train.reduce={reduce}", "algo.compile=on"], size, "compiled")
+        steps[f"{reduce}: compiled, {size} at once"] = s
     return steps
 
 

@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 from bench.bench import graph_bytes  # noqa: E402
 from metadist import machine  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
-from metadist.algorithms.core import Chunking, Inner, meta_backward  # noqa: E402
+from metadist.algorithms.core import Inner  # noqa: E402
 from metadist.models.conv4 import ConvNet  # noqa: E402
 from metadist.models.resnet12 import ResNet12  # noqa: E402
+from metadist.step.compute import Eager, meta_backward  # noqa: E402
 
 LARGEST = (50, 10, 10)  # ways, support and query images a class: 500 + 500
 
@@ -66,14 +67,9 @@ VARIANTS = {
 
 def meta_step(model, b, inner: Inner, chunk: int = 0) -> None:
     params = dict(model.named_parameters())
+    second = inner.steps > 0 and not inner.first_order
     meta_backward(
-        lambda f, p, c: maml.task_losses(f, p, c, inner),
-        model,
-        params,
-        b,
-        "batched",
-        Chunking(chunk, 1.0),
-        inner.steps > 0 and not inner.first_order,
+        lambda f, p, c: maml.task_losses(f, p, c, inner), Eager(model, second, chunk), params, b
     )
     model.zero_grad(set_to_none=True)
 

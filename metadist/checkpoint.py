@@ -190,15 +190,9 @@ class TrainState:
     best_step: int = 0
     elapsed: float = 0.0  # training wall time, summed over launches
     tasks_seen: int = 0
-    # batched | loop: chosen when the run started, kept on every resume
-    strategy: str = ""
-    strategy_why: str = ""
-    reduce: str = "fast"  # exact | fast (train.reduce)
-    tasks_per_chunk: int = 0  # the chunk size the step used
-    # exact mode: each task's gradient a leaf of the tree, from groups (kept on every resume)
-    exact_per_task: bool = False
-    # the batched strategy's tasks computed at once (0: the settings' own; kept on every resume)
-    tasks_at_once: int = 0
+    # the meta-step's plan (metadist.step.plan.Plan.record()): decided when the run started, kept
+    # on every resume
+    plan: dict = dataclasses.field(default_factory=dict)
     # intra-op threads per process (float32 rounding on a CPU depends on it)
     threads: int = 0
     world_size: int = 1  # of the launch that wrote the checkpoint

@@ -141,12 +141,14 @@ class AlgoConfig:
     first_order: bool = False  # maml with first-order inner gradients (fomaml sets it)
     # derivative-order annealing (MAML++): the first N steps first order
     first_order_steps: int = 0
-    strategy: str = "auto"  # auto | batched | loop: how a rank's tasks are processed
-    # the most tasks computed at once (0: a rank's tasks in one graph); exact reduce where a
-    # task's gradient depends on its group (metadist/step.py): tasks per chunk, 0 = B/8
+    # auto: the tasks computed at once measured on a CPU (metadist/step/plan.py) | batched
+    strategy: str = "auto"
+    # tasks computed at once (1: one task at a time, the per-task loop; 0: as algo.strategy
+    # decides); train.reduce=exact sums fixed groups of this many tasks
     tasks_per_chunk: int = 0
-    # on: each chunk's meta-backward as one compiled graph on a CPU (metadist/compiled.py)
-    compile: str = "off"
+    # compile the meta-step: auto (a CUDA graph on a GPU, eager on a CPU) | on (inductor on a
+    # CPU, a CUDA graph on a GPU) | off (metadist/step/compute.py)
+    compile: str = "auto"
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
     # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) |
     # element (Meta-SGD)
@@ -171,8 +173,6 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     mixed_precision: str = "no"  # no | bf16 (autocast on GPU; meta-gradient stays float32)
-    # auto (on for CUDA) | on | off: replay each meta-step as one CUDA graph
-    cuda_graph: str = "auto"
     max_minutes: float = 0.0  # 0 = no limit; else stop (and checkpoint) after this wall time
     # fit the step count (and the cosine) to max_minutes, measured once per machine and shape
     budget_schedule: bool = False
@@ -183,9 +183,11 @@ class TrainConfig:
     collective_timeout_s: float = 600.0
     # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU
     sync_every: int = 0
-    # exact: chunk gradients summed by a fixed tree, bit-identical for any world size |
-    # fast: one all-reduce
+    # exact: fixed groups' gradients summed by a fixed tree, bit-identical for every world size
+    # that splits the groups | fast: one all-reduce
     reduce: str = "exact"
+    # exact: the most processes the run's groups must split over (at least the launch's own)
+    exact_processes: int = 4
     # intra-op threads per process; 0 = the launcher's default (on a CPU the rounding depends on it)
     threads: int = 0
 
@@ -232,12 +234,11 @@ CHOICES = {
     "data.device_cache": ("auto", "on", "off"),
     "data.pool": ("mmap", "memory"),
     "data.episode": ("fixed", "variable"),
-    "algo.strategy": ("auto", "batched", "loop"),
-    "algo.compile": ("off", "on"),
+    "algo.strategy": ("auto", "batched"),
+    "algo.compile": ("auto", "on", "off"),
     "algo.learn_inner_lr": ("none", "layer", "layer_step", "element"),
     "train.schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "bf16"),
-    "train.cuda_graph": ("auto", "on", "off"),
     "train.reduce": ("exact", "fast"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
@@ -256,7 +257,8 @@ MOVED = {
         "invert",
         "small_classes",
     )
-}
+} | {"train.cuda_graph": "algo.compile"}
+LOOP = "algo.strategy=loop is algo.tasks_per_chunk=1 now (one task at a time): set that instead"
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -303,10 +305,7 @@ def _set(cfg: Config, key: str, value) -> None:
         fields = _fields(obj)
         if part not in fields:
             if key in MOVED:
-                raise ConfigError(
-                    f"{key} is now {MOVED[key]} (the settings of data.source=folder are grouped "
-                    "under data.folder): set that key instead"
-                )
+                raise ConfigError(f"{key} is now {MOVED[key]}: set that key instead")
             where = ".".join(parts[:i]) or "top level"
             raise ConfigError(f"unknown key {key!r}: valid keys at {where} are {', '.join(fields)}")
         if i == len(parts) - 1:
@@ -379,9 +378,16 @@ def override(cfg: Config, overrides) -> Config:
 
 
 def from_dict(d: dict, check: bool = True) -> Config:
-    """Rebuild a Config from `to_dict()` output (a saved config.yaml)."""
+    """Rebuild a Config from `to_dict()` output (a saved config.yaml); an older run's
+    algo.strategy=loop is read as algo.tasks_per_chunk=1, and its train.cuda_graph gives way to
+    its algo.compile."""
     cfg = Config()
-    for key, value in _flatten(d).items():
+    flat = _flatten(d)
+    if "algo.compile" in flat:
+        flat.pop("train.cuda_graph", None)
+    if flat.get("algo.strategy") == "loop":
+        flat.update({"algo.strategy": "batched", "algo.tasks_per_chunk": 1})
+    for key, value in flat.items():
         _set(cfg, MOVED.get(key, key), value)
     if check:
         validate(cfg)
@@ -392,6 +398,8 @@ def validate(cfg: Config) -> None:
     """Every value in range, each section by its own rules; the first problem is a ConfigError
     naming the key, its value and what is allowed."""
     flat = _flatten(cfg.to_dict())
+    if flat["algo.strategy"] == "loop":
+        raise ConfigError(LOOP)
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r}: allowed values are {', '.join(allowed)}")
@@ -481,19 +489,6 @@ def _check_model_algo(cfg: Config, need) -> None:
         "algo.multi_step_loss",
         "must be >= 0 (meta-steps of annealing; 0 = off)",
     )
-    if a.compile == "on":
-        need(
-            not m.dropblock,
-            "algo.compile",
-            "=on cannot compile DropBlock's per-step random masks: set model.dropblock=0 or "
-            "algo.compile=off",
-        )
-        need(
-            cfg.data.episode == "fixed",
-            "algo.compile",
-            "=on compiles one graph per episode shape, and variable episodes change shape "
-            "every step: use algo.compile=off",
-        )
     if t.reduce == "exact" and a.tasks_per_chunk:
         need(
             t.meta_batch_size % a.tasks_per_chunk == 0,
@@ -523,6 +518,7 @@ def _check_train(cfg: Config, need) -> None:
     need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
     need(t.sync_every >= 0, "train.sync_every", "must be >= 0 (0 = automatic)")
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = the launcher's default)")
+    need(t.exact_processes >= 1, "train.exact_processes", "must be positive")
 
 
 def _check_eval(cfg: Config, need) -> None:

@@ -6,10 +6,9 @@ got no process group is an error, never several silent single-process runs. Meta
 averaged across ranks explicitly, once per step, as one flattened buffer (the meta-learner is
 never wrapped in DDP, which does not support second-order gradients through autograd.grad); the
 same buffer carries each rank's stop votes (a signal, the wall-clock bound), so ranks agree on
-where to stop without a collective of their own. Two ways to average (`train.reduce`):
-`mean_gradients` (fast: one all-reduce, whose float32 sum order depends on the world size) and
-`exact_mean` (the chunk gradients summed by a fixed tree, metadist/exact.py: bit-identical for
-any world size; an all-to-all and an all-gather that move the bytes of one ring all-reduce).
+where to stop without a collective of their own. The collectives here are plain (`all_reduce`,
+`all_to_all`, `all_gather`, with a timeout and one-line errors); how the meta-gradient is summed
+with them is metadist/step/reduce.py's.
 
 Launchers: `accelerate launch`, torchrun (also elastic: its TORCHELASTIC_* variables are read
 for the log) or a plain process; `threads` > 0 pins the intra-op threads of every process (on a
@@ -32,7 +31,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from datetime import timedelta
 
 import torch
@@ -40,7 +38,6 @@ import torch.distributed as tdist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from metadist import exact
 from metadist.errors import MetadistError
 
 _PR_SET_PDEATHSIG = 1
@@ -159,33 +156,19 @@ class Dist:
                 "launch again to resume from the last checkpoint"
             ) from None
 
-    def mean_gradients(
-        self, params: list[torch.Tensor], votes: torch.Tensor, step: int
-    ) -> torch.Tensor:
-        """Average .grad of `params` over ranks in one all-reduce of a flat buffer that also carries
-        `votes` (a small float tensor); returns the votes averaged over ranks (> 0: someone
-        voted)."""
-        if self.world == 1:
-            return votes
-        t = time.perf_counter()
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-            + [votes.to(params[0].device, params[0].dtype)]
-        )
-        self._collective(
-            f"the meta-gradient all-reduce of step {step}",
-            tdist.all_reduce,
-            flat,
-            tdist.ReduceOp.SUM,
-        )
-        flat /= self.world
-        n = flat.numel() - votes.numel()
-        for p, g in zip(params, torch.split(flat[:n], [p.numel() for p in params])):
-            p.grad = g.view_as(p)  # views of the reduced buffer: no copy back
-        self.reduce_seconds += time.perf_counter() - t
-        return flat[n:]
+    def all_reduce(self, flat: torch.Tensor, what: str) -> None:
+        """Sum `flat` over ranks, in place."""
+        self._collective(what, tdist.all_reduce, flat, tdist.ReduceOp.SUM)
 
-    def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, what: str) -> None:
+        """Slice j of every rank's `send` to rank j's `recv` (equal slices)."""
+        self._collective(what, tdist.all_to_all_single, recv, send)
+
+    def all_gather(self, out: torch.Tensor, part: torch.Tensor, what: str) -> None:
+        """Every rank's `part`, in rank order, into `out`."""
+        self._collective(what, tdist.all_gather_single, out, part)
+
+    def buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer kept across steps (a fresh 50 MB allocation every step costs page faults on a
         CPU)."""
         key = (name, shape, like.dtype, like.device)
@@ -193,53 +176,6 @@ class Dist:
             self._buffers = {k: v for k, v in self._buffers.items() if k[0] != name}
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
-
-    def exact_mean(
-        self,
-        mine: list[tuple[int, int, torch.Tensor]],
-        layout: list[list[tuple[int, int]]],
-        step: int,
-    ) -> torch.Tensor:
-        """The canonical tree sum of every rank's block sums (`mine`: this rank's (start, size,
-        flat vector), `layout`: every rank's (start, size), exact.layout). Each rank sends slice j
-        of its blocks to rank j (all-to-all), rank j merges its slice of every block in the one
-        canonical order, and the merged slices are gathered: the same additions, element by
-        element, as one process makes, so the sum is bit-identical for any world size. The
-        vectors' length must be a multiple of the world size (MetaStep pads them); with one block
-        per rank (power-of-two layouts) nothing is copied before sending."""
-        if self.world == 1:
-            return exact.merge(mine)
-        t = time.perf_counter()
-        n, w = mine[0][2].numel(), self.world
-        if n % w:
-            raise ValueError(f"exact_mean: vectors of {n} elements do not split over {w} ranks")
-        width, most = n // w, max(len(b) for b in layout)
-        if most == 1:
-            send = mine[0][2]
-        else:
-            send = torch.zeros(w, most, width, dtype=mine[0][2].dtype, device=mine[0][2].device)
-            for i, (_, _, v) in enumerate(mine):
-                send[:, i].copy_(v.view(w, width))
-        recv = self._buffer("recv", (w, most, width), send)
-        self._collective(
-            f"the meta-gradient all-to-all of step {step}",
-            tdist.all_to_all_single,
-            recv.view(-1),
-            send.reshape(-1),
-        )
-        part = exact.merge(
-            [(a, size, recv[r, i]) for r in range(w) for i, (a, size) in enumerate(layout[r])]
-        )
-        # becomes the gradients, consumed before the next step
-        out = self._buffer("out", (n,), part)
-        self._collective(
-            f"the meta-gradient all-gather of step {step}",
-            tdist.all_gather_single,
-            out,
-            part.contiguous(),
-        )
-        self.reduce_seconds += time.perf_counter() - t
-        return out
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor of metrics over ranks."""
@@ -260,6 +196,14 @@ class Dist:
         out = [torch.empty_like(padded) for _ in range(self.world)]
         self._collective("an all-gather of evaluation results", tdist.all_gather, out, padded)
         return torch.stack(out, 1).reshape((per * self.world,) + tuple(x.shape[1:]))[:total]
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        self._collective("an all-gather", tdist.all_gather_object, out, obj)
+        return out
 
     def broadcast_object(self, obj):
         if self.world == 1:

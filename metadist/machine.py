@@ -8,8 +8,9 @@ record is keyed by the machine and the shape of what was measured. The machine i
 kernels torch picks and their float rounding: the CPU's vendor, family, model and stepping (the
 model *name* alone reads "AMD EPYC" for several generations on virtual machines), its vector
 flags, the intra-op threads, the torch version and build and the kernel level torch dispatches to
-(`ATEN_CPU_CAPABILITY` can lower it), and the GPUs. A cache in a home folder shared by a
-cluster's mixed nodes then gives each kind of node its own records. Concurrent runs take a lock:
+(`ATEN_CPU_CAPABILITY` can lower it), oneDNN's ISA cap (`ONEDNN_MAX_CPU_ISA`), and the GPUs. A
+cache in a home folder shared by a cluster's mixed nodes then gives each kind of node its own
+records. Concurrent runs take a lock:
 one measures, the others wait and read it.
 """
 
@@ -91,6 +92,26 @@ def torch_build() -> str:
     )
 
 
+def onednn_isa() -> str:
+    """oneDNN's instruction-set cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), read
+    by oneDNN before its first kernel: "native" when unset."""
+    env = os.environ
+    return (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "native").upper()
+
+
+def kernels() -> dict:
+    """What chooses this process's CPU kernels, hence their float32 rounding: the CPU's vector
+    flags, ATen's dispatch level (ATEN_CPU_CAPABILITY lowers it), oneDNN's ISA cap, the intra-op
+    threads, torch's build."""
+    return {
+        "vector_flags": " ".join(cpu_facts()["vector_flags"]),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa": onednn_isa(),
+        "threads": torch.get_num_threads(),
+        "torch_build": torch_build(),
+    }
+
+
 def machine() -> dict:
     """What this machine's kernels and rounding depend on: the key of every cached fact."""
     cpu = cpu_facts()
@@ -98,11 +119,8 @@ def machine() -> dict:
         "cpu": cpu["name"],
         "cpu_id": f"{cpu['vendor']} family {cpu['family']} model {cpu['model']} "
         f"stepping {cpu['stepping']}",
-        "vector_flags": " ".join(cpu["vector_flags"]),
-        "kernels": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
-        "torch_build": torch_build(),
-        "threads": torch.get_num_threads(),
+        **kernels(),
     }
     if torch.cuda.is_available():
         key["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

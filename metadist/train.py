@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from metadist import LAUNCHED, algorithms, models
+from metadist import LAUNCHED, algorithms, machine, models
 from metadist import config as config_mod
-from metadist import strategy as strategy_mod
 from metadist.checkpoint import (
     CheckpointManager,
     Parts,
@@ -57,8 +56,9 @@ from metadist.models import build_model
 from metadist.run_folder import RunFolder
 from metadist.schedule import BudgetFit, ProbeWork
 from metadist.signals import StopSignals
-from metadist.step import TrainError, group_runner, group_sizes, sample_chunk
-from metadist.step import from_config as step_from_config
+from metadist.step import Ask, Learner, MetaStep, Plan, StepSettings, TrainError, decide, runner
+from metadist.step.compute import sample_chunk, strategy
+from metadist.step.plan import candidates
 from metadist.tracking import make_tracker
 
 __all__ = ["TrainError", "TrainState", "Trainer", "train"]
@@ -313,7 +313,6 @@ class Trainer:
         self._open(run)
         self._build_model()
         self._build_step()
-        self._restore()
         self._build_loop()
 
     # ---- set-up ----
@@ -430,15 +429,21 @@ class Trainer:
             )
 
     def _build_step(self) -> None:
-        """The meta-step, with the optimizer, the schedule and the algorithm it steps with."""
-        self.meta_step = step_from_config(
-            self.cfg, self.model, self.dist, self.local_tasks, self.say
-        )
-        self.optimizer, self.schedule = self.meta_step.optimizer, self.meta_step.schedule
-        self.settings, self.algorithm = self.meta_step.s, self.meta_step.algorithms[False]
+        """What the step trains with, the checkpoint, the plan, then the step, built once."""
+        self.learner = Learner.of(self.cfg, self.model, self.device)
+        self.optimizer, self.schedule = self.learner.optimizer, self.learner.schedule
+        self.algorithm = self.learner.algorithms[False]
+        self._restore()
+        self.plan = self._plan()
+        settings = StepSettings.of(self.cfg, self.local_tasks, self.device)
+        self.meta_step = MetaStep(self.learner, self.dist, self.plan, settings, self.say)
+        if self.state.step >= self.cfg.train.steps:
+            self.say(
+                f"{self.run_dir}: already trained {self.state.step} of {self.cfg.train.steps} steps"
+            )
 
     def _restore(self) -> None:
-        """The latest checkpoint (unless run.fresh), the strategy, and what this launch records."""
+        """The latest checkpoint (unless run.fresh), and what this launch records."""
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
@@ -450,134 +455,98 @@ class Trainer:
             self.config,
         )
         self.resumed = None if cfg.run.fresh else self.checkpoints.restore()
+        s = self.state
         if self.resumed is not None:
             self.say(
-                f"resuming {self.run_dir} from {self.resumed.name} (written by "
-                f"{self.state.world_size} "
+                f"resuming {self.run_dir} from {self.resumed.name} (written by {s.world_size} "
                 f"process(es), now {dist.world})"
             )
-            if (
-                self.device.type == "cpu"
-                and self.state.threads
-                and self.state.threads != dist.threads
-            ):
+            if self.device.type == "cpu" and s.threads and s.threads != dist.threads:
                 self.say(
                     f"note: this launch runs {dist.threads} intra-op thread(s) per process, the "
-                    "checkpoint's "
-                    f"{self.state.threads}: on a CPU the float32 rounding of the steps from here "
-                    "differs "
-                    "(set train.threads to keep it)"
+                    f"checkpoint's {s.threads}: on a CPU the float32 rounding of the steps from "
+                    "here differs (set train.threads to keep it)"
                 )
-        self._decide_strategy()
-        s = self.state
-        s.reduce, s.tasks_per_chunk, s.threads = t.reduce, self.meta_step.leaf, dist.threads
-        s.meta_batch_size, s.seed, s.world_size = t.meta_batch_size, cfg.seed, dist.world
-        if s.step >= t.steps:
-            self.say(f"{self.run_dir}: already trained {s.step} of {t.steps} steps")
+        s.threads, s.meta_batch_size, s.seed = dist.threads, t.meta_batch_size, cfg.seed
+        s.world_size = dist.world
 
-    def _decide_strategy(self) -> None:
-        """A resumed run keeps its checkpoint's strategy (else the one its strategy.json recorded,
-        for runs checkpointed before the state carried it); a new run asks metadist.strategy (rank 0
-        decides for every rank) and records what and why in strategy.json."""
-        path, state, choice = self.run_dir / "strategy.json", self.state, None
+    def _plan(self) -> Plan:
+        """A resumed run keeps its checkpoint's plan (else its strategy.json's); a new run's is
+        decided by rank 0 for every rank and recorded in strategy.json. Exact mode then checks
+        that every rank runs the same kernels."""
+        path, state, plan, failed = self.run_dir / "strategy.json", self.state, None, None
         if self.dist.is_main:
-            if state.strategy:
-                choice = {
-                    "strategy": state.strategy,
-                    "why": state.strategy_why or "kept from the checkpoint",
-                    "exact_per_task": state.exact_per_task,
-                    "tasks_at_once": state.tasks_at_once,
-                }
-            elif state.step and path.is_file():
-                choice = dict(json.loads(path.read_text()), why="kept from strategy.json")
-            else:
-                choice = self._new_strategy()
-                self.meta_step.use_strategy(choice["strategy"], False, choice["tasks_at_once"])
-                choice.update(self._exact_grouping(choice["strategy"], choice["tasks_at_once"]))
-                path.write_text(json.dumps(choice, indent=1) + "\n")
-                self.say(choice["why"])
-                if "exact" in choice:
-                    self.say(choice["exact"])
-        choice = self.dist.broadcast_object(choice)
-        per_task, at_once = bool(choice.get("exact_per_task")), choice.get("tasks_at_once", 0)
-        self.meta_step.use_strategy(choice["strategy"], per_task, at_once)
-        self.settings = self.meta_step.s
-        state.strategy, state.strategy_why = choice["strategy"], choice["why"]
-        state.exact_per_task, state.tasks_at_once = per_task, at_once
+            try:
+                if state.plan:
+                    plan = Plan.of_record(state.plan)
+                elif state.step and path.is_file() and "at_once" in json.loads(path.read_text()):
+                    plan = Plan.of_record(json.loads(path.read_text()))
+                else:
+                    plan = self._new_plan()
+                    path.write_text(json.dumps(plan.record(), indent=1) + "\n")
+                    self.say(plan.why)
+            except ConfigError as e:
+                failed = str(e)
+        plan, failed = self.dist.broadcast_object((plan, failed))
+        if failed:
+            raise ConfigError(failed)
+        if plan.reduce == "exact":
+            self._check_kernels()
+        state.plan = plan.record()
+        return plan
 
-    def _exact_grouping(self, strategy: str, at_once: int) -> dict:
-        """train.reduce=exact: whether a rank's tasks run as groups (of `at_once` tasks, else
-        algo.tasks_per_chunk), each task's gradient a leaf of the tree (as fast as fast mode), or
-        as chunks each computed alone; and why."""
-        s, d = self.meta_step.s, self.cfg.data
-        if s.reduce != "exact":
-            return {}
-        weights = sum(p.numel() for p in self.model.parameters())
-        if strategy == "loop":
-            return {
-                "exact_per_task": False,
-                "exact": "train.reduce=exact: each task's gradient computed alone (the loop)",
-            }
-        sizes = group_sizes(s.meta_batch_size, at_once or self.cfg.algo.tasks_per_chunk)
-        why = (
-            "one task at a time: algo.tasks_per_chunk=1"
-            if max(sizes) < 2
-            else "algo.compile=on compiles one graph per chunk shape"
-            if s.compile
-            else "variable episodes are padded to each group's largest"
-            if self.train_split.variable
-            else "DropBlock draws its masks per chunk"
-            if getattr(self.model, "dropblock", 0)
-            else f"{s.meta_batch_size} tasks' gradients of {weights:,} weights exceed 2^26 numbers"
-            if weights * s.meta_batch_size > 2**26
-            else None
-        )
-        if why is None:
-            chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, max(sizes))
-            runner = group_runner(self.meta_step, chunk)
-            rec = strategy_mod.exact_grouping(self.chunk_shape(), runner, sizes, self.say)
-            where = "cached" if rec.get("cached") else "checked now"
-            if rec["per_task"]:
-                return {
-                    "exact_per_task": True,
-                    "exact": f"train.reduce=exact: each task's gradient from groups of {s.group} "
-                    f"task(s) (the same bits in groups of {rec['groups']} on this machine, "
-                    f"{where})",
-                }
-            why = f"a task's gradient differs between groups of {rec['groups']} here ({where})"
-        return {
-            "exact_per_task": False,
-            "exact": f"train.reduce=exact: chunks of {s.chunk} task(s), each computed alone "
-            f"({why})",
-        }
+    def _check_kernels(self) -> None:
+        """Exact mode: a group's gradient has the same bits on every rank only where the ranks
+        run the same kernels; ranks that do not are refused in one line."""
+        every = self.dist.gather_objects(machine.kernels())
+        for rank, k in enumerate(every):
+            diff = {key: (every[0][key], v) for key, v in k.items() if every[0][key] != v}
+            if diff:
+                said = "; ".join(
+                    f"{key} {a} on rank 0, {b} on rank {rank}" for key, (a, b) in diff.items()
+                )
+                raise ConfigError(
+                    f"train.reduce=exact: the ranks run different kernels ({said}), so a group's "
+                    "gradient would depend on the rank that computes it: set ONEDNN_MAX_CPU_ISA, "
+                    "ATEN_CPU_CAPABILITY (and train.threads) to what every node supports, or use "
+                    "train.reduce=fast"
+                )
 
-    def _new_strategy(self) -> dict:
-        """The strategy (and, measured with it, the tasks computed at once: 0 for the settings'
-        own) of a new run."""
-        a, d, s = self.cfg.algo, self.cfg.data, self.settings
-        if self.cfg.train.debug or a.compile == "on":
-            why = (
-                "debug mode (the first step cross-checks it against the loop)"
-                if self.cfg.train.debug
-                else "algo.compile=on (the batched chunk compiled as one graph)"
-            )
-            return {
-                "strategy": "batched" if a.strategy == "auto" else a.strategy,
-                "why": why,
-                "tasks_at_once": 0,
-            }
-        # the tasks computed at once are measured where nothing bounds them: fixed episodes (a
-        # variable one can take gigabytes), and algo.tasks_per_chunk unset
-        free = not (self.train_split.variable or a.tasks_per_chunk)
-        n = min(strategy_mod.SIZES[-1], s.local_tasks) if free else min(4, s.group)
-        if self.train_split.variable:  # the run's own first episodes, padded as a chunk is
-            chunk = pad_batch(self.train_split.records_at(range(n)), self.train_split.gather)
-        else:
-            chunk = sample_chunk((d.ways, d.shots, d.queries), self.image_shape, n)
-        runner = self.meta_step.chunk_runner(chunk)
-        return strategy_mod.choose(
-            a.strategy, self.device, self.chunk_shape(), runner, n, free, self.say
+    def _ask(self) -> Ask:
+        a, t, m = self.cfg.algo, self.cfg.train, self.cfg.model
+        variable = self.train_split.variable
+        cannot = (
+            "DropBlock draws its masks on the host each step"
+            if m.dropblock
+            else "variable episodes change shape every step"
+            if variable
+            else "many sources change the episode shape every step"
+            if self.names
+            else ""
         )
+        return Ask(
+            a.strategy, a.tasks_per_chunk, t.reduce, a.compile, t.meta_batch_size, self.dist.world,
+            t.exact_processes, self.device.type, cannot, t.debug, variable,
+        )  # fmt: skip
+
+    def _new_plan(self) -> Plan:
+        """The plan of a new run; auto on a CPU measures on the run's own episodes (variable
+        ones: its first, padded as a chunk is) or a sample of its shape."""
+        ask, d, split = self._ask(), self.cfg.data, self.train_split
+        n = max(candidates(ask))
+        sample = {}
+
+        def run(size: int) -> int:
+            if not sample:
+                batch = (
+                    pad_batch(split.records_at(range(n)), split.gather)
+                    if split.variable
+                    else sample_chunk((d.ways, d.shots, d.queries), self.image_shape, n)
+                )
+                sample["run"] = runner(self.learner, batch, self.device)
+            return sample["run"](size)
+
+        return decide(ask, run, self.chunk_shape(), self.say)
 
     def chunk_shape(self) -> dict:
         """What decides a chunk's speed (the strategy and budget caches' key, with the machine)."""
@@ -590,12 +559,13 @@ class Trainer:
             "image": list(self.image_shape),
             **episode,
             "algo": a.name,
-            "second_order": self.meta_step.second_order,
+            "second_order": self.learner.second_order,
             "inner_steps": a.inner_steps,
             "learn_inner_lr": a.learn_inner_lr,
             "per_step_bn": a.per_step_bn,
-            "tasks_per_chunk": self.settings.chunk,
+            "tasks_per_chunk": a.tasks_per_chunk,
             "compile": a.compile,
+            "reduce": c.train.reduce,
             "head_init": self.algorithm.train_inner.head_init,
             "device": self.device.type,
         }
@@ -679,7 +649,7 @@ class Trainer:
         return BudgetFit(
             self.cfg.train,
             val_episodes,
-            self.chunk_shape(),
+            dict(self.chunk_shape(), at_once=self.plan.at_once),
             self.dist,
             self.run_dir,
             work,
@@ -695,7 +665,7 @@ class Trainer:
             inner,
             self.cfg.eval.tasks_per_batch,
             self.device,
-            self.state.strategy,
+            strategy(self.plan.at_once),
             dist,
         )["accuracy"]
 
@@ -721,13 +691,8 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         t, state, device = self.cfg.train, self.state, self.device
-        chunks = (
-            f"each task's gradient from groups of {self.settings.group}"
-            if self.meta_step.per_task
-            else f"{self.meta_step.leaf} task(s) per chunk"
-        )
         self.say(
-            f"training {self.cfg.algo.name} ({state.strategy}, reduce={t.reduce}, {chunks}) on "
+            f"training {self.cfg.algo.name} ({self.plan.line(t.meta_batch_size)}) on "
             f"{self.dist.world} process(es), {device}, {self.dist.threads} thread(s) "
             "each: "
             f"{t.meta_batch_size} tasks/step ({self.local_tasks} per process), steps "
@@ -820,10 +785,12 @@ class Trainer:
                 n: EpisodeSource(r, "test", access=self.access).all(cfg.eval.episodes_per_source)
                 for n, r in zip(self.names, self.roots)
             }
-            r = source_table(self.model, tests, *args, strategy=state.strategy, dist=dist)
+            r = source_table(
+                self.model, tests, *args, strategy=strategy(self.plan.at_once), dist=dist
+            )
         else:
             test = EpisodeSource(self.root, "test", access=self.access).all(cfg.eval.test_episodes)
-            r = evaluate(self.model, test, *args, state.strategy, dist)
+            r = evaluate(self.model, test, *args, strategy(self.plan.at_once), dist)
         summary = self._summary(r)
         if dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -864,11 +831,9 @@ class Trainer:
             "wall_time_s": s.elapsed,
             "tasks_per_s": s.tasks_seen / max(s.elapsed, 1e-9),
             "world_size": dist.world,
-            "strategy": s.strategy,
-            "reduce": s.reduce,
-            "tasks_per_chunk": s.tasks_per_chunk,
-            "exact_per_task": s.exact_per_task,
-            "tasks_at_once": s.tasks_at_once,
+            "plan": s.plan,
+            "tasks_at_once": self.plan.at_once,
+            "reduce": self.plan.reduce,
             "threads": dist.threads,
             "algorithm": cfg.algo.name,
             "seed": cfg.seed,

@@ -12,17 +12,16 @@ import torch.nn.functional as F
 
 from metadist.algorithms import maml, transfer
 from metadist.algorithms.core import (
-    Chunking,
     Inner,
     adapt,
     adapt_and_predict,
     make_forward,
-    meta_backward,
     per_task,
     per_task_loss,
 )
 from metadist.models import InnerRates, is_lr, lr_key
 from metadist.models.conv4 import ConvNet
+from metadist.step.compute import Eager, meta_backward
 
 T, WAYS, SHOTS, QUERIES, SIDE = 4, 3, 2, 2, 8
 
@@ -123,14 +122,14 @@ def reference_meta_loss(model, params, b, steps, lr, first_order, msl=None, froz
 def ours(model, b, inner, strategy="batched", chunk=0):
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
+    # the loop: one task at a time
+    compute = Eager(model, not inner.first_order, 1 if strategy == "loop" else chunk)
     loss, _ = meta_backward(
         lambda f, p, c: maml.task_losses(f, p, c, inner),
-        model,
+        compute,
         params,
         b,
-        strategy,
-        Chunking(chunk, 1.0 / b["x_support"].shape[0]),
-        second_order=not inner.first_order,
+        1.0 / b["x_support"].shape[0],
     )
     return loss / b["x_support"].shape[0], torch.cat([p.grad.flatten() for p in params.values()])
 
@@ -392,7 +391,7 @@ def test_evaluation_builds_no_second_order_graph(monkeypatch):
     assert all(p.grad is None for p in params.values())
     asked.clear()
     ours(model, b, Inner(3, 0.4, False))  # meta-training, second order
-    assert asked == [True, True, True]
+    assert asked == [True, True, True, False]  # the inner steps, then the meta-gradient
     # and agrees with the loop strategy
     ref = adapt_and_predict(
         model,

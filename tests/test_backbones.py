@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from metadist.algorithms import maml
-from metadist.algorithms.core import Chunking, Inner, adapt_and_predict, meta_backward
+from metadist.algorithms.core import Inner, adapt_and_predict
 from metadist.models import InnerRates, is_lr, lr_key
 from metadist.models.conv4 import ConvNet
 from metadist.models.resnet12 import ResNet12
+from metadist.step.compute import Eager, meta_backward
 
 T, WAYS, SHOTS, QUERIES = 3, 3, 2, 2
 
@@ -184,14 +185,13 @@ def reference_logits(backbone, params, b, steps, lr, first_order, head_init="lea
 def ours(model, b, inner, strategy):
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
+    second = inner.steps > 0 and not inner.first_order
     loss, _ = meta_backward(
         lambda f, p, c: maml.task_losses(f, p, c, inner),
-        model,
+        Eager(model, second, 1 if strategy == "loop" else 0),
         params,
         b,
-        strategy,
-        Chunking(0, 1.0 / T),
-        second_order=inner.steps > 0 and not inner.first_order,
+        1.0 / T,
     )
     return loss / T, torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params.values()]

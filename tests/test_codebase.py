@@ -67,3 +67,44 @@ def test_config_imports_nothing_of_metadist_but_errors():
     assert {m for m in imports(PACKAGE / "config.py") if m.startswith("metadist")} == {
         "metadist.errors"
     }
+
+
+def calls(path: Path, name: str) -> list[int]:
+    """Lines of `path` that call an attribute `name` (x.name(...))."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == name
+    ]
+
+
+def test_losses_become_gradients_in_one_place():
+    """The step's single seam: the meta-gradient is taken in metadist/step/compute.py's
+    `gradients` alone (every compute, eager or compiled, goes through it), and the only other
+    gradient in the package is the inner loop's own (adapt); nothing calls .backward()."""
+    where = {
+        str(path.relative_to(PACKAGE.parent)): lines
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (lines := calls(path, "grad") + calls(path, "backward"))
+    }
+    assert set(where) == {"metadist/algorithms/core.py", "metadist/step/compute.py"}, where
+    assert all(len(lines) == 1 for lines in where.values()), where
+
+
+def test_the_step_is_one_package_that_the_algorithms_do_not_reach():
+    """Plan, compute, reduce and the step live in metadist/step/; algorithms/ and models/ never
+    import it (they hold losses and what they need, not the reduction)."""
+    assert {p.name for p in (PACKAGE / "step").glob("*.py")} == {
+        "__init__.py",
+        "plan.py",
+        "compute.py",
+        "reduce.py",
+        "meta_step.py",
+    }
+    for package in ("algorithms", "models"):
+        for path in (PACKAGE / package).rglob("*.py"):
+            assert not [m for m in imports(path) if m.startswith("metadist.step")], path
+    for gone in ("strategy.py", "exact.py", "compiled.py", "cuda_graph.py", "step.py"):
+        assert not (PACKAGE / gone).exists(), gone

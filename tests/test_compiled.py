@@ -1,16 +1,18 @@
-"""algo.compile=on (metadist/compiled.py): a chunk's meta-backward compiled as one graph computes
-the eager step's maths (equal in float64), trains reproducibly, and refuses what it cannot
+"""algo.compile=on (metadist/step/compute.py): a chunk's meta-backward compiled as one graph
+computes the eager step's maths (equal in float64), trains reproducibly, and refuses what it cannot
 compile in one line. Compiling takes tens of seconds, so the compiling tests are slow ones."""
+
+import dataclasses
 
 import pytest
 import torch
 
 from metadist import config
 from metadist.algorithms import maml
-from metadist.algorithms.core import Chunking, Inner, meta_backward
-from metadist.compiled import CompiledChunks
+from metadist.algorithms.core import Inner
 from metadist.models.common import InnerRates
 from metadist.models.conv4 import ConvNet
+from metadist.step.compute import Compiled, Eager, meta_backward
 from tests.conftest import launch, max_diff, run_cli, small_overrides, weights
 
 
@@ -27,14 +29,13 @@ def _batch(tasks: int, dtype) -> dict:
 def _grads(model, batch, inner, compiled) -> torch.Tensor:
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
+    kind = Compiled if compiled else Eager
     loss, acc = meta_backward(
         lambda f, p, c: maml.task_losses(f, p, c, inner),
-        model,
+        compiled or kind(model, not inner.first_order, 2),
         params,
         batch,
-        "batched",
-        Chunking(2, 0.25, compiled=compiled),
-        not inner.first_order,
+        0.25,
     )
     g = torch.cat([p.grad.flatten() for p in params.values()] + [loss.reshape(1), acc.reshape(1)])
     model.zero_grad(set_to_none=True)
@@ -51,11 +52,11 @@ def test_the_compiled_chunk_equals_the_eager_one_in_float64():
     model = ConvNet(5, hidden=8, rates=InnerRates("layer", 0.4, 2)).double()
     b64 = _batch(4, torch.float64)
     eager64 = _grads(model, b64, inner, None)
-    compiled64 = _grads(model, b64, inner, CompiledChunks())
+    compiled64 = _grads(model, b64, inner, Compiled(model, True, 2))
     assert (compiled64 - eager64).abs().max() <= 1e-10 * eager64.abs().max()
     m32 = model.float()
     b32 = {k: v.float() if v.is_floating_point() else v for k, v in b64.items()}
-    chunks = CompiledChunks()
+    chunks = Compiled(m32, True, 2)
     eager_err = (_grads(m32, b32, inner, None).double() - eager64).abs().max()
     compiled32 = _grads(m32, b32, inner, chunks)
     assert (compiled32.double() - eager64).abs().max() <= 8 * eager_err
@@ -76,16 +77,15 @@ def test_compiled_training_is_reproducible_and_records_why(omniglot_dir, tmp_pat
     said = []
     s1 = train(config.load(None, base + ["run.name=a"]), log=said.append)
     train(config.load(None, base + ["run.name=b"]), log=lambda *a: None)
-    assert s1["strategy"] == "batched"
-    assert any("algo.compile=on (the batched chunk compiled as one graph)" in x for x in said)
-    assert any("each computed alone (algo.compile=on" in x for x in said), said
+    assert s1["plan"]["compute"] == "compiled"
+    assert any("fixed groups of 2 task(s)" in x and "; compiled" in x for x in said), said
     a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_compiled_exact_runs_are_the_same_at_1_and_2_processes(omniglot_dir, tmp_path):
-    """Exact mode under compile computes each chunk alone through the same graph: 1 and 2
+    """Exact mode under compile computes each fixed group through the same graph: 1 and 2
     processes (accelerate launch, gloo, one thread each) give the same weights, bit for bit."""
     args = small_overrides(
         omniglot_dir,
@@ -104,20 +104,31 @@ def test_compiled_exact_runs_are_the_same_at_1_and_2_processes(omniglot_dir, tmp
     for n in (1, 2):
         r = launch(n, args + [f"run.name=p{n}"])
         assert r.returncode == 0, r.stderr[-3000:]
-        assert "chunks of 2 task(s), each computed alone (algo.compile=on" in r.stdout
+        assert "4 fixed groups of 2 task(s)" in r.stdout and "; compiled" in r.stdout
     assert max_diff(weights(tmp_path / "runs" / "p1"), weights(tmp_path / "runs" / "p2")) == 0.0
 
 
 @pytest.mark.parametrize(
-    ("extra", "said"),
-    [
-        ({"model.dropblock": 0.1, "model.backbone": "resnet12"}, "DropBlock"),
-        ({"data.episode": "variable"}, "variable episodes"),
-    ],
+    ("cannot", "device"),
+    [("DropBlock draws its masks on the host each step", "cpu"), ("variable episodes", "cuda")],
 )
-def test_what_cannot_be_compiled_is_refused_in_one_line(omniglot_dir, tmp_path, extra, said):
-    with pytest.raises(config.ConfigError, match=said) as e:
-        config.load(
-            None, small_overrides(omniglot_dir, tmp_path, **{"algo.compile": "on", **extra})
-        )
-    assert "algo.compile" in str(e.value) and "\n" not in str(e.value)
+def test_what_cannot_be_compiled_is_refused_in_one_line_on_either_device(cannot, device):
+    """One place decides: the plan refuses algo.compile=on where the step cannot be compiled
+    (inductor on a CPU, a CUDA graph on a GPU), and algo.compile=auto falls back to eager."""
+    from metadist.step import Ask, decide
+
+    ask = Ask("batched", 2, "exact", "on", 8, 1, 4, device, cannot_compile=cannot)
+    with pytest.raises(config.ConfigError, match=cannot) as e:
+        decide(ask, None, {})
+    assert "algo.compile=on" in str(e.value) and "\n" not in str(e.value)
+    assert decide(dataclasses.replace(ask, compile="auto"), None, {}).compute == "eager"
+    assert decide(dataclasses.replace(ask, cannot_compile=""), None, {}).compute == (
+        "compiled" if device == "cpu" else "graph"
+    )
+
+
+def test_a_dropblock_backbone_under_compile_is_one_line_at_start(omniglot_dir, tmp_path):
+    extra = {"algo.compile": "on", "model.dropblock": 0.1, "model.backbone": "resnet12"}
+    r = run_cli("train", *small_overrides(omniglot_dir, tmp_path, **extra))
+    assert r.returncode == 2 and "algo.compile=on: DropBlock" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -105,7 +105,7 @@ def test_folder_keys_moved_under_data_folder():
         "invert",
         "small_classes",
     ):
-        with pytest.raises(config.ConfigError, match=rf"^data\.{old} is now data\.folder\.{old} "):
+        with pytest.raises(config.ConfigError, match=rf"^data\.{old} is now data\.folder\.{old}: "):
             config.load(None, [f"data.{old}=1"])
     saved = config.Config().to_dict()
     folder = saved["data"].pop("folder")
@@ -118,3 +118,4 @@ def test_folder_keys_moved_under_data_folder():
         True,
     )
     assert back.data.folder.resize == folder["resize"]
+

@@ -61,8 +61,7 @@ def exact_args(base, steps):
         "train.threads=1",
         "model.hidden=8",
         "algo.inner_steps=1",
-        # batched: each rank's tasks in one group, each task's gradient a leaf of the tree (where
-        # this machine's kernels allow it; else chunks computed alone: the log says which)
+        # batched: the meta-batch of 8 in 4 fixed groups of 2 tasks at every world size
         "algo.strategy=batched",
         f"train.steps={steps}",
         "train.val_every=50",
@@ -80,9 +79,8 @@ def test_1_2_4_processes_are_bit_identical_after_30_steps(base):
     for n in (1, 2, 4):
         r = launch(n, args + [f"run.name=x{n}"])
         assert r.returncode == 0, r.stderr[-3000:]
-        assert f"on {n} process(es)" in r.stdout and "reduce=exact" in r.stdout
-        groups = f"each task's gradient from groups of {8 // n}" in r.stdout
-        assert groups or "each computed alone (a task's gradient differs" in r.stdout
+        assert f"on {n} process(es)" in r.stdout
+        assert "exact: 4 fixed groups of 2 task(s), the same weights at 1, 2, 4" in r.stdout
         runs[n] = tmp / "runs" / f"x{n}"
     ref = weights(runs[1])
     ref_val = [
@@ -114,7 +112,8 @@ def test_a_run_resumed_2_then_1_then_4_processes_equals_the_uninterrupted_one(ba
     meta = json.loads(
         (tmp / "runs" / "hopped" / "checkpoints" / "step_000030" / "meta.json").read_text()
     )
-    assert meta["world_size"] == 4 and meta["reduce"] == "exact" and meta["data_position"] == 30 * 8
+    assert meta["world_size"] == 4 and meta["plan"]["reduce"] == "exact"
+    assert meta["data_position"] == 30 * 8
     # constant learning rate: the legs stopped at 10 and 20 take the same steps as the run of 30
     assert max_diff(weights(tmp / "runs" / "straight-x"), weights(tmp / "runs" / "hopped")) == 0.0
 
@@ -250,6 +249,49 @@ def test_two_nodes_on_loopback_equal_one_process(base):
     r = launch(1, args + ["run.name=single"])
     assert r.returncode == 0
     assert max_diff(weights(tmp / "runs" / "single"), weights(tmp / "runs" / "nodes")) <= WEIGHT_TOL
+
+
+def lower_kernels() -> dict:
+    """Kernel caps below this CPU's own: an AVX2 machine's where this one has AVX-512, else the
+    baseline (SSE4.1 for oneDNN, no vectors for ATen)."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+        return {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    return {"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}
+
+
+@pytest.mark.parametrize("reduce", ["exact", "fast"])
+def test_nodes_with_other_kernels_cannot_be_exact_and_say_so(base, reduce):
+    """Two nodes on loopback, the second capped to lower kernels (as a cluster mixing an AVX-512
+    and an AVX2 machine): exact mode refuses at start, in one line on each rank, naming what
+    differs and what to set; fast mode trains."""
+    _tmp, args = base
+    port = free_port()
+    a = args + [f"run.name=mixed-{reduce}", f"train.reduce={reduce}", "train.threads=1"]
+    env = dict(os.environ)
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        env.pop(k, None)
+    procs = [
+        subprocess.Popen(
+            launch_cmd(2, a, port, machines=2, machine_rank=r),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(env, **(lower_kernels() if r else {})),
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    if reduce == "fast":
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+        return
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode != 0
+        said = [ln for ln in err.splitlines() if "the ranks run different kernels" in ln]
+        assert said and "onednn_isa NATIVE on rank 0, " in said[0], err[-2000:]
+        assert "set ONEDNN_MAX_CPU_ISA" in said[0] and "train.reduce=fast" in said[0]
 
 
 def test_uneven_split_is_a_clear_error(base):

@@ -8,7 +8,7 @@ import torch
 
 from metadist import config
 from metadist.schedule import Schedule
-from metadist.step import from_config
+from metadist.step import Learner, MetaStep, Plan, StepSettings
 from tests.conftest import OneProcess, model_for
 
 
@@ -49,8 +49,9 @@ def _step(*overrides):
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=4", *overrides])
     torch.manual_seed(0)
     model = model_for(cfg)
-    step = from_config(cfg, model, OneProcess(), 4, say=lambda *a: None)
-    step.use_strategy("batched")
+    dist, plan = OneProcess(), Plan(0, "fast")
+    settings = StepSettings.of(cfg, 4, dist.device)
+    step = MetaStep(Learner.of(cfg, model, dist.device), dist, plan, settings, lambda *a: None)
     return step, model
 
 

@@ -88,7 +88,7 @@ def test_learned_inner_lrs_train_save_and_evaluate(omniglot_dir, tmp_path):
 def test_debug_mode_cross_checks_and_stops_on_nan(omniglot_dir, tmp_path):
     r = run_cli("train", "--debug", *small_overrides(omniglot_dir, tmp_path, **{"train.steps": 2}))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "batched vs loop meta-gradient agree" in r.stdout
+    assert "tasks at once and one at a time agree" in r.stdout
     r = run_cli(
         "train",
         "--debug",
@@ -225,9 +225,10 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(omniglot_dir, 
 def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(
     omniglot_dir, tmp_path, monkeypatch
 ):
-    """algo.strategy=auto measures once per machine and task shape and caches the answer: the same
-    command twice gives the same strategy and bit-identical weights; a resumed run keeps its
-    checkpoint's strategy whatever the cache says later; another shape is measured anew."""
+    """algo.strategy=auto measures the tasks computed at once once per machine and task shape and
+    caches the answer: whatever this CPU measured, the run uses the fastest size of the record,
+    the same command twice gives bit-identical weights, a resumed run keeps its checkpoint's plan
+    whatever the cache says later, and another shape is measured anew."""
     from metadist.train import train
 
     monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
@@ -238,48 +239,27 @@ def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(
     )
     said = []
     s1 = train(config.load(None, base + ["run.name=one"]), log=said.append)
-    assert any("measured now, cached in" in x for x in said)
-    cached = list((tmp_path / "cache").glob("strategy-*.json"))
+    assert any("measured now" in x for x in said)
+    cached = list((tmp_path / "cache").glob("plan-*.json"))
     assert len(cached) == 1
     rec = json.loads(cached[0].read_text())
-    # the batched strategy measured at 2, 4 and 8 tasks at once (a rank's 8 tasks): the record's
-    # size is what the run computes at once (each task's gradient from groups of that size)
-    assert rec["strategy"] == s1["strategy"] and set(rec["tasks_per_s"]) == {
-        "loop",
-        "batched/2",
-        "batched/4",
-        "batched/8",
-    }
-    assert s1["tasks_at_once"] == rec["tasks_at_once"]
-    if rec["strategy"] == "batched":
-        assert rec["tasks_at_once"] in (2, 4, 8)
-        assert any(f"from groups of {rec['tasks_at_once']}" in x for x in said), said
+    # exact mode, 8 tasks, at least 4 groups: groups of 1 or 2 are the candidates
+    speeds = rec["tasks_per_s"]
+    assert set(speeds) == {"1", "2"} and rec["at_once"] == int(max(speeds, key=speeds.get))
+    assert s1["tasks_at_once"] == rec["at_once"] and s1["plan"]["tasks_per_s"] == speeds
     assert rec["key"]["threads"] == torch.get_num_threads() and rec["key"]["shape"]["ways"] == 5
     said = []
     s2 = train(config.load(None, base + ["run.name=two"]), log=said.append)
-    assert s2["strategy"] == s1["strategy"] and any(
-        "cached in" in x and "measured now" not in x for x in said
-    )
+    assert s2["plan"] == s1["plan"] | {"why": s2["plan"]["why"]}
+    assert any("cached in" in x for x in said) and not any("measured now" in x for x in said)
     a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("one", "two"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    record = json.loads((tmp_path / "runs" / "one" / "strategy.json").read_text())
-    assert (
-        record["strategy"] == s1["strategy"] and "algo.strategy=auto on this CPU" in record["why"]
-    )
-    # the cache now says the other strategy: a resumed run keeps its own, a new run takes
-    # the cache's
-    other = {"batched": "loop", "loop": "batched"}[s1["strategy"]]
-    cached[0].write_text(json.dumps(dict(rec, strategy=other)))
-    assert (
-        train(config.load(None, base + ["run.name=one", "train.steps=4"]), log=lambda *a: None)[
-            "strategy"
-        ]
-        == s1["strategy"]
-    )
-    assert (
-        train(config.load(None, base + ["run.name=three"]), log=lambda *a: None)["strategy"]
-        == other
-    )
+    # the cache now says the other size: a resumed run keeps its own, a new run takes the cache's
+    other = 3 - rec["at_once"]
+    cached[0].write_text(json.dumps(dict(rec, at_once=other)))
+    resumed = train(config.load(None, base + ["run.name=one", "train.steps=4"]), log=print)
+    assert resumed["tasks_at_once"] == s1["tasks_at_once"]
+    assert train(config.load(None, base + ["run.name=three"]), log=print)["tasks_at_once"] == other
     # another shape is another key
     said = []
     train(
@@ -290,7 +270,7 @@ def test_auto_strategy_is_a_property_of_the_machine_and_the_shape(
     )
     assert (
         any("measured now" in x for x in said)
-        and len(list((tmp_path / "cache").glob("strategy-*.json"))) == 2
+        and len(list((tmp_path / "cache").glob("plan-*.json"))) == 2
     )
 
 
@@ -320,7 +300,7 @@ def test_concurrent_runs_measure_once_and_agree(omniglot_dir, tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert sum("measured now" in o[0] for o in outs) == 1
     chosen = {
-        json.loads((tmp_path / "runs" / f"c{i}" / "summary.json").read_text())["strategy"]
+        json.loads((tmp_path / "runs" / f"c{i}" / "summary.json").read_text())["tasks_at_once"]
         for i in range(2)
     }
     assert len(chosen) == 1
@@ -499,31 +479,33 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     assert d["steps"] == want and all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
-def test_exact_mode_records_how_it_sums_and_why(omniglot_dir, tmp_path, monkeypatch):
-    """train.reduce=exact says in strategy.json, summary.json and the checkpoint whether each
-    task's gradient came from a group (where the grouping check passed here) or from chunks
-    computed alone, and why; one task at a time (algo.tasks_per_chunk=1) never pays for a group
-    (a single task would be computed as two copies)."""
+def test_exact_mode_records_its_groups_and_the_world_sizes_it_supports(
+    omniglot_dir, tmp_path, monkeypatch
+):
+    """train.reduce=exact records its plan (fixed groups of tasks, the world sizes with the same
+    weights, why) in strategy.json, summary.json and the checkpoint, and says it at start; a
+    launch whose processes cannot split the groups is refused in one line naming the sizes."""
+    from metadist.step import Plan
     from metadist.train import train
 
     monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
     base = small_overrides(
         omniglot_dir, tmp_path, **{"train.steps": 2, "algo.strategy": "batched"}
-    ) + ["train.meta_batch_size=4"]
+    ) + ["train.meta_batch_size=8"]
     said = []
     train(config.load(None, base + ["run.name=group"]), log=said.append)
     rec = json.loads((tmp_path / "runs" / "group" / "strategy.json").read_text())
     summary = json.loads((tmp_path / "runs" / "group" / "summary.json").read_text())
-    assert summary["exact_per_task"] == rec["exact_per_task"]
-    if rec["exact_per_task"]:
-        assert "groups of [1, 2, 4]" in rec["exact"]
-        assert any("each task's gradient from groups of 4" in x for x in said)
-    else:
-        assert "differs between groups of [1, 2, 4]" in rec["exact"]
     meta = json.loads(
         (tmp_path / "runs" / "group" / "checkpoints" / "step_000002" / "meta.json").read_text()
     )
-    assert meta["exact_per_task"] == rec["exact_per_task"]
+    # 8 tasks, at least train.exact_processes=4 groups: groups of 2, the same at 1, 2 and 4
+    assert rec["at_once"] == 2 and rec["worlds"] == [1, 2, 4] and rec["reduce"] == "exact"
+    assert summary["plan"] == rec == meta["plan"]
+    assert any("exact: 4 fixed groups of 2 task(s), the same weights at 1, 2, 4" in x for x in said)
+    with pytest.raises(config.ConfigError, match=r"launch 1, 2, 4 processes"):
+        Plan.of_record(rec).check_world(8, 8)
     train(config.load(None, base + ["run.name=one", "algo.tasks_per_chunk=1"]), log=said.append)
     rec = json.loads((tmp_path / "runs" / "one" / "strategy.json").read_text())
-    assert rec["exact_per_task"] is False and "algo.tasks_per_chunk=1" in rec["exact"]
+    assert rec["at_once"] == 1 and rec["worlds"] == [1, 2, 4, 8]
+    assert "algo.tasks_per_chunk=1" in rec["why"]

@@ -1,6 +1,8 @@
-"""The one inner loop (`adapt`), the task forward of each strategy, and the meta-backward.
+"""The one inner loop (`adapt`), the task forward, the per-task losses and accuracies: what every
+algorithm's losses are made of (the meta-backward that takes their gradients is
+metadist/step/compute.py's).
 
-Strategies: `batched` runs a chunk of tasks as one folded network (the backbone's
+Forwards: `batched` runs a chunk of tasks as one folded network (the backbone's
 tasks_forward), `loop` runs tasks one at a time (the reference's way). Both give a Forward:
 forward(params, x) -> logits (T, n, ways) and forward.features(params, x) -> (T, n, F), where
 params carry a leading task dimension, so `adapt` and the algorithms never know which one runs.
@@ -20,7 +22,6 @@ the prototypes into the body.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -269,14 +270,6 @@ def per_task(params: Params, tasks: int) -> Params:
     return {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
 
 
-def chunks(batch: dict, size: int):
-    """Chunks of `size` tasks (0: all), each cut to its own largest episode (trim)."""
-    tasks = batch["x_support"].shape[0]
-    size = size or tasks
-    for s in range(0, tasks, size):
-        yield trim({k: v[s : s + size] for k, v in batch.items() if isinstance(v, torch.Tensor)})
-
-
 def trim(batch: dict) -> dict:
     """Padded (variable) episodes cut to their own largest: a chunk's tensors, hence its rounding,
     do not depend on which other tasks it was padded with (so exact mode stays bit-identical for
@@ -291,128 +284,6 @@ def trim(batch: dict) -> dict:
             batch[f"y_{part}"][:, :rows],
         )
     return out
-
-
-@dataclass(frozen=True)
-class Chunking:
-    """How a meta-backward cuts a rank's tasks: chunks of `size` tasks (0: all at once; the loop
-    strategy's fast mode: one task each), `scale` times each task's loss; `tree` (a
-    metadist.exact.TreeSum) takes each chunk's flat gradient with `extra` zeros appended instead of
-    accumulating; `rng(i)`: the generator of chunk i's random layers (DropBlock), or None.
-    `per_task` (with a tree): a chunk is a group of tasks computed at once, and each task's own
-    gradient goes to the tree (see `task_gradients`)."""
-
-    size: int = 0
-    scale: float = 1.0
-    tree: object = None
-    extra: int = 0
-    rng: object = None
-    per_task: bool = False
-    # algo.compile=on: a metadist.compiled.CompiledChunks computes each chunk (not per_task)
-    compiled: object = None
-
-
-def task_gradients(task_losses, params: Params, chunk: dict, scale: float):
-    """Each task's own gradient of scale * its loss, from one grouped computation: the weights are
-    given to the group as one leaf per task (params repeated, not expanded), so the gradients
-    arrive per task before any cross-task sum. A group of one task is computed as two copies of
-    it: a single task would run through other kernels (an ungrouped convolution) than a task in a
-    group, and round differently. Returns (losses (t,), accuracies (t,), gradients [(t, *shape)]
-    in params' order, None where a weight gets no gradient)."""
-    t = chunk["x_support"].shape[0]
-    if t == 1:
-        chunk = {k: torch.cat([v, v]) for k, v in chunk.items()}
-    n = chunk["x_support"].shape[0]
-    leaves = {
-        k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(v.requires_grad)
-        for k, v in params.items()
-    }
-    forward_leaves = [v for v in leaves.values() if v.requires_grad]
-    losses, accs = task_losses(leaves, chunk)
-    grads = iter(torch.autograd.grad(losses[:t].sum() * scale, forward_leaves, allow_unused=True))
-    out = [next(grads) if v.requires_grad else None for v in leaves.values()]
-    return losses[:t], accs[:t], [g if g is None else g[:t] for g in out]
-
-
-def _push(cut: Chunking, grads, leaves) -> None:
-    """One flat gradient (zeros where a weight got none, then cut.extra zeros) to cut.tree."""
-    cut.tree.push(
-        torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                for g, p in zip(grads, leaves)
-            ]
-            + [leaves[0].new_zeros(cut.extra)]
-        )
-    )
-
-
-def _take(cut: Chunking, grads, leaves) -> None:
-    """A chunk's gradients (None where a weight got none), computed outside autograd's engine:
-    accumulated into .grad as backward() would, or pushed to the tree."""
-    if cut.tree is not None:
-        _push(cut, grads, leaves)
-        return
-    for p, g in zip(leaves, grads):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-
-
-def meta_backward(
-    task_losses,
-    model: Backbone,
-    params: Params,
-    batch: dict,
-    strategy: str,
-    cut: Chunking,
-    second_order: bool = True,
-):
-    """cut.scale * d(sum of the tasks' losses)/d(params), chunk by chunk (see Chunking).
-
-    `task_losses(forward, per_task_params, chunk) -> (losses (t,), accuracies (t,))`. Fast (no
-    tree): accumulated into params' .grad; with the loop strategy every task is its own chunk (the
-    reference's memory profile). Exact (a tree): each chunk gives its own flat gradient, pushed to
-    the tree; nothing is accumulated, so a chunk's gradient never depends on the chunks before it;
-    with cut.per_task each task of a chunk pushes its own (task_gradients).
-    Returns the sums of loss and accuracy over the tasks (detached tensors; no host sync here);
-    where the batch says each task's source (batch["source"], one-hot (T, sources)), the accuracy
-    sum is a vector: the total, then each source's.
-    """
-    size = 1 if strategy == "loop" and cut.tree is None else cut.size
-    leaves = list(params.values())
-    loss_sum = acc_sum = 0.0
-    for i, chunk in enumerate(chunks(batch, size)):
-        forward = make_forward(model, strategy, second_order, cut.rng(i) if cut.rng else None)
-        t = chunk["x_support"].shape[0]
-        if cut.per_task and cut.tree is not None:
-            losses, accs, grads = task_gradients(
-                functools.partial(task_losses, forward), params, chunk, cut.scale
-            )
-            for j in range(t):
-                _push(cut, [g if g is None else g[j] for g in grads], leaves)
-        elif cut.compiled is not None:
-            losses, accs, grads = cut.compiled(
-                task_losses, model, params, chunk, strategy, second_order, cut.scale
-            )
-            _take(cut, grads, leaves)
-        else:
-            losses, accs = task_losses(forward, per_task(params, t), chunk)
-            total = losses.sum() * cut.scale
-            if cut.tree is None:
-                total.backward()
-            else:
-                _push(cut, torch.autograd.grad(total, leaves, allow_unused=True), leaves)
-        loss_sum = loss_sum + losses.detach().sum()
-        acc_sum = acc_sum + _accuracy_sum(accs.detach(), chunk)
-    return loss_sum, acc_sum
-
-
-def _accuracy_sum(a: torch.Tensor, chunk: dict) -> torch.Tensor:
-    """The chunk's accuracy sum; where the chunk says each task's source, the total, then each
-    source's."""
-    if "source" in chunk:
-        return torch.cat([a.sum()[None], a @ chunk["source"].to(a)])
-    return a.sum()
 
 
 def adapt_and_predict(

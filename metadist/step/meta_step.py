@@ -1,0 +1,271 @@
+"""One meta-step, built once from its plan: `MetaStep(step, batch, votes)` reads top to bottom:
+adapt and query losses chunk by chunk (the algorithm variant of that step: derivative-order
+annealing's first `algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of
+that step), each chunk's gradients handed to the reduction, the reduction over ranks (which also
+carries the stop votes), clipping, Adam and the schedule. The compute (eager, compiled, a CUDA
+graph: metadist/step/compute.py) and the reduction (exact, fast: metadist/step/reduce.py) are the
+plan's, not branches here. It returns device tensors only: no host sync here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from metadist import algorithms
+from metadist.algorithms.maml import msl_weights
+from metadist.errors import MetadistError
+from metadist.schedule import Schedule
+from metadist.step import reduce
+from metadist.step.compute import Compiled, Eager, Graphed, accuracy_sum, chunks, meta_backward
+from metadist.step.plan import Plan
+
+
+class TrainError(MetadistError):
+    pass
+
+
+def check_finite(step: int, loss: torch.Tensor, model: torch.nn.Module) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainError(f"step {step}: non-finite meta-loss {loss.item()}")
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise TrainError(f"step {step}: non-finite meta-gradient in {name}")
+
+
+@contextlib.contextmanager
+def anomaly_guard(step: int, debug: bool):
+    """In debug mode, anomaly detection's error (naming the backward function that produced a
+    non-finite value) becomes a TrainError naming the step."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not debug:
+            raise
+        raise TrainError(
+            f"step {step}: non-finite value in the meta-backward: {str(e).splitlines()[0]}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a meta-step does besides its plan: the global and local task counts, clipping, the
+    MAML++ schedules (first-order steps, multi-step loss over `inner_steps`), the seed of random
+    layers, debug checks and bf16 autocast. `StepSettings.of(cfg, local_tasks, device)`."""
+
+    meta_batch_size: int = 1
+    local_tasks: int = 1
+    clip: float = math.inf
+    first_order_steps: int = 0
+    multi_step_loss: int = 0
+    inner_steps: int = 1
+    seed: int = 0
+    debug: bool = False
+    bf16: bool = False
+
+    @classmethod
+    def of(cls, cfg, local_tasks: int, device: torch.device) -> StepSettings:
+        t, a = cfg.train, cfg.algo
+        return cls(
+            meta_batch_size=t.meta_batch_size,
+            local_tasks=local_tasks,
+            clip=t.grad_clip if t.grad_clip > 0 else math.inf,
+            first_order_steps=a.first_order_steps,
+            multi_step_loss=a.multi_step_loss,
+            inner_steps=a.inner_steps,
+            seed=cfg.seed,
+            debug=t.debug,
+            bf16=t.mixed_precision == "bf16" and device.type == "cuda",
+        )
+
+
+@dataclass
+class Learner:
+    """What the step trains with, built before the plan: the model, the algorithm in both
+    derivative orders ({first_order: Algorithm}), Adam and its Schedule."""
+
+    model: torch.nn.Module
+    algorithms: dict
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+
+    @classmethod
+    def of(cls, cfg, model: torch.nn.Module, device: torch.device) -> Learner:
+        """Adam at train.meta_lr (fused on a GPU: one launch for all tensors), its Schedule, the
+        algorithm in both derivative orders."""
+        t = cfg.train
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=t.meta_lr, fused=device.type == "cuda" or None
+        )
+        schedule = Schedule(
+            optimizer,
+            t.steps,
+            t.schedule,
+            t.warmup_steps,
+            t.budget_probe if t.budget_schedule else 0,
+        )
+        c = algorithms.get(cfg.algo)
+        variants = {fo: c.build(cfg.algo, model, cfg.data.ways, first_order=fo) for fo in (0, 1)}
+        return cls(model, {bool(k): v for k, v in variants.items()}, optimizer, schedule)
+
+    @property
+    def second_order(self) -> bool:
+        return self.algorithms[False].second_order
+
+
+def cross_check(learner: Learner, batch: dict, scale: float, tol: float = 1e-4) -> float:
+    """Debug: the meta-gradient of the tasks at once against one task at a time, same batch."""
+    algo, model, grads = learner.algorithms[False], learner.model, []
+    params = dict(model.named_parameters())
+    for at_once in (0, 1):
+        model.zero_grad(set_to_none=True)
+        meta_backward(
+            algo.task_losses, Eager(model, algo.second_order, at_once), params, batch, scale
+        )
+        grads.append(torch.cat([p.grad.flatten() for p in params.values()]))
+    model.zero_grad(set_to_none=True)
+    err = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max().clamp_min(1e-12)).item()
+    if err > tol:
+        raise TrainError(
+            f"debug cross-check: the tasks at once and one at a time give meta-gradients "
+            f"{err:.2e} apart (relative), over {tol}"
+        )
+    return err
+
+
+class MetaStep:
+    """The step of `plan`, built complete: its compute per algorithm variant, its reduction."""
+
+    def __init__(self, learner: Learner, dist, plan: Plan, settings: StepSettings, say=print):
+        self.learner, self.dist, self.plan, self.s, self.say = learner, dist, plan, settings, say
+        self.model, self.algorithms = learner.model, learner.algorithms
+        self.optimizer, self.schedule = learner.optimizer, learner.schedule
+        self.params = dict(self.model.named_parameters())
+        self.param_list = list(self.params.values())
+        self.at_once = plan.local(settings.local_tasks)
+        if plan.reduce == "exact":
+            plan.check_world(dist.world, settings.meta_batch_size)
+            self.reduction = reduce.Exact(
+                dist, self.param_list, settings.meta_batch_size, plan.at_once
+            )
+        else:
+            self.reduction = reduce.Fast(dist, self.param_list, settings.local_tasks)
+        kind = Compiled if plan.compute == "compiled" else Eager
+        self.computes = {
+            fo: kind(self.model, algo.second_order, self.at_once)
+            for fo, algo in self.algorithms.items()
+        }
+        self.first = dist.rank * settings.local_tasks // self.at_once  # this rank's first chunk
+        self.run = self._graphed if plan.compute == "graph" else self._eager
+        # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
+        self.amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+            if settings.bf16
+            else contextlib.nullcontext()
+        )
+        self.graphs = {}  # the captured meta-step of each variant, on CUDA
+        if settings.first_order_steps and learner.second_order:
+            say(
+                f"derivative-order annealing: steps 1..{settings.first_order_steps} first order, "
+                "then second order"
+            )
+
+    def _chunk_rng(self, step: int):
+        """DropBlock's generator for each chunk, named by (seed, step, global chunk index): the same
+        masks for a chunk whatever the world size. None when the backbone has no DropBlock."""
+        if not getattr(self.model, "dropblock", 0):
+            return None
+
+        def rng(i: int) -> torch.Generator:
+            named = [self.s.seed, 17, step, self.first + i]
+            return torch.Generator().manual_seed(
+                int(np.random.SeedSequence(named).generate_state(1)[0])
+            )
+
+        return rng
+
+    def local(self, first_order: bool, batch: dict, step: int = 0) -> tuple:
+        """This rank's share of the meta-gradient of `batch`, chunk by chunk into the reduction:
+        (loss sum, accuracy sum, *the reduction's vectors)."""
+        algo, compute, red = (
+            self.algorithms[first_order],
+            self.computes[first_order],
+            self.reduction,
+        )
+        rng, loss_sum, acc_sum = self._chunk_rng(step), 0.0, 0.0
+        red.start()
+        for i, chunk in enumerate(chunks(batch, self.at_once)):
+            losses, accs, grads = compute(
+                algo.task_losses, self.params, chunk, red.scale, rng(i) if rng else None
+            )
+            red.take(grads)
+            loss_sum, acc_sum = loss_sum + losses.sum(), acc_sum + accuracy_sum(accs, chunk)
+        return (loss_sum, acc_sum, *red.vectors())
+
+    def _eager(self, variant: tuple, batch: dict, step: int) -> tuple:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.local(variant[0], batch, step)
+
+    def _graphed(self, variant: tuple, batch: dict, step: int) -> tuple:
+        """On CUDA: the graph overwrites .grad on every replay, no zeroing."""
+        if variant not in self.graphs:
+            self.graphs[variant] = Graphed(
+                lambda b: self.local(variant[0], b), self.param_list, batch
+            )
+        return self.graphs[variant](batch)
+
+    def _with_msl(self, step: int, batch: dict) -> tuple[dict, bool]:
+        """MAML++'s multi-step loss weights of this step ride in the batch (an input, like the
+        episodes: one captured graph serves every step)."""
+        s = self.s
+        if not (step < s.multi_step_loss and s.inner_steps > 1):
+            return batch, False
+        w = msl_weights(step, s.inner_steps, s.multi_step_loss).to(batch["x_support"])
+        return dict(batch, msl_weights=w.expand(batch["x_support"].shape[0], -1)), True
+
+    def __call__(self, step: int, batch: dict, votes) -> tuple[torch.Tensor, ...]:
+        """Step `step` (0-based) on this rank's batch; `votes()` gives this rank's stop votes.
+        Returns (loss sum, accuracy sum, gradient norm, votes over ranks)."""
+        first_order = step < self.s.first_order_steps
+        batch, msl = self._with_msl(step, batch)
+        with anomaly_guard(step + 1, self.s.debug):
+            if self.s.debug and step == 0:
+                err = cross_check(self.learner, batch, 1.0 / self.s.local_tasks)
+                self.say(
+                    "debug: tasks at once and one at a time agree (max relative difference "
+                    f"{err:.1e})"
+                )
+            with self.amp:
+                out = self.run((first_order, msl), batch, step)
+        agreed = self.reduction.reduce(out[2:], votes(), step + 1)
+        if self.s.debug:
+            check_finite(step + 1, out[0], self.model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.param_list, self.s.clip)
+        self.optimizer.step()
+        self.schedule.step()
+        return out[0], out[1], grad_norm, agreed
+
+
+def runner(learner: Learner, batch: dict, device: torch.device):
+    """run(size) -> size: one eager meta-backward of the first `size` tasks of `batch` (a sample of
+    the run's episodes) computed at once, for the plan's measurement; nothing is left in .grad."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    algo, params = learner.algorithms[False], dict(learner.model.named_parameters())
+
+    def run(size: int) -> int:
+        chunk = {k: v[:size] for k, v in batch.items()}
+        Eager(learner.model, algo.second_order, size)(algo.task_losses, params, chunk, 1.0 / size)
+        return size
+
+    return run
+
+
+def build(cfg, model: torch.nn.Module, dist, plan: Plan, local_tasks: int, say=print) -> MetaStep:
+    """The MetaStep of `cfg` and `plan` on `model` (benchmarks and tests; the Trainer builds the
+    learner first, since its checkpoint holds the plan)."""
+    settings = StepSettings.of(cfg, local_tasks, dist.device)
+    return MetaStep(Learner.of(cfg, model, dist.device), dist, plan, settings, say)

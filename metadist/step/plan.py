@@ -1,0 +1,198 @@
+"""The plan of a run's meta-step, decided once before the step exists: how many tasks a rank
+computes at once, how the ranks sum (exact or fast), how it computes (eager, compiled by inductor,
+a CUDA graph), and, in exact mode, the world sizes that give the same weights. `decide` returns a
+frozen `Plan` with its reasons; the step is built from it; the run records it (strategy.json,
+every checkpoint, summary.json) and a resumed run reads it back.
+
+- Tasks at once (`at_once`, g): `algo.tasks_per_chunk` when set (1: one task at a time, the
+  per-task loop). Else `algo.strategy=batched`, or `auto` on a GPU: a rank's tasks at once in
+  fast mode; in exact mode the largest group that leaves at least `train.exact_processes` groups.
+  `auto` on a CPU measures the candidates (1, 2, 4, 8, 16 tasks at once) on the run's own shape and
+  takes the fastest: folded tasks make activations that many times larger, and once they leave
+  the caches the memory-bound BatchNorm, ReLU and pooling slow down more than folding gains, at a
+  size that depends on the CPU. The measurement is a property of the machine and the shape: kept
+  in the per-machine cache (metadist/machine.py, keyed by every setting that changes the kernels),
+  so every later run with that shape on that machine reads the same answer.
+- Exact mode's groups are fixed over the global meta-batch, the same at every world size
+  (metadist/step/reduce.py): the candidates are the divisors g of B that leave at least
+  max(train.exact_processes, the launch's processes) groups, so the measured choice never depends
+  on the world size, and the run states the world sizes it supports.
+- Compute: `algo.compile=on` compiles the chunk with inductor on a CPU and captures the step as a
+  CUDA graph on a GPU; `auto` captures on a GPU where the step's shapes are fixed; refusals are
+  one line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from metadist.config import ConfigError
+from metadist.machine import cached
+
+SIZES = (1, 2, 4, 8, 16)  # tasks at once measured on a CPU
+MEASURE_SECONDS = 6.0  # the most one size's measurement (every round) may take
+
+
+@dataclass(frozen=True)
+class Plan:
+    at_once: int  # tasks computed at once (0: a rank's tasks in one graph)
+    reduce: str = "fast"  # exact | fast
+    compute: str = "eager"  # eager | compiled | graph
+    worlds: tuple[int, ...] = ()  # exact: the world sizes that give the same weights
+    why: str = ""
+    tasks_per_s: dict = field(default_factory=dict)  # the measurement, when there was one
+
+    def record(self) -> dict:
+        return dict(dataclasses.asdict(self), worlds=list(self.worlds))
+
+    @classmethod
+    def of_record(cls, rec: dict) -> Plan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        rec = {k: v for k, v in rec.items() if k in names}
+        return cls(**dict(rec, worlds=tuple(rec.get("worlds", ()))))
+
+    def local(self, local_tasks: int) -> int:
+        """Tasks a rank computes at once."""
+        return min(self.at_once or local_tasks, local_tasks)
+
+    def line(self, meta_batch_size: int) -> str:
+        """What the step computes, in one line."""
+        at = f"{self.at_once} task(s) at once" if self.at_once else "a rank's tasks at once"
+        if self.reduce == "exact":
+            groups = meta_batch_size // self.at_once
+            sizes = ", ".join(map(str, self.worlds))
+            sums = f"exact: {groups} fixed groups of {self.at_once} task(s), the same weights at "
+            return f"{sums}{sizes} process(es); {self.compute}"
+        return f"fast: {at}, one all-reduce; {self.compute}"
+
+    def check_world(self, world: int, meta_batch_size: int) -> None:
+        if self.reduce == "exact" and world not in self.worlds:
+            raise ConfigError(
+                f"train.reduce=exact: this run sums {meta_batch_size // self.at_once} groups of "
+                f"{self.at_once} tasks, which {world} processes cannot split evenly; launch "
+                f"{', '.join(map(str, self.worlds))} processes, or start a new run with "
+                "train.exact_processes (or algo.tasks_per_chunk) for this many"
+            )
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What the config and the world ask of the plan."""
+
+    strategy: str  # auto | batched
+    tasks_per_chunk: int
+    reduce: str
+    compile: str  # auto | on | off
+    meta_batch_size: int
+    world: int
+    exact_processes: int
+    device: str  # cpu | cuda
+    cannot_compile: str = ""  # why this step cannot be compiled or captured ("" where it can)
+    debug: bool = False
+    variable: bool = False  # variable episodes (the measurement stays at 4 tasks and under)
+
+
+def _groups(ask: Ask, top: int) -> list[int]:
+    """Exact mode's group sizes up to `top`: divisors g of B that leave at least
+    max(train.exact_processes, the launch's processes) groups (every B has 1)."""
+    b = ask.meta_batch_size
+    least = min(b, max(ask.exact_processes, ask.world))
+    return [g for g in range(1, min(b, top) + 1) if b % g == 0 and b // g >= least] or [1]
+
+
+def candidates(ask: Ask) -> list[int]:
+    """The tasks-at-once sizes `auto` measures: exact mode's groups, fast mode's SIZES, up to B
+    (and 4 for variable episodes, whose largest can take gigabytes a task)."""
+    top = 4 if ask.variable else SIZES[-1]
+    if ask.reduce == "exact":
+        return _groups(ask, top)
+    return [g for g in SIZES if g <= min(ask.meta_batch_size, top)]
+
+
+def _compute(ask: Ask) -> str:
+    """eager | compiled (inductor, a CPU) | graph (a CUDA graph); algo.compile=on where the step
+    cannot be compiled is refused here, in one line, on either device."""
+    if ask.compile == "on" and (ask.cannot_compile or ask.debug):
+        why = ask.cannot_compile or "debug mode cross-checks the eager step"
+        raise ConfigError(
+            f"algo.compile=on: {why}, so the step cannot be compiled; use algo.compile=off"
+        )
+    if ask.device == "cuda":
+        return (
+            "graph"
+            if ask.compile != "off" and not ask.cannot_compile and not ask.debug
+            else "eager"
+        )
+    return "compiled" if ask.compile == "on" else "eager"
+
+
+def _rule(ask: Ask) -> tuple[int, str]:
+    """Tasks at once without a measurement, and why."""
+    if ask.tasks_per_chunk:
+        return ask.tasks_per_chunk, f"algo.tasks_per_chunk={ask.tasks_per_chunk}"
+    if ask.reduce == "exact":
+        g = max(_groups(ask, ask.meta_batch_size))
+        return g, f"the largest group that leaves {ask.meta_batch_size // g} groups"
+    return 0, "a rank's tasks at once"
+
+
+def decide(ask: Ask, run_chunk, shape: dict, say=print) -> Plan:
+    """The plan for `ask`; `run_chunk(size) -> tasks` times one meta-backward of `size` tasks of
+    the run's shape (auto on a CPU measures with it); `shape` keys the cache."""
+    compute = _compute(ask)
+    measured = (
+        ask.strategy == "auto"
+        and ask.device == "cpu"
+        and not ask.tasks_per_chunk
+        and compute == "eager"
+        and not ask.debug
+    )
+    if measured:
+        rec = cached_choice(shape, run_chunk, candidates(ask), say)
+        at_once, speeds = rec["at_once"], rec["tasks_per_s"]
+        where = f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
+        listed = ", ".join(f"{k} at once {v:.1f}" for k, v in speeds.items())
+        why = f"algo.strategy=auto on this CPU: {listed} tasks/s ({where})"
+    else:
+        (at_once, why), speeds = _rule(ask), {}
+        why = "debug mode: " + why if ask.debug else why
+    worlds = ()
+    if ask.reduce == "exact":
+        groups = ask.meta_batch_size // at_once
+        worlds = tuple(w for w in range(1, groups + 1) if groups % w == 0)
+    return Plan(at_once, ask.reduce, compute, worlds, why, speeds)
+
+
+def sizes_within(sizes: list[int], task_seconds: float, rounds: int) -> list[int]:
+    """The sizes whose `rounds` cost at most MEASURE_SECONDS at `task_seconds` a task; at least
+    the smallest."""
+    return [c for c in sizes if c * task_seconds * rounds <= MEASURE_SECONDS] or sizes[:1]
+
+
+def measure(run_chunk, sizes: list[int], rounds: int = 2) -> dict[str, float]:
+    """Tasks/s of each size ("8": 8 tasks at once): `run_chunk(size) -> tasks` runs that many
+    tasks' meta-backward; interleaved, best of `rounds` after a warm-up round."""
+    best = dict.fromkeys(map(str, sizes), 0.0)
+    for r in range(rounds + 1):
+        for c in sizes:
+            t = time.perf_counter()
+            tasks = run_chunk(c)
+            if r:
+                best[str(c)] = max(best[str(c)], tasks / (time.perf_counter() - t))
+    return best
+
+
+def pick(run_chunk, sizes: list[int]) -> dict:
+    """{at_once, tasks_per_s}, measured now."""
+    run_chunk(1)
+    t = time.perf_counter()
+    run_chunk(1)
+    speed = measure(run_chunk, sizes_within(sizes, time.perf_counter() - t, 3))
+    return {"at_once": int(max(speed, key=speed.get)), "tasks_per_s": speed}
+
+
+def cached_choice(shape: dict, run_chunk, sizes: list[int], say=print) -> dict:
+    """`pick`, once per machine and shape (see metadist.machine.cached)."""
+    return cached("plan", dict(shape, sizes=sizes), lambda: pick(run_chunk, sizes), say)
