@@ -414,6 +414,10 @@ def validate(cfg: Config) -> None:
 
 def _check_data(cfg: Config, need) -> None:
     d = cfg.data
+    # numpy reads a seed >= 2^32 as two 32-bit words, so (seed, split, episode) would name another
+    # stream's numbers: data.seed=2^32's train episode 0 is data.seed=0's val episode 0
+    for key, value in (("data.seed", d.seed), ("seed", cfg.seed)):
+        need(0 <= value < 2**32, key, f"is a 32-bit seed: 0 <= {key} < 2^32 (got {value})")
     need(d.ways >= 2, "data.ways", "must be at least 2")
     need(d.shots >= 1, "data.shots", "must be at least 1")
     need(d.queries >= 1, "data.queries", "must be at least 1")

@@ -119,3 +119,17 @@ def test_folder_keys_moved_under_data_folder():
     )
     assert back.data.folder.resize == folder["resize"]
 
+
+def test_a_seed_is_32_bits_since_numpy_would_read_a_larger_one_as_another_stream():
+    """numpy's generator reads 2^32 as the words (0, 1): (2^32, train, 0) names the numbers of
+    (0, val, 0). Seeds outside [0, 2^32) are one line naming the key."""
+    import numpy as np
+
+    a = np.random.default_rng([2**32, 0, 0]).integers(0, 2**31, 4)
+    b = np.random.default_rng([0, 1, 0]).integers(0, 2**31, 4)
+    assert (a == b).all()  # the collision the check prevents
+    for bad in ("data.seed=4294967296", "seed=4294967296", "seed=-1"):
+        with pytest.raises(config.ConfigError, match=r"32-bit seed") as e:
+            config.load(None, [bad])
+        assert "\n" not in str(e.value)
+    assert config.load(None, ["data.seed=4294967295"]).data.seed == 2**32 - 1
