@@ -273,9 +273,10 @@ def bench_data(quick: bool) -> list[dict]:
 
     import numpy as np
 
+    from metadist.data.device import meta_batches
     from metadist.data.format import write_split
+    from metadist.data.order import StreamSpec
     from metadist.data.sources import ClassSet
-    from metadist.data.stream import StreamSpec, meta_batches
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

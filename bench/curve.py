@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadist.algorithms import eval_inner
 from metadist.checkpoint import CheckpointManager, load_model
 from metadist.data.prepare import shards_dir
+from metadist.data.split import EpisodeSource
 from metadist.data.store import Access
-from metadist.data.stream import EpisodeSource
 from metadist.errors import MetadistError
 from metadist.evaluate import evaluate
 

@@ -121,8 +121,8 @@ def rank_main(root: str, mode: str, out: str) -> None:
     pool added (a decoded copy with data.pool=memory)."""
     import torch.distributed as tdist
 
+    from metadist.data.split import EpisodeSource
     from metadist.data.store import Access
-    from metadist.data.stream import EpisodeSource
     from metadist.distributed import Dist, leave
 
     dist = Dist(120.0, threads=1)
@@ -189,8 +189,8 @@ def ranks_share(root: Path, ranks: int, mode: str, work: Path) -> dict:
 
 def stream_main(root: str, mode: str, out: str) -> None:
     """In one process: read every image of the split, then report its memory."""
+    from metadist.data.split import EpisodeSource
     from metadist.data.store import Access
-    from metadist.data.stream import EpisodeSource
 
     source = EpisodeSource(root, "train", access=Access(pool=mode))
     files = {str(Path(root) / "train" / e["name"]) for e in source.manifest["pool"]}

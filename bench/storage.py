@@ -116,8 +116,10 @@ def in_place(work: Path, gb: float, steps: int) -> list[dict]:
     0, 1 and 2 DataLoader workers."""
     from bench.pool_memory import make_pool
     from bench.startup import drop_pages
+    from metadist.data.device import meta_batches
+    from metadist.data.order import StreamSpec
+    from metadist.data.split import EpisodeSource
     from metadist.data.store import Access
-    from metadist.data.stream import EpisodeSource, StreamSpec, meta_batches
 
     root = make_pool(work, gb)
     access = Access(cache_dir=str(work / "cache"))

@@ -4,9 +4,10 @@
 exercise's per-task loop (bench/reference.py) with its Adam step, on the same episodes,
 interleaved rounds, median tasks/s.
 
-Variants: the batched strategy with every task at once (what `algo.strategy=batched` does), with
-the tasks at once `algo.strategy=auto` measured on this machine (metadist.strategy), the loop;
-in fast and exact mode; and `algo.compile=on` (metadist/compiled.py; its first round, the
+Variants: fast mode with every task at once (what `algo.strategy=batched` does), with the tasks at
+once `algo.strategy=auto` measured on this machine (metadist/step/plan.py), one task at a time;
+exact mode's fixed groups of B/4 (1, 2 and 4 processes) and one task at a time; and
+`algo.compile=on` (metadist/step/compute.py; its first round, the
 warm-up, compiles).
 
   python bench/train_speed.py [--rounds 6] [--meta-batch 32] [--first-order]
@@ -50,7 +51,8 @@ def measured_at_once(tasks: int, first_order: bool) -> tuple[int, dict]:
     """What `auto` measures here for fast mode (not cached: this bench's own measurement)."""
     step, _ = build(tasks, [f"algo.first_order={first_order}", "train.reduce=fast"])
     sizes = [c for c in plan_mod.SIZES if c <= tasks]
-    rec = plan_mod.pick(runner(step.learner, batch(max(sizes)), torch.device("cpu")), sizes)
+    run = runner(step.learner, batch, max(sizes), torch.device("cpu"))
+    rec = plan_mod.pick(run, sizes)
     return rec["at_once"], rec["tasks_per_s"]
 
 

@@ -184,7 +184,8 @@ def drop_pages(folder: Path) -> bool:
 
 
 def reading(work: Path) -> None:
-    from metadist.data.stream import EpisodeSource, StreamSpec, VariableBatches
+    from metadist.data.order import StreamSpec, VariableBatches
+    from metadist.data.split import EpisodeSource
 
     root = synthetic_split(work)
     print(

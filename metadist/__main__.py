@@ -107,9 +107,9 @@ def _model(args):
 def cmd_evaluate(args):
     from metadist.algorithms import eval_inner
     from metadist.data.prepare import shards_dir
+    from metadist.data.split import source_names
     from metadist.data.store import Access
-    from metadist.data.stream import source_names
-    from metadist.evaluate import evaluate, format_table, source_table
+    from metadist.evaluate import format_table, test_report
 
     model, cfg, device = _model(args)
     access = Access.of(cfg.data)
@@ -127,25 +127,19 @@ def cmd_evaluate(args):
     first = next(iter(splits.values()))
     inner = eval_inner(cfg.algo, model, first.ways, cfg.eval.inner_steps)
     episodes = {n: s.all(limit if args.split == "test" else 0) for n, s in splits.items()}
-    kw = (inner, cfg.eval.tasks_per_batch, device)
-    if cfg.data.sources and not explicit:
-        table = source_table(model, episodes, *kw)
-        print(format_table(table, f"{args.split} source"), file=sys.stderr)
-        result = dict(table, inner_steps=cfg.eval.inner_steps, split=args.split)
-    else:
-        result = dict(
-            evaluate(model, episodes[str(root)], *kw),
-            inner_steps=cfg.eval.inner_steps,
-            split=str(first.dir),
-        )
-    print(json.dumps(result))
+    table = bool(cfg.data.sources and not explicit)
+    r = test_report(model, episodes, table, inner, cfg.eval.tasks_per_batch, device)
+    if table:
+        print(format_table(r, f"{args.split} source"), file=sys.stderr)
+    split = args.split if table else str(first.dir)
+    print(json.dumps(dict(r, inner_steps=cfg.eval.inner_steps, split=split)))
 
 
 def _eval_split(root, split: str, cfg, access):
     """A split of shards the run's model can be evaluated on: its image shape, and the ways of a
     learned head."""
     from metadist.algorithms import get
-    from metadist.data.stream import EpisodeSource
+    from metadist.data.split import EpisodeSource
 
     src = EpisodeSource(root, split, access=access)
     m = src.manifest
@@ -187,8 +181,8 @@ def cmd_plot(args):
 
 def _split_source(args):
     from metadist.data.prepare import ensure
+    from metadist.data.split import EpisodeSource
     from metadist.data.store import Access
-    from metadist.data.stream import EpisodeSource
 
     cfg = _cfg(args)
     src = EpisodeSource(ensure(cfg.data), args.split, access=Access.of(cfg.data))

@@ -7,8 +7,8 @@ tensors fit it.
 
 Checkpoints: <run>/checkpoints/step_NNNNNN/{model.safetensors, optimizer.pt, meta.json}: the
 model, the optimizer and schedule, and the `TrainState` (meta.json, readable): the step, the
-best validation so far, the wall time, and how the run computes (strategy and why, reduction,
-chunk size, threads), with the world size and data position of the launch that wrote it, and the
+best validation so far, the wall time, and how the run computes (the step's plan and why, the
+threads), with the world size and data position of the launch that wrote it, and the
 schedule's step count. `CheckpointManager` holds these stateful parts: every way a run continues
 (a relaunch, preemption, an elastic restart at another world size, after a SIGKILL) goes through
 its `save(step)` and `restore()`, and nothing else knows the format. A checkpoint is written in a
@@ -242,6 +242,11 @@ class CheckpointManager:
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
+
+    def save_best(self, step: int, accuracy: float) -> None:
+        """<run>/best.safetensors: the weights of the best validation so far (main process)."""
+        best = self.dir.parent / "best.safetensors"
+        save_weights(self.parts.model, best, self.config, step, accuracy)
 
     def save(self, step: int) -> Path:
         """Main process writes step_NNNNNN of every part; every process returns its path."""

@@ -1,6 +1,7 @@
 """Meta-test: adapt to each fixed episode without a second-order graph and report mean accuracy
-+- 95% CI (1.96 * std / sqrt(n)): `evaluate()` serves validation, the final test, `metadist
-evaluate` and bench/curve.py. `predict()` writes the query classes of a folder of test tasks.
++- 95% CI (1.96 * std / sqrt(n)): `evaluate()` serves validation and bench/curve.py;
+`test_report()` (one split, or Meta-Dataset's table of sources) is the test of `metadist train`
+and of `metadist evaluate` alike. `predict()` writes the query classes of a folder of test tasks.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ def source_table(model: Backbone, splits: dict, inner: Inner, batch: int, device
         "ci95": float(np.sqrt((cis**2).sum()) / len(cis)),
         "episodes": sum(r["episodes"] for r in rows.values()),
     }
+
+
+def test_report(model: Backbone, splits: dict, sources: bool, inner: Inner, batch, device, **kw):
+    """The test report of `metadist train` and `metadist evaluate`: with `sources` (a run over
+    Meta-Dataset's sources) the source table of `splits` (name -> Episodes), else the accuracy
+    +- 95% CI of its one split. kw: evaluate's strategy and dist."""
+    if sources:
+        return source_table(model, splits, inner, batch, device, **kw)
+    return evaluate(model, next(iter(splits.values())), inner, batch, device, **kw)
 
 
 def format_table(table: dict, title: str = "source") -> str:

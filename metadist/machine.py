@@ -1,5 +1,5 @@
 """Facts about this machine that decide how a run computes, measured once and cached per user:
-which strategy is faster (metadist/strategy.py), how long a step takes (the budget schedule,
+how many tasks a rank computes at once (metadist/step/plan.py), how long a step takes (the budget schedule,
 metadist/schedule.py). The same command on the same machine then reads the same answer, hence
 gives the same weights.
 
@@ -16,8 +16,6 @@ one measures, the others wait and read it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -27,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from metadist import locks
 
 
 def cache_dir() -> Path:
@@ -127,14 +127,6 @@ def machine() -> dict:
     return key
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def cached(kind: str, shape: dict, compute, say=print) -> dict:
     """A machine fact of `kind` for this machine and `shape`: from the cache, or computed now by
     `compute() -> dict` and cached (first writer wins; others wait on the lock and read it).
@@ -144,7 +136,7 @@ def cached(kind: str, shape: dict, compute, say=print) -> dict:
     folder = cache_dir()
     path = folder / f"{kind}-{name}.json"
     try:
-        with _locked(folder / f"{kind}.lock"):
+        with locks.node_lock(folder / f"{kind}.lock"):
             if path.is_file():
                 rec = json.loads(path.read_text())
                 if rec.get("key") == key:

@@ -7,12 +7,11 @@ taken over. A second launch on a busy folder names the process that holds it and
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import socket
 from pathlib import Path
 
+from metadist import locks
 from metadist.errors import MetadistError
 
 
@@ -46,27 +45,17 @@ class RunFolder:
         config.yaml."""
         if not self.is_main:
             return
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.lock_path, "a+")  # noqa: SIM115 (held, with its flock, until close())
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise RunBusy(
+
+        def busy(holder: str) -> RunBusy:
+            return RunBusy(
                 f"run folder {self.dir} is in use by {holder} (lock {self.lock_path}); "
                 "wait for that launch to end or stop it, or choose another run.name"
-            ) from None
-        f.seek(0)
-        old = f.read().split()
+            )
+
+        self._lock = locks.take(self.lock_path, refuse=busy)  # held until close()
+        old = self._lock.last.split()
         if old and old[0].startswith("pid=") and not _alive(int(old[0][4:])):
             self.notes.append(f"took over the lock of process {old[0][4:]}, which is gone")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid={os.getpid()} host={socket.gethostname()}\n")
-        f.flush()
-        self._lock = f
         if self.run.fresh and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,5 +63,5 @@ class RunFolder:
 
     def close(self) -> None:
         if self._lock is not None:
-            self._lock.close()  # releases the flock
+            self._lock.release()
             self._lock = None

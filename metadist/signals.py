@@ -1,8 +1,8 @@
 """Preemption: SIGTERM (Kubernetes, SLURM, torch's launcher forwarding its own) and SIGUSR1
 (`sbatch --signal=USR1@90`) ask the run to stop. The handler only raises a flag: every rank
-finishes its current step, the ranks agree on the step to stop at (the flag rides the gradient
-all-reduce), a checkpoint is written at that step, and the process exits with status 75
-(`metadist.errors.Preempted`). Launching again resumes there, bit-identically.
+finishes its current step, the ranks agree on the step to stop at (the flag rides the reduction
+of the meta-gradient, metadist/step/reduce.py), a checkpoint is written at that step, and the
+process exits with status 75 (`metadist.errors.Preempted`). Launching again resumes there, bit-identically.
 """
 
 from __future__ import annotations

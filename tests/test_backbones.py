@@ -385,7 +385,7 @@ def variable_tasks(backbone, seed=2):
     import numpy as np
 
     from metadist.data.episodes import episode_rng, sample_variable_episode, to_float
-    from metadist.data.stream import pad_batch
+    from metadist.data.split import pad_batch
 
     c, side = (1, 8) if backbone == "conv4" else (3, 16)
     g = np.random.default_rng(seed)

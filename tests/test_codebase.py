@@ -108,3 +108,17 @@ def test_the_step_is_one_package_that_the_algorithms_do_not_reach():
             assert not [m for m in imports(path) if m.startswith("metadist.step")], path
     for gone in ("strategy.py", "exact.py", "compiled.py", "cuda_graph.py", "step.py"):
         assert not (PACKAGE / gone).exists(), gone
+
+
+def test_the_trainer_is_at_most_300_lines():
+    """The Trainer builds components and runs the loop; what a component does lives in it
+    (metadist/loop.py, metadist/step/, data/, evaluate.py), so the Trainer stays one read."""
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    assert trainer.end_lineno - trainer.lineno + 1 <= 300
+
+
+def test_one_node_lock():
+    """Every flock of the package is metadist/locks.py's."""
+    users = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if calls(p, "flock")}
+    assert users == {"metadist/locks.py"}, users

@@ -7,8 +7,8 @@ import torch
 from metadist.data.episodes import labels, rotate_tasks, task_rotations
 from metadist.data.prepare import shards_dir
 from metadist.data.sources import omniglot
+from metadist.data.split import EpisodeSource
 from metadist.data.store import read_manifest
-from metadist.data.stream import EpisodeSource
 
 quiet = dict(log=lambda *a: None)
 

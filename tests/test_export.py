@@ -3,7 +3,7 @@
 import numpy as np
 
 from metadist.data.prepare import shards_dir
-from metadist.data.stream import EpisodeSource
+from metadist.data.split import EpisodeSource
 
 quiet = dict(log=lambda *a: None)
 

@@ -11,8 +11,8 @@ import pytest
 
 from metadist import config
 from metadist.data.prepare import prepare, shards_dir
+from metadist.data.split import EpisodeSource
 from metadist.data.store import read_manifest
-from metadist.data.stream import EpisodeSource
 from metadist.data.synthetic import FolderSpec, write_folder_dataset
 from tests.conftest import folder_args, launch, run_cli, weights
 

@@ -3,10 +3,11 @@ shards stopping the run naming them."""
 
 import pytest
 
+from metadist.data.device import meta_batches
 from metadist.data.format import decode_records, verify
+from metadist.data.order import StreamSpec
 from metadist.data.prepare import shards_dir
 from metadist.data.store import ShardError, read_manifest
-from metadist.data.stream import StreamSpec, meta_batches
 from tests.conftest import copy_prepared, run_cli, small_overrides
 
 

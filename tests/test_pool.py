@@ -1,4 +1,4 @@
-"""One image pool per node, read in place (metadist/data/store.py and stream.py), with real
+"""One image pool per node, read in place (metadist/data/store.py and split.py), with real
 processes and files: the ranks of a node share one copy of the pool (accelerate launch, PSS from
 /proc); two ranks fetch each URL shard once (a real HTTP server on 127.0.0.1 counting requests);
 a pool shard truncated under a running job stops it with one line, its last checkpoint intact;

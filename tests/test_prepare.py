@@ -158,7 +158,10 @@ def test_two_prepares_on_one_folder_do_not_interleave(omniglot_dir, tmp_path):
             text=True,
         )
         first_line = _line_within(second, 120)
-        assert "pid=12345 host=elsewhere is preparing it; waiting" in first_line
+        assert (
+            "preparing" in first_line
+            and "pid=12345 host=elsewhere is doing it; waiting" in first_line
+        )
         time.sleep(1)
         # waiting, nothing written
         assert second.poll() is None and not (root / "train").exists()

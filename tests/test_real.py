@@ -54,7 +54,7 @@ def test_strong_150_steps_on_real_omniglot(tmp_path, real_shards):
 
     from metadist.algorithms import eval_inner
     from metadist.checkpoint import load_model
-    from metadist.data.stream import EpisodeSource
+    from metadist.data.split import EpisodeSource
     from metadist.evaluate import evaluate
     from tests.conftest import model_for
 
@@ -158,7 +158,7 @@ def test_meta_dataset_omniglot_by_alphabet_trains_protonets(tmp_path):
     """Meta-Dataset's Omniglot on the real data: 883/81/659 characters (the 5 smallest background
     alphabets val), every variable episode's classes from one alphabet, 5 to min(50, its size)
     ways; ProtoNets trained 30 steps beats the untrained weights on the same test episodes."""
-    from metadist.data.stream import EpisodeSource
+    from metadist.data.split import EpisodeSource
 
     shards = tmp_path / "md-omniglot"
     args = [

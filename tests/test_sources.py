@@ -10,14 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from metadist.data.stream import (
-    EpisodeSource,
-    MixedBatches,
-    SourceMix,
-    StreamSpec,
-    pad_batch,
-    source_names,
-)
+from metadist.data.order import MixedBatches, SourceMix, StreamSpec
+from metadist.data.split import EpisodeSource, pad_batch, source_names
 from tests.conftest import run_cli, sources_overrides, variable_source
 
 

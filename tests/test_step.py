@@ -1,4 +1,4 @@
-"""The meta-step (metadist/step.py): the schedule, gradient clipping and derivative-order
+"""The meta-step (metadist/step/meta_step.py): the schedule, gradient clipping and derivative-order
 annealing."""
 
 import math

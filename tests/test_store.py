@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from metadist.data.prepare import shards_dir
+from metadist.data.split import EpisodeSource
 from metadist.data.store import ShardError
-from metadist.data.stream import EpisodeSource
 from tests.conftest import copy_prepared, free_port, run_cli, small_overrides
 
 

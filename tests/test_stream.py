@@ -1,17 +1,13 @@
-"""The meta-batch readers (metadist/data/stream.py): the world-size-independent stream (1/2/4
+"""The meta-batch readers (metadist/data/split.py, order.py, device.py): the world-size-independent stream (1/2/4
 processes, start-at-step, workers, the device-resident reader)."""
 
 import pytest
 import torch
 
+from metadist.data.device import ResidentBatches, meta_batches
+from metadist.data.order import MetaBatches, StreamSpec
 from metadist.data.prepare import shards_dir
-from metadist.data.stream import (
-    EpisodeSource,
-    MetaBatches,
-    ResidentBatches,
-    StreamSpec,
-    meta_batches,
-)
+from metadist.data.split import EpisodeSource
 
 
 def _global_batch(cfg, step, world):
@@ -83,8 +79,8 @@ def test_the_mapped_pool_is_the_decoded_pool(prepared):
     those of the private decoded copy (data.pool=memory), and nothing of it is a private copy."""
     import numpy as np
 
+    from metadist.data.split import MappedPool
     from metadist.data.store import Access
-    from metadist.data.stream import MappedPool
 
     root = shards_dir(prepared.data)
     mapped = EpisodeSource(root, "train", access=Access(pool="mmap"))
@@ -109,7 +105,7 @@ def test_prefetch_keeps_order_depth_and_errors():
     raised in the consumer, not lost in the thread."""
     import time
 
-    from metadist.data.stream import Prefetch
+    from metadist.data.device import Prefetch
 
     pulled = []
 
@@ -132,7 +128,7 @@ def test_prefetch_keeps_order_depth_and_errors():
 
 
 def test_the_split_stays_on_the_device_when_it_fits_the_stated_fraction():
-    from metadist.data.stream import fits_device
+    from metadist.data.device import fits_device
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert fits_device(10, gpu, "auto", 0.25, free=40) and not fits_device(

@@ -1,8 +1,8 @@
 """The algorithms as a table: `ALGORITHMS` maps `algo.name` to its class (algorithms/base.py says
 what an algorithm owns). Adding an algorithm is one module and one entry here; `check` validates
 `algo.name` and `algo.head_init` against it (config.py imports none of this). The model a config
-describes is metadist.models.build_model; which strategy runs a rank's tasks is
-metadist/strategy.py's business.
+describes is metadist.models.build_model; how a rank computes its tasks (tasks at once, the
+reduction) is metadist/step/'s business: an algorithm gives losses, not gradients.
 
 `Algorithm.train_inner` is the inner loop of meta-training; `test_inner(steps, lr)` the one of
 validation, test and predict (always first order, no meta-graph).

@@ -116,9 +116,9 @@ class Algorithm:
         return self.train_inner.steps > 0 and not self.train_inner.first_order
 
     def stream(self, source, spec):
-        """This rank's training batches (metadist.data.stream): episodes of the train split. (The
+        """This rank's training batches (metadist.data.device): episodes of the train split. (The
         data modules are imported here, when a run starts: algorithms import no webdataset.)"""
-        from metadist.data.stream import meta_batches
+        from metadist.data.device import meta_batches
 
         return meta_batches(source, spec)
 

@@ -1,5 +1,5 @@
 """Supervised pre-training: a classifier over every class of the train split, trained on groups of
-images with their class labels (metadist.data.stream.ClassBatches: data.ways * (shots + queries)
+images with their class labels (metadist.data.order.ClassBatches: data.ways * (shots + queries)
 images per "task"); evaluated like a meta-learner, each task's head started from its prototypes
 (algo.head_init=learned means proto here) and adapted alone (test_head_only). At the end it
 writes backbone.safetensors, the body without the head or learned rates: what `model.init` starts
@@ -46,7 +46,7 @@ class Pretrain(Algorithm):
         return task_losses(forward, params, batch)
 
     def stream(self, source, spec):
-        from metadist.data.stream import ClassBatches, loader
+        from metadist.data.order import ClassBatches, loader
 
         group = source.ways * (source.shots + source.queries)
         return loader(ClassBatches(source, spec, group), spec.num_workers)

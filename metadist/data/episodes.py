@@ -70,6 +70,15 @@ def rotate_tasks(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     return torch.stack([torch.rot90(xi, k, dims=(-2, -1)) if k else xi for xi, k in zip(x, ks)])
 
 
+def augment(xs: list[torch.Tensor], seed: int, step: int, tasks: range, p: float) -> list:
+    """Task augmentation (data.task_aug), the one place it is applied: every image of each task in
+    each of `xs` (tasks, n, C, H, W) turned by the quarter turns drawn for (seed, step, task)."""
+    if p <= 0:
+        return list(xs)
+    ks = task_rotations(seed, step, tasks, p)
+    return [rotate_tasks(x, ks) for x in xs]
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (..., C, H, W) -> float in [0, 1]. The one conversion every path uses:
     training batches, evaluation, predict and `show`. (Divided in place: the same values, one

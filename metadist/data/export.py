@@ -16,7 +16,7 @@ import torch
 import torchvision.utils as vutils
 from PIL import Image, ImageDraw
 
-from metadist.data.episodes import rotate_tasks, task_rotations, to_float
+from metadist.data.episodes import augment, to_float
 from metadist.errors import MetadistError
 
 
@@ -62,8 +62,7 @@ def show(
     are labelled s<c> (support of class c) and q<c> (query of class c).
     With task_aug > 0 the rows show the rotations training would apply (step 0)."""
     x = to_float(torch.from_numpy(np.asarray(episodes[:])))  # (E, n, C, H, W)
-    if task_aug > 0:
-        x = rotate_tasks(x, task_rotations(seed, 0, range(len(x)), task_aug))
+    (x,) = augment([x], seed, 0, range(len(x)), task_aug)
     ns = ways * shots
     gap = torch.ones(len(x), 1, *x.shape[2:])
     rows = torch.cat([x[:, :ns], gap, x[:, ns:]], 1)  # support | gap | query

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 
+from metadist import locks
 from metadist.config import DataConfig
 from metadist.data.episodes import check_variable_split
 from metadist.data.format import FORMAT, write_split
@@ -229,20 +227,8 @@ def folder_lock(root: Path, log=print):
         raise
 
 
-@contextlib.contextmanager
 def _locked(root: Path, log):
-    with open(root / ".prepare.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            log(f"{root}: {f.read().strip() or 'another process'} is preparing it; waiting")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid={os.getpid()} host={socket.gethostname()}\n")
-        f.flush()
-        yield
+    return locks.node_lock(root / ".prepare.lock", f"preparing {root}", say=log)
 
 
 def prepare(d: DataConfig, log=print, splits=SPLITS, overwrite: bool = False) -> Path:

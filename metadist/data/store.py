@@ -27,9 +27,7 @@ import mmap
 import os
 import shutil
 import signal
-import socket
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from metadist import locks
 from metadist.errors import MetadistError
 
 
@@ -135,41 +134,22 @@ def checked(url: str, data: bytes, entry: dict) -> bytes:
 # ---- one process of a node at a time ----
 
 
-def _holder(f) -> str:
-    f.seek(0)
-    return f.read().strip() or "another process"
-
-
 @contextlib.contextmanager
 def node_lock(path: Path, what: str, timeout_s: float, say):
-    """One process of the node does `what` at a time: an exclusive flock on `path`, released by the
-    kernel however its holder ends (a lock cannot outlive its process). Another waits, saying who
+    """One process of the node does `what` at a time (metadist.locks); another waits, saying who
     holds it, for up to `timeout_s`, then stops with one line naming the holder. Yields who held
     the lock last (its pid and host), to name what a process that died left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(f)
-            say(f"{what}: {holder} is doing it; waiting")
-            deadline = time.monotonic() + timeout_s
-            while True:
-                time.sleep(0.05)
-                with contextlib.suppress(BlockingIOError):
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                if time.monotonic() > deadline:
-                    raise ShardError(
-                        f"{what}: {holder} has held {path} for over {timeout_s:g} s "
-                        "(data.lock_timeout_s); if it is hung, stop it, then launch again"
-                    ) from None
-        last = _holder(f)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid={os.getpid()} host={socket.gethostname()}\n")
-        f.flush()
-        yield last
+    try:
+        held = locks.take(path, what, timeout_s, say)
+    except TimeoutError as e:
+        raise ShardError(
+            f"{what}: {e.args[0]} has held {path} for over {timeout_s:g} s "
+            "(data.lock_timeout_s); if it is hung, stop it, then launch again"
+        ) from None
+    try:
+        yield held.last
+    finally:
+        held.release()
 
 
 # ---- checked once per node and file ----

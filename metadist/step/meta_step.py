@@ -250,14 +250,16 @@ class MetaStep:
         return out[0], out[1], grad_norm, agreed
 
 
-def runner(learner: Learner, batch: dict, device: torch.device):
-    """run(size) -> size: one eager meta-backward of the first `size` tasks of `batch` (a sample of
-    the run's episodes) computed at once, for the plan's measurement; nothing is left in .grad."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    algo, params = learner.algorithms[False], dict(learner.model.named_parameters())
+def runner(learner: Learner, sample, n: int, device: torch.device):
+    """run(size) -> size: one eager meta-backward of the first `size` tasks of `sample(n)` (the
+    run's episodes, made at the first call) computed at once, for the plan's measurement; nothing
+    is left in .grad."""
+    algo, params, made = learner.algorithms[False], dict(learner.model.named_parameters()), {}
 
     def run(size: int) -> int:
-        chunk = {k: v[:size] for k, v in batch.items()}
+        if not made:
+            made["batch"] = {k: v.to(device) for k, v in sample(n).items()}
+        chunk = {k: v[:size] for k, v in made["batch"].items()}
         Eager(learner.model, algo.second_order, size)(algo.task_losses, params, chunk, 1.0 / size)
         return size
 

@@ -25,11 +25,12 @@ every checkpoint, summary.json) and a resumed run reads it back.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 
 from metadist.config import ConfigError
-from metadist.machine import cached
+from metadist.machine import cached, kernels
 
 SIZES = (1, 2, 4, 8, 16)  # tasks at once measured on a CPU
 MEASURE_SECONDS = 6.0  # the most one size's measurement (every round) may take
@@ -196,3 +197,84 @@ def pick(run_chunk, sizes: list[int]) -> dict:
 def cached_choice(shape: dict, run_chunk, sizes: list[int], say=print) -> dict:
     """`pick`, once per machine and shape (see metadist.machine.cached)."""
     return cached("plan", dict(shape, sizes=sizes), lambda: pick(run_chunk, sizes), say)
+
+
+def ask_of(cfg, world: int, device: str, variable: bool, sources: bool) -> Ask:
+    """What a run's config and world ask of the plan; what a compiled step cannot do is named
+    here."""
+    a, t, m = cfg.algo, cfg.train, cfg.model
+    cannot = (
+        "DropBlock draws its masks on the host each step"
+        if m.dropblock
+        else "variable episodes change shape every step"
+        if variable
+        else "many sources change the episode shape every step"
+        if sources
+        else ""
+    )
+    return Ask(
+        a.strategy, a.tasks_per_chunk, t.reduce, a.compile, t.meta_batch_size, world,
+        t.exact_processes, device, cannot, t.debug, variable,
+    )  # fmt: skip
+
+
+def shape_of(cfg, image_shape, variable: bool, head_init: str, second_order: bool, device) -> dict:
+    """What decides a chunk's speed: the plan's and the budget's cache key, with the machine."""
+    c, a, d = cfg.to_dict(), cfg.algo, cfg.data
+    episode = {"ways": d.ways, "shots": d.shots, "queries": d.queries}
+    if variable:
+        episode = {"episode": "variable", **c["data"]["variable"]}
+    return {
+        "model": c["model"],
+        "image": list(image_shape),
+        **episode,
+        "algo": a.name,
+        "second_order": second_order,
+        "inner_steps": a.inner_steps,
+        "learn_inner_lr": a.learn_inner_lr,
+        "per_step_bn": a.per_step_bn,
+        "tasks_per_chunk": a.tasks_per_chunk,
+        "compile": a.compile,
+        "reduce": cfg.train.reduce,
+        "head_init": head_init,
+        "device": device,
+    }
+
+
+def for_run(ask: Ask, kept: dict, record, dist, run_chunk, shape: dict, say=print) -> Plan:
+    """A run's plan: `kept` (its checkpoint's plan record) on resume, else decided by rank 0 for
+    every rank and written to `record` (strategy.json). Exact mode then checks that every rank
+    runs the same kernels (`dist.gather_objects`)."""
+    plan = failed = None
+    if dist.is_main:
+        try:
+            plan = Plan.of_record(kept) if kept else decide(ask, run_chunk, shape, say)
+            if not kept:
+                record.write_text(json.dumps(plan.record(), indent=1) + "\n")
+                say(plan.why)
+        except ConfigError as e:
+            failed = str(e)
+    plan, failed = dist.broadcast_object((plan, failed))
+    if failed:
+        raise ConfigError(failed)
+    if plan.reduce == "exact":
+        same_kernels(dist.gather_objects(kernels()))
+    return plan
+
+
+def same_kernels(every: list[dict]) -> None:
+    """Exact mode: a group's gradient has the same bits on every rank only where the ranks run
+    the same kernels; ranks that do not (`every`: each rank's machine.kernels()) are refused in
+    one line naming what differs."""
+    for rank, k in enumerate(every):
+        diff = {key: (every[0][key], v) for key, v in k.items() if every[0][key] != v}
+        if diff:
+            said = "; ".join(
+                f"{key} {a} on rank 0, {b} on rank {rank}" for key, (a, b) in diff.items()
+            )
+            raise ConfigError(
+                f"train.reduce=exact: the ranks run different kernels ({said}), so a group's "
+                "gradient would depend on the rank that computes it: set ONEDNN_MAX_CPU_ISA, "
+                "ATEN_CPU_CAPABILITY (and train.threads) to what every node supports, or use "
+                "train.reduce=fast"
+            )
