@@ -36,6 +36,7 @@ class Schedule:
     ):
         self.limit, self.kind, self.warmup, self.hold = steps, kind, warmup, hold
         self.fixed = 0  # the budget's count, once fixed (0: not fixed)
+        self.fits = 0  # how many times a budget fixed it (BudgetFit: at the probe, then the refit)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: self.factor(step)
         )
@@ -57,7 +58,7 @@ class Schedule:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / span)))
 
     def fix(self, steps: int) -> None:
-        self.fixed = steps
+        self.fixed, self.fits = steps, self.fits + 1
 
     def step(self) -> None:
         self.scheduler.step()
@@ -66,11 +67,13 @@ class Schedule:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "steps": self.fixed}
+        return {"scheduler": self.scheduler.state_dict(), "steps": self.fixed, "fits": self.fits}
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.fixed = state.get("steps") or 0
+        # a checkpoint of before the refit counted one fit; an older one's single fit was final
+        self.fits = state.get("fits", 2 if self.fixed else 0)
 
 
 class ProbeWork(NamedTuple):
@@ -82,17 +85,24 @@ class ProbeWork(NamedTuple):
 
 
 class BudgetFit:
-    """train.budget_schedule: lay the step count (and the cosine) over train.max_minutes. The run
-    times its steps from step 3 to `train.budget_probe` (the learning rate holds until then, so the
-    count cannot change them; the timing is wall time, so data, logging and the step itself), one
-    validation on a few val episodes and one checkpoint write; rank 0 turns these into the steps
-    that fit the budget (each validation also writes the best weights, about a checkpoint; 3%
-    spare; at most train.steps) and every rank takes that count.
-    The timings are a machine fact (metadist/machine.py, per CPU, torch, threads and the run's
-    shape): the same command on the same machine gets the same count, hence the same weights.
-    The count is recorded in <run>/schedule.json and in every checkpoint."""
+    """train.budget_schedule: lay the step count (and the cosine) over train.max_minutes, in two
+    fits. At the probe (`train.budget_probe` steps; the learning rate holds until then, so the
+    count cannot change them) the run has timed its steps from step 3 (wall time: data, logging
+    and the step itself), one validation on a few val episodes and one checkpoint write, and rank 0
+    fixes the count that fits the budget (each validation also writes the best weights, about a
+    checkpoint). The first steps of a run are not its steady rate (caches and pages warming, the
+    CPU's clock settling: on an Intel Xeon they ran 15% slower than the rest, on an AMD Zen 3 16%
+    faster), so at REFIT of that count the run fits again from the steps since the probe (their
+    validations and checkpoints taken out at the probe's cost, then counted per step), with SPARE
+    of the budget left over; every rank takes each count.
+    Both timings are machine facts (metadist/machine.py, per CPU, its kernels, torch, threads and
+    the run's shape): the same command on the same machine gets the same counts, hence the same
+    weights. The counts are recorded in <run>/schedule.json and in every checkpoint (a resumed run
+    keeps them)."""
 
     WARM = 3
+    REFIT = 0.25  # the second fit, at this fraction of the first count
+    SPARE = 0.985  # of the budget the fitted steps may use
 
     def __init__(self, t, val_episodes: int, shape: dict, dist, run_dir: Path, work, say):
         """t: the train section; shape: what the step's time depends on (the cache key, with the
@@ -110,36 +120,95 @@ class BudgetFit:
         )
         self.path, self.work = Path(run_dir) / "schedule.json", work
         self.t0 = self.s0 = None
+        self.first: dict = {}  # the probe's record
 
     def maybe_fix(self, step: int, schedule: Schedule) -> bool:
-        """Call after every step (`step` steps done); fixes the schedule's count at the probe.
-        Returns whether it did so now."""
-        if not self.on or schedule.fixed:
+        """Call after every step (`step` steps done); fixes the schedule's count at the probe and
+        again at the refit. Returns whether it did so now."""
+        if not self.on or schedule.fits >= 2:
             return False
         if self.t0 is None and step >= min(self.WARM, self.probe - 1):
             self.t0, self.s0 = time.perf_counter(), step
-        if step < self.probe:
-            return False
-        rec = self.dist.broadcast_object(self._timings(step) if self.dist.is_main else None)
-        t = self.t
-        ckpt_s = rec.get("ckpt_s", 0.0)
-        per_step = (
-            rec["step_s"] + (rec["val_s"] + ckpt_s) / t.val_every + ckpt_s / t.checkpoint_every
+        if schedule.fits == 0:
+            return step >= self.probe and self._probe(step, schedule)
+        if not self.first:  # resumed between the probe and the refit: the probe's record
+            probe = {}
+            if self.dist.is_main and self.path.is_file():
+                probe = json.loads(self.path.read_text()).get("probe", {})
+            self.first = self.dist.broadcast_object(probe)
+        return step >= self.refit_at(schedule) and self._refit(step, schedule)
+
+    def refit_at(self, schedule: Schedule) -> int:
+        return max(self.probe + 1, round(self.REFIT * schedule.fixed))
+
+    def _overhead(self, lo: int, hi: int) -> float:
+        """Seconds of validation and checkpoint writing in steps (lo, hi], at the probe's cost."""
+        t, rec = self.t, self.first
+        val, ckpt = rec.get("val_s", 0.0), rec.get("ckpt_s", 0.0)
+        vals, ckpts = (
+            hi // t.val_every - lo // t.val_every,
+            hi // t.checkpoint_every - lo // t.checkpoint_every,
         )
-        fit = int(60 * t.max_minutes * 0.97 / per_step)
-        schedule.fix(max(self.probe + 1, min(t.steps, fit)))
-        if self.dist.is_main:
-            self.path.write_text(
-                json.dumps(dict(rec, steps=schedule.total, fits=fit), indent=1) + "\n"
-            )
-            where = "cached" if rec.get("cached") else "measured"
+        return vals * (val + ckpt) + ckpts * ckpt
+
+    def _per_step(self, step_s: float) -> float:
+        """Seconds a step costs with its share of validations and checkpoints."""
+        t, val, ckpt = self.t, self.first.get("val_s", 0.0), self.first.get("ckpt_s", 0.0)
+        return step_s + (val + ckpt) / t.val_every + ckpt / t.checkpoint_every
+
+    def _probe(self, step: int, schedule: Schedule) -> bool:
+        self.first = rec = self.dist.broadcast_object(
+            self._timings(step) if self.dist.is_main else None
+        )
+        fit = int(60 * self.t.max_minutes * self.SPARE / self._per_step(rec["step_s"]))
+        schedule.fix(max(self.probe + 1, min(self.t.steps, fit)))
+        self.t0, self.s0 = time.perf_counter(), step  # the refit times the steps from here
+        self._record(schedule, probe=dict(rec, fits=fit))
+        return True
+
+    def _refit(self, step: int, schedule: Schedule) -> bool:
+        lo, hi = self.probe, self.refit_at(schedule)
+
+        def measure():
+            spent = time.perf_counter() - self.t0 - self._overhead(self.s0, step)
+            return {"steady_step_s": spent / max(1, step - self.s0)}
+
+        key = dict(self.shape, probe=lo, refit=hi)
+        rec = self.dist.broadcast_object(
+            cached("budget-steady", key, measure, self.say) if self.dist.is_main else None
+        )
+        # the time at `hi` as the cached timings say it (not this launch's clock: the same
+        # command must reach the same count), then the steps the rest of the budget holds
+        steady = rec["steady_step_s"]
+        at_hi = lo * self.first.get("step_s", steady) + (hi - lo) * steady + self._overhead(0, hi)
+        left = 60 * self.t.max_minutes * self.SPARE - at_hi
+        fit = hi + int(left / self._per_step(steady))
+        schedule.fix(max(hi + 1, min(self.t.steps, fit)))
+        self._record(schedule, refit=dict(rec, at=hi, fits=fit))
+        return True
+
+    def _record(self, schedule: Schedule, **fit) -> None:
+        """schedule.json and the log line (main process)."""
+        if not self.dist.is_main:
+            return
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.path.write_text(json.dumps(dict(old, **fit, steps=schedule.total), indent=1) + "\n")
+        rec, t = self.first, self.t
+        where = f"cached in {rec['cache']}" if rec.get("cached") else "measured"
+        if "probe" in fit:
             self.say(
                 f"train.budget_schedule: {rec['step_s']:.3f} s/step, {rec['val_s']:.1f} s per "
-                f"validation and {ckpt_s:.2f} s per checkpoint "
-                f"({where}{', ' + rec['cache'] if rec.get('cache') else ''}): {fit} steps fit "
-                f"{t.max_minutes:g} min; the schedule ends at step {schedule.total}"
+                f"validation and {rec.get('ckpt_s', 0.0):.2f} s per checkpoint ({where}): "
+                f"{fit['probe']['fits']} steps fit {t.max_minutes:g} min; the schedule ends at "
+                f"step {schedule.total}"
             )
-        return True
+        else:
+            r = fit["refit"]
+            self.say(
+                f"train.budget_schedule: {r['steady_step_s']:.3f} s/step from the probe to step "
+                f"{r['at']} ({'cached' if r.get('cached') else 'measured'}): the schedule ends at "
+                f"step {schedule.total}"
+            )
 
     def _timings(self, step: int) -> dict:
         timed = time.perf_counter() - self.t0, step - self.s0

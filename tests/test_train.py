@@ -416,9 +416,10 @@ def test_protonet_and_head_inits_train_evaluate_and_predict(omniglot_dir, tmp_pa
 def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     omniglot_dir, tmp_path, monkeypatch
 ):
-    """train.budget_schedule: the count is fixed at the probe from the (cached) timings; the same
-    command twice gives that count and the same weights; the learning rate holds until the probe
-    and anneals to 0 at the count; a resume keeps the count."""
+    """train.budget_schedule: the count is fixed at the probe, then again at the refit from the
+    steady rate, both from (cached) timings; the same command twice gives that count and the same
+    weights; the learning rate holds until the probe and anneals to 0 at the count; a resume
+    keeps the count."""
     from metadist.train import train
 
     monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
@@ -446,10 +447,18 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     # pretend this machine is slow, so that fewer steps than train.steps fit the budget; each
     # validation also writes the best weights (counted as a checkpoint), and so does every 5th step
     rec_file.write_text(json.dumps(dict(rec, step_s=1.0, val_s=2.0, ckpt_s=0.5)))
-    want = int(30 * 0.97 / (1.0 + (2.0 + 0.5) / 5 + 0.5 / 5))  # 18
+    first = int(30 * 0.985 / (1.0 + (2.0 + 0.5) / 5 + 0.5 / 5))  # 18 at the probe (step 6)
+    # then steadier at 1.2 s/step from the probe to the refit, at step max(7, 18 / 4)
+    (steady_file,) = (tmp_path / "cache").glob("budget-steady-*.json")
+    steady = json.loads(steady_file.read_text())
+    assert steady["key"]["shape"]["probe"] == 6 and steady["key"]["shape"]["refit"] == 7
+    steady_file.write_text(json.dumps(dict(steady, steady_step_s=1.2)))
+    at_7 = 6 * 1.0 + 1 * 1.2 + 1 * (2.0 + 0.5) + 1 * 0.5  # one validation and checkpoint at 5
+    want = 7 + int((30 * 0.985 - at_7) / (1.2 + (2.0 + 0.5) / 5 + 0.5 / 5))  # 16
     said = []
     a = train(config.load(None, base + ["run.name=a"]), log=said.append)
-    assert any(f"the schedule ends at step {want}" in x for x in said)
+    assert any(f"the schedule ends at step {first}" in x for x in said)
+    assert any(f"to step 7 (cached): the schedule ends at step {want}" in x for x in said), said
     b = train(config.load(None, base + ["run.name=b"]), log=lambda *x: None)
     assert a["steps"] == b["steps"] == want
     wa, wb = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
@@ -460,7 +469,8 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
         if '"lr"' in x
     ]
     assert lrs[:6] == [lrs[0]] * 6 and lrs[-1] == 0.0 and lrs[10] < lrs[0]
-    assert json.loads((tmp_path / "runs" / "a" / "schedule.json").read_text())["steps"] == want
+    recorded = json.loads((tmp_path / "runs" / "a" / "schedule.json").read_text())
+    assert recorded["steps"] == want and recorded["probe"]["fits"] == first
     # resumed from step 10 (after the probe): the count comes from the checkpoint, not the cache
     import shutil
 
