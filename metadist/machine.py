@@ -1,7 +1,7 @@
 """Facts about this machine that decide how a run computes, measured once and cached per user:
-how many tasks a rank computes at once (metadist/step/plan.py), how long a step takes (the budget schedule,
-metadist/schedule.py). The same command on the same machine then reads the same answer, hence
-gives the same weights.
+how many tasks a rank computes at once (metadist/step/plan.py), how long a step takes (the
+budget schedule, metadist/schedule.py). The same command on the same machine then reads the same
+answer, hence gives the same weights.
 
 The cache is `$METADIST_CACHE_DIR`, else `$XDG_CACHE_HOME/metadist`, else `~/.cache/metadist`; a
 record is keyed by the machine and the shape of what was measured. The machine is what changes the

@@ -2,7 +2,8 @@
 (`sbatch --signal=USR1@90`) ask the run to stop. The handler only raises a flag: every rank
 finishes its current step, the ranks agree on the step to stop at (the flag rides the reduction
 of the meta-gradient, metadist/step/reduce.py), a checkpoint is written at that step, and the
-process exits with status 75 (`metadist.errors.Preempted`). Launching again resumes there, bit-identically.
+process exits with status 75 (`metadist.errors.Preempted`). Launching again resumes there,
+bit-identically.
 """
 
 from __future__ import annotations

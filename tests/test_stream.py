@@ -1,5 +1,5 @@
-"""The meta-batch readers (metadist/data/split.py, order.py, device.py): the world-size-independent stream (1/2/4
-processes, start-at-step, workers, the device-resident reader)."""
+"""The meta-batch readers (metadist/data/split.py, order.py, device.py): the world-size-independent
+stream (1/2/4 processes, start-at-step, workers, the device-resident reader)."""
 
 import pytest
 import torch
