@@ -89,7 +89,8 @@ class BudgetFit:
     fits. At the probe (`train.budget_probe` steps; the learning rate holds until then, so the
     count cannot change them) the run has timed its steps from step 3 (wall time: data, logging
     and the step itself), one validation on a few val episodes and one checkpoint write, and rank 0
-    fixes the count that fits the budget (each validation also writes the best weights, about a
+    fixes the count that fits the budget (the validations and checkpoints it will take counted one
+    by one, the last step's own included; each validation also writes the best weights, about a
     checkpoint). The first steps of a run are not its steady rate (caches and pages warming, the
     CPU's clock settling: on an Intel Xeon they ran 15% slower than the rest, on an AMD Zen 3 16%
     faster), so at REFIT of that count the run fits again from the steps since the probe (their
@@ -151,17 +152,27 @@ class BudgetFit:
         )
         return vals * (val + ckpt) + ckpts * ckpt
 
-    def _per_step(self, step_s: float) -> float:
-        """Seconds a step costs with its share of validations and checkpoints."""
+    def _total(self, n: int, step_s: float, lo: int = 0, head: float = 0.0) -> float:
+        """Seconds to train to step n: `head` (the time at step lo), the steps from lo at step_s,
+        the validations and checkpoints in (lo, n], and the last step's own (every run validates
+        and checkpoints at its end)."""
         t, val, ckpt = self.t, self.first.get("val_s", 0.0), self.first.get("ckpt_s", 0.0)
-        return step_s + (val + ckpt) / t.val_every + ckpt / t.checkpoint_every
+        last = (val + ckpt if n % t.val_every else 0.0) + (ckpt if n % t.checkpoint_every else 0.0)
+        return head + (n - lo) * step_s + self._overhead(lo, n) + last
+
+    def _fit(self, step_s: float, lo: int = 0, head: float = 0.0) -> int:
+        """The most steps (past lo, at most train.steps) whose _total fits SPARE of the budget."""
+        budget, n = 60 * self.t.max_minutes * self.SPARE, lo
+        while n < self.t.steps and self._total(n + 1, step_s, lo, head) <= budget:
+            n += 1
+        return n
 
     def _probe(self, step: int, schedule: Schedule) -> bool:
         self.first = rec = self.dist.broadcast_object(
             self._timings(step) if self.dist.is_main else None
         )
-        fit = int(60 * self.t.max_minutes * self.SPARE / self._per_step(rec["step_s"]))
-        schedule.fix(max(self.probe + 1, min(self.t.steps, fit)))
+        fit = self._fit(rec["step_s"])
+        schedule.fix(max(self.probe + 1, fit))
         self.t0, self.s0 = time.perf_counter(), step  # the refit times the steps from here
         self._record(schedule, probe=dict(rec, fits=fit))
         return True
@@ -181,9 +192,8 @@ class BudgetFit:
         # command must reach the same count), then the steps the rest of the budget holds
         steady = rec["steady_step_s"]
         at_hi = lo * self.first.get("step_s", steady) + (hi - lo) * steady + self._overhead(0, hi)
-        left = 60 * self.t.max_minutes * self.SPARE - at_hi
-        fit = hi + int(left / self._per_step(steady))
-        schedule.fix(max(hi + 1, min(self.t.steps, fit)))
+        fit = self._fit(steady, hi, at_hi)
+        schedule.fix(max(hi + 1, fit))
         self._record(schedule, refit=dict(rec, at=hi, fits=fit))
         return True
 

@@ -447,14 +447,18 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     # pretend this machine is slow, so that fewer steps than train.steps fit the budget; each
     # validation also writes the best weights (counted as a checkpoint), and so does every 5th step
     rec_file.write_text(json.dumps(dict(rec, step_s=1.0, val_s=2.0, ckpt_s=0.5)))
-    first = int(30 * 0.985 / (1.0 + (2.0 + 0.5) / 5 + 0.5 / 5))  # 18 at the probe (step 6)
-    # then steadier at 1.2 s/step from the probe to the refit, at step max(7, 18 / 4)
+    # at the probe (step 6): the most steps n whose time fits 0.985 of 30 s: n steps of 1 s, a
+    # validation (2 s) with its best weights (0.5 s) and a checkpoint (0.5 s) every 5 steps, and
+    # both again at the last step unless it is a fifth: 17 steps take 17 + 3 * 3 + 3 = 29 s
+    first = 17
+    # then steadier at 1.2 s/step from the probe to the refit, at step max(7, 17 / 4)
     (steady_file,) = (tmp_path / "cache").glob("budget-steady-*.json")
     steady = json.loads(steady_file.read_text())
     assert steady["key"]["shape"]["probe"] == 6 and steady["key"]["shape"]["refit"] == 7
     steady_file.write_text(json.dumps(dict(steady, steady_step_s=1.2)))
-    at_7 = 6 * 1.0 + 1 * 1.2 + 1 * (2.0 + 0.5) + 1 * 0.5  # one validation and checkpoint at 5
-    want = 7 + int((30 * 0.985 - at_7) / (1.2 + (2.0 + 0.5) / 5 + 0.5 / 5))  # 16
+    # at step 7: 6 + 1.2 + 3 (step 5's validation and checkpoint) = 10.2 s; 15 steps: 10.2 +
+    # 8 * 1.2 + 2 * 3 = 25.8 s; 16 steps: 30 s, over
+    want = 15
     said = []
     a = train(config.load(None, base + ["run.name=a"]), log=said.append)
     assert any(f"the schedule ends at step {first}" in x for x in said)
