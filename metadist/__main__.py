@@ -1,6 +1,6 @@
-"""Command line: `metadist {prepare,verify,train,evaluate,predict,plot,export-tasks,show} [--config
-FILE] [key=value ...]` (also `python -m metadist ...` and `accelerate launch -m metadist train
-...`).
+"""Command line: `metadist {prepare,verify,train,evaluate,predict,export,plot,export-tasks,show}
+[--config FILE] [key=value ...]` (also `python -m metadist ...` and `accelerate launch -m metadist
+train ...`). The same from Python: metadist/api.py (`metadist.load`).
 
 Config keys are set only as `section.key=value` arguments (see metadist/config.py); the flags
 here name files and folders. Each command imports only what it uses. A user-facing error
@@ -173,6 +173,22 @@ def cmd_predict(args):
     print(f"wrote predictions for {n} tasks to {args.out}")
 
 
+def cmd_export(args):
+    from metadist.api import load, support_folder
+
+    learner = load(args.run, overrides=args.overrides)
+    if args.embedding:
+        out = learner.export_embedding(args.out)
+        print(f"wrote the embedding network (n, {', '.join(map(str, learner.image_shape))}) -> "
+              f"(n, {learner.model.feature_dim}) to {out}")  # fmt: skip
+        return
+    if not args.task:
+        raise config_mod.ConfigError("metadist export: give --task SUPPORT_DIR, or --embedding")
+    images, labels, classes = support_folder(Path(args.task))
+    out = learner.adapt(images, labels).export(args.out)
+    print(f"wrote the classifier of {len(classes)} classes ({', '.join(classes)}) to {out}")
+
+
 def cmd_plot(args):
     from metadist.plot import plot
 
@@ -292,6 +308,22 @@ def _model_commands(add) -> None:
                 "--tasks", required=True, help="folder with support/NNNN/ and query/NNNN/"
             )
             s.add_argument("--out", default="output.csv")
+    s = add(
+        "export",
+        cmd_export,
+        "one adapted task's classifier -> ONNX (.onnx) or torch.export (.pt2)",
+        config=False,
+    )
+    s.add_argument("--run", required=True, help="run folder or weights file")
+    s.add_argument(
+        "--task",
+        help="the task's support: a folder with a subfolder of images per class (classes in "
+        "name order), or the exercise's support/NNNN/ (image_i.png is class i)",
+    )
+    s.add_argument("--out", required=True, help="file.onnx or file.pt2")
+    s.add_argument(
+        "--embedding", action="store_true", help="the embedding network alone (no --task)"
+    )
     s = add("plot", cmd_plot, "learning curves of runs -> PNG", config=False)
     s.add_argument("runs", nargs="+")
     s.add_argument("--out", default="curves.png")

@@ -286,16 +286,12 @@ def trim(batch: dict) -> dict:
     return out
 
 
-def adapt_and_predict(
-    model: Backbone, params: Params, batch: dict, inner: Inner, strategy: str = "batched"
-) -> torch.Tensor:
-    """Evaluation: adapt detached copies of the weights to batch's support (first order, no
-    meta-graph), then predict its query (x_support, y_support, x_query; and for variable
-    episodes ways and y_query, whose -1 rows are padding). Returns query logits (T, n, ways);
-    for variable episodes the columns past a task's ways are PADDED."""
-    batch = trim(batch)
+def adapt_task(model: Backbone, params: Params, batch: dict, inner: Inner, strategy="batched"):
+    """Evaluation's adaptation: detached copies of the weights adapted to batch's support (first
+    order, no meta-graph; x_support, y_support, and for variable episodes ways). Returns the
+    Forward and the adapted weights (T, *shape), detached."""
     forward = make_forward(model, strategy, second_order=False)
-    x_support, ways = batch["x_support"], batch.get("ways")
+    x_support = batch["x_support"]
     names = set(adapted(params, inner))
     fast = {
         k: v.detach()
@@ -306,13 +302,20 @@ def adapt_and_predict(
     }
     with torch.enable_grad():
         first = dataclasses.replace(inner, first_order=True)
-        fast = adapt(forward, fast, x_support, batch["y_support"], first, ways=ways)
+        fast = adapt(forward, fast, x_support, batch["y_support"], first, ways=batch.get("ways"))
+    return forward, {k: v.detach() for k, v in fast.items()}
+
+
+def adapt_and_predict(
+    model: Backbone, params: Params, batch: dict, inner: Inner, strategy: str = "batched"
+) -> torch.Tensor:
+    """Evaluation: adapt (adapt_task), then predict batch's query (x_query; for variable
+    episodes y_query, whose -1 rows are padding). Returns query logits (T, n, ways); for variable
+    episodes the columns past a task's ways are PADDED."""
+    batch = trim(batch)
+    forward, fast = adapt_task(model, params, batch, inner, strategy)
+    ways = batch.get("ways")
     mask = None if ways is None else batch["y_query"] >= 0
     with torch.no_grad():
-        logits = forward(
-            {k: v.detach() for k, v in fast.items()},
-            batch["x_query"],
-            max(0, inner.steps - 1),
-            mask,
-        )
+        logits = forward(fast, batch["x_query"], max(0, inner.steps - 1), mask)
     return logits if ways is None else mask_classes(logits, ways)

@@ -104,9 +104,11 @@ MIN_CHANNELS_LAST_POOL = 32768
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max pooling, stride 2 (F.max_pool2d(x, 2)), bit for bit; on a CPU by whichever
-    forward kernel is faster there (_MaxPool2)."""
+    forward kernel is faster there (_MaxPool2). A graph being traced (torch.export, ONNX,
+    inductor) takes F.max_pool2d: its batch size is a symbol, not a number to compare."""
     if (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
         and x.numel() >= MIN_CHANNELS_LAST_POOL
         and x.is_contiguous()
         and channels_last_pool_is_faster()

@@ -1,0 +1,101 @@
+"""Export what a learner adapted to one task: its classifier (the network with the adapted weights,
+inner rates applied, BatchNorm as it runs at test: on the statistics of the images given together),
+or for any algorithm the embedding network alone (ProtoNets' and pre-training's prototypes are
+then computed outside: class means of the support's embeddings). Input: the preprocessed images
+(n, C, H, W) float in [0, 1] (`Learner.preprocess`); output: logits (n, ways), or features.
+
+Two formats, by the file's suffix: `.onnx` (torch.onnx's exporter; run it with onnxruntime) and
+`.pt2` (a torch.export program: `torch.export.load(path).module()(x)`). The packages are an
+optional extra (`pip install metadist[export]`: onnx, onnxscript, onnxruntime); without them
+exporting to ONNX is one line saying what to install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metadist.algorithms.core import make_forward
+from metadist.errors import MetadistError
+
+FORMATS = (".onnx", ".pt2")
+
+
+class ExportError(MetadistError):
+    pass
+
+
+class TaskClassifier(nn.Module):
+    """One adapted task's classifier: (n, C, H, W) -> logits (n, ways). BatchNorm is written from
+    mean and variance (the composite form, which every exporter reads), on the statistics of the
+    images of one call, as at test."""
+
+    def __init__(self, task):
+        super().__init__()
+        self.names = list(task.weights)
+        for i, k in enumerate(self.names):
+            self.register_buffer(f"w{i}", task.weights[k].detach().clone())
+        self.forward_ = make_forward(task.learner.model, "batched", second_order=True)
+        self.step, self.ways = task.step, task.ways
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = {k: getattr(self, f"w{i}") for i, k in enumerate(self.names)}
+        return self.forward_(weights, x[None], self.step)[0][:, : self.ways]
+
+
+class Embedding(nn.Module):
+    """The body of a learner's network: (n, C, H, W) -> features (n, feature_dim)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def export(task, path: Path, queries: int = 0) -> Path:
+    """A Task's classifier to `path` (see the module's docstring)."""
+    learner = task.learner
+    n = queries or learner.cfg.data.ways * learner.cfg.data.queries
+    return write(TaskClassifier(task).eval(), path, example(learner, n))
+
+
+def export_embedding(learner, path: Path, images: int = 0) -> Path:
+    """A Learner's embedding network to `path`."""
+    n = images or learner.cfg.data.ways * learner.cfg.data.queries
+    return write(Embedding(learner.model).eval(), path, example(learner, n))
+
+
+def example(learner, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(max(2, n), *learner.image_shape, generator=g).to(learner.device)
+
+
+def write(module: nn.Module, path: Path, x: torch.Tensor) -> Path:
+    """`module` traced on `x` (its batch size free: any number of images from 2) to `path`."""
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise ExportError(
+            f"{path}: the format is chosen by the suffix, one of {', '.join(FORMATS)}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("images", min=2)
+    if path.suffix == ".pt2":
+        program = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, path)
+        return path
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ExportError(
+            "exporting to ONNX needs the export extra: pip install 'metadist[export]' "
+            "(onnx, onnxscript, onnxruntime)"
+        ) from None
+    torch.onnx.export(
+        module, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},), verbose=False
+    )
+    return path
