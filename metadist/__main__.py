@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -342,12 +343,21 @@ def main(argv=None):
     try:
         args.fn(args)
     except MetadistError as e:
-        print(
-            f"metadist {args.command}: {'stopped' if e.exit_code != 2 else 'error'}: {e}",
-            file=sys.stderr,
-        )
+        say_error(f"metadist {args.command}: {'stopped' if e.exit_code != 2 else 'error'}: {e}")
         end(e.exit_code)
     end(0)
+
+
+def say_error(line: str) -> None:
+    """The one line, in one write to stderr: the ranks of a launch share it, and a line written
+    in pieces can interleave with another rank's (seen: two ranks' lines joined into one)."""
+    sys.stderr.flush()
+    data = (line + "\n").encode(errors="backslashreplace")
+    try:
+        while data:  # a line under the pipe's atomic size goes in one piece
+            data = data[os.write(sys.stderr.fileno(), data) :]
+    except (OSError, ValueError):  # no real stderr (a captured one): the stream then
+        print(line, file=sys.stderr)
 
 
 def end(code: int) -> None:
