@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-budget soak plot clean
+.PHONY: install test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -19,12 +19,14 @@ test-slow:             ## multi-process, resume, multi-node, tracking, real-data
 	$(PY) -m pytest -q -m slow
 
 # the tests whose behaviour depends on the CPU's kernels (the plan and its measurement, exact mode,
-# float32 precision), again with an AVX2 machine's kernels (oneDNN and ATen capped)
-KERNEL_TESTS = tests/test_plan.py tests/test_exact.py tests/test_algorithms.py tests/test_compiled.py tests/test_step.py
+# float32 precision, tasks at once against one at a time), again with an AVX2 machine's kernels
+KERNEL_TESTS = tests/test_plan.py tests/test_exact.py tests/test_step.py \
+	"tests/test_algorithms.py::test_strategies_in_float32_are_as_exact_as_the_reference_loop" \
+	"tests/test_algorithms.py::test_batched_equals_loop" \
+	"tests/test_train.py::test_auto_strategy_is_a_property_of_the_machine_and_the_shape" \
+	"tests/test_train.py::test_exact_mode_records_its_groups_and_the_world_sizes_it_supports"
 test-avx2:             ## the kernel-dependent tests under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -n auto $(KERNEL_TESTS) \
-		"tests/test_train.py::test_auto_strategy_is_a_property_of_the_machine_and_the_shape" \
-		"tests/test_train.py::test_exact_mode_records_its_groups_and_the_world_sizes_it_supports"
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -n auto $(KERNEL_TESTS)
 
 test-all: test test-slow
 
@@ -75,6 +77,9 @@ bench-backbones:       ## Conv4 and ResNet-12 at 84x84 RGB: memory per task, tas
 
 bench-variable:        ## Meta-Dataset's episodes: memory per task at the largest, reading episodes/s, the sampler
 	$(PY) bench/variable.py
+
+bench-adapt:           ## ms to adapt to a task and to predict an image: 4 algorithms x Conv4 28/84, ResNet-12 84; eager and onnxruntime
+	$(PY) bench/adapt_latency.py
 
 bench-budget:          ## does the budget schedule's fit hold? protonet.yaml under 1, 2 and 4 minutes
 	$(PY) bench/budget.py

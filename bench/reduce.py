@@ -72,6 +72,7 @@ def step_times(rounds: int, quick: bool):
             "fast": ("fast", 0),
             f"fast, {g} at once": ("fast", g),
             f"exact, groups of {g}": ("exact", g),
+            f"exact, groups of {2 * g}": ("exact", 2 * g),
             "exact, groups of 1": ("exact", 1),
         }
         steps, mem = {}, {}
@@ -123,16 +124,16 @@ def step_times(rounds: int, quick: bool):
 WORKER = r"""
 import json, os, sys, time, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["METADIST_ROOT"])
-from metadist import exact
+from metadist.step import reduce
 from metadist.distributed import Dist
 d = Dist(60.0)
 out = {}
 for name, n in json.loads(os.environ["SIZES"]).items():
-    g = torch.randn(n + (-n) % d.world)   # padded to a multiple of the world size, as MetaStep does
-    lay = exact.layout(8, d.world)
-    mine = [(a, s, g.clone()) for a, s in lay[d.rank]]
+    e = reduce.Exact(d, [torch.zeros(n)], 8, 1)   # 8 groups over the ranks
+    g = torch.randn(e.n_grad + e.extra)   # padded to a multiple of the world size, as Exact does
+    mine = [(a, s, g.clone()) for a, s in e.layout[d.rank]]
     runs = (("allreduce", lambda: dist.all_reduce(g.clone())),
-            ("exact", lambda: d.exact_mean(mine, lay, 0)))
+            ("exact", lambda: e._mean(mine, 0)))
     for what, fn in runs:
         fn(); dist.barrier()
         t = time.perf_counter()
