@@ -229,21 +229,27 @@ def test_sigkill_and_resume_equals_uninterrupted(base):
     assert r.returncode == 0 and "written by 2 process(es), now 1" in r.stdout, r.stderr[-3000:]
 
 
-def test_two_nodes_on_loopback_equal_one_process(base):
-    tmp, args = base
+def two_nodes(args, envs=(None, None), cwd=ROOT):
+    """`metadist train` on two loopback nodes of one process each (node r with envs[r]), waited
+    for: (processes, their (stdout, stderr))."""
     port = free_port()
-    a = args + ["run.name=nodes"]
     procs = [
         subprocess.Popen(
-            launch_cmd(2, a, port, machines=2, machine_rank=r),
-            cwd=ROOT,
+            launch_cmd(2, args, port, machines=2, machine_rank=r),
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=envs[r],
         )
         for r in (0, 1)
     ]
-    outs = [p.communicate(timeout=600) for p in procs]
+    return procs, [p.communicate(timeout=600) for p in procs]
+
+
+def test_two_nodes_on_loopback_equal_one_process(base):
+    tmp, args = base
+    procs, outs = two_nodes(args + ["run.name=nodes"])
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert "on 2 process(es)" in outs[0][0]
     r = launch(1, args + ["run.name=single"])
@@ -267,23 +273,11 @@ def test_nodes_with_other_kernels_cannot_be_exact_and_say_so(base, reduce):
     and an AVX2 machine): exact mode refuses at start, in one line on each rank, naming what
     differs and what to set; fast mode trains."""
     _tmp, args = base
-    port = free_port()
     a = args + [f"run.name=mixed-{reduce}", f"train.reduce={reduce}", "train.threads=1"]
     env = dict(os.environ)
     for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         env.pop(k, None)
-    procs = [
-        subprocess.Popen(
-            launch_cmd(2, a, port, machines=2, machine_rank=r),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(env, **(lower_kernels() if r else {})),
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs, outs = two_nodes(a, [env, dict(env, **lower_kernels())])
     if reduce == "fast":
         assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
         return
@@ -504,19 +498,7 @@ def test_two_nodes_stream_their_shards_over_http_without_raw_data(base, http_ser
         f"data.shards={url}",
         "run.name=http-nodes",
     ]
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            launch_cmd(2, a, port, machines=2, machine_rank=r),
-            cwd=tmp,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs, outs = two_nodes(a, [env, env], cwd=tmp)
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     r = launch(1, args + ["run.name=http-single"])
     assert r.returncode == 0
