@@ -8,6 +8,7 @@ trainer asks it, never which algorithm it runs.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 
 from metadist.algorithms.core import HEAD_INITS, Inner
@@ -20,7 +21,7 @@ class AlgorithmError(MetadistError):
 
 
 @dataclass(frozen=True)
-class Algorithm:
+class Algorithm(metaclass=ABCMeta):
     name: str
     train_inner: Inner
 
@@ -106,9 +107,9 @@ class Algorithm:
         return cls(a.name, inner)
 
     # ---- training ----
+    @abstractmethod
     def task_losses(self, forward, params, batch):
         """(query loss per task, accuracy per task) of a chunk of tasks."""
-        raise NotImplementedError
 
     @property
     def second_order(self) -> bool:
