@@ -72,9 +72,7 @@ def curve(args):
                     episodes[str(root), split] = EpisodeSource(
                         root, split, access=Access.of(cfg.data)
                     ).all()
-                inner = eval_inner(
-                    cfg.algo, model, cfg.data.ways, args.steps or cfg.eval.inner_steps
-                )
+                inner = eval_inner(cfg, model, cfg.data.ways, args.steps or None)
                 r = evaluate(
                     model, episodes[str(root), split], inner, cfg.eval.tasks_per_batch, device
                 )

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metadist import config as config_mod
-from metadist.errors import MetadistError
+from metadist.errors import MetadistError, WeightsError
 from metadist.models import Backbone, backbone_weights, build_model
 
 __all__ = [
@@ -50,10 +50,6 @@ __all__ = [
 
 FORMAT = "metadist-weights-1"
 _STEP = re.compile(r"^step_(\d{6,})$")
-
-
-class WeightsError(MetadistError):
-    """A weights file or run folder that cannot be loaded."""
 
 
 class CheckpointError(MetadistError):
@@ -144,17 +140,44 @@ def _read_weights(path: Path, missing: str, unreadable: str):
         raise WeightsError(unreadable.format(path=path, e=e)) from None
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+def read_init(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: safetensors, or a torch checkpoint (.pth, .pt, .bin,
+    .ckpt, .tar: read with weights_only, so nothing in it runs)."""
+    if path.suffix not in TORCH_SUFFIXES:
+        return _read_weights(
+            path,
+            "model.init={path}: no such weights file",
+            "model.init={path}: not a weights file ({e}); safetensors, or a torch checkpoint "
+            f"named {', '.join(TORCH_SUFFIXES)}",
+        )[0]
+    if not path.is_file():
+        raise WeightsError(f"model.init={path}: no such weights file")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"model.init={path}: not a torch checkpoint ({str(e).splitlines()[0]})"
+        ) from None
+    if not isinstance(weights, dict):
+        raise WeightsError(
+            f"model.init={path}: holds a {type(weights).__name__}, not a dict of tensors"
+        )
+    return weights
+
+
 def load_init(model: torch.nn.Module, path: str | Path) -> list[str]:
     """model.init: start from the tensors of the weights file at `path` (same names, same shapes;
-    e.g. a pre-training run's backbone.safetensors, or any run's weights). A tensor of the file
+    e.g. a pre-training run's backbone.safetensors, or any run's weights; for a torchvision or
+    timm network also that library's own checkpoint, models/library.py). A tensor of the file
     the model does not have, or of another shape, is an error naming it; returns the model's
     tensors the file does not hold (they keep their initialisation: the head, the rates)."""
     path = Path(path)
-    weights, _ = _read_weights(
-        path,
-        "model.init={path}: no such weights file",
-        "model.init={path}: not a weights file ({e})",
-    )
+    weights = read_init(path)
+    if hasattr(model, "init_weights"):
+        weights = model.init_weights(weights, path)
     own = model.state_dict()
     unknown = sorted(k for k in weights if k not in own)
     shapes = sorted(

@@ -196,6 +196,12 @@ class TrainConfig:
 class EvalConfig:
     inner_steps: int = 10  # test-time adaptation steps (the exercise's 10)
     val_inner_steps: int = 3
+    # the test-time adaptation's learning rate (negative: algo.inner_lr)
+    inner_lr: float = -1.0
+    # adapt every weight at test (P>M>F's fine-tuning: protonet's and pretrain's whole network
+    # from the prototype head, ANIL's body too) for eval.inner_steps steps at eval.inner_lr;
+    # false: what the algorithm adapts (protonet: nothing, the prototypes alone)
+    finetune: bool = False
     tasks_per_batch: int = 64  # episodes adapted together at evaluation
     test_episodes: int = 0  # 0 = the whole test split; else its first N episodes
     episodes_per_source: int = 600  # with data.sources: test episodes per source (Meta-Dataset's)
@@ -529,6 +535,11 @@ def _check_eval(cfg: Config, need) -> None:
     e = cfg.eval
     need(e.inner_steps >= 0, "eval.inner_steps", "must be >= 0")
     need(e.val_inner_steps >= 0, "eval.val_inner_steps", "must be >= 0")
+    need(
+        not (e.finetune and cfg.algo.per_step_bn),
+        "eval.finetune",
+        "cannot adapt per-step BatchNorm weights (algo.per_step_bn=true: meta-learned only)",
+    )
     need(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be positive")
     need(e.test_episodes >= 0, "eval.test_episodes", "must be >= 0 (0 = all)")
     need(e.episodes_per_source >= 1, "eval.episodes_per_source", "must be positive")

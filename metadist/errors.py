@@ -17,3 +17,7 @@ class Preempted(MetadistError):
     launching it again resumes there. Exit status 75 (EX_TEMPFAIL: try again)."""
 
     exit_code = 75
+
+
+class WeightsError(MetadistError):
+    """A weights file or run folder that cannot be loaded."""

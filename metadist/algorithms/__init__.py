@@ -20,7 +20,7 @@ from metadist.algorithms.protonet import ProtoNet
 from metadist.algorithms.transfer import Transfer
 
 if TYPE_CHECKING:
-    from metadist.config import AlgoConfig
+    from metadist.config import AlgoConfig, Config
     from metadist.models import Backbone
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -63,9 +63,17 @@ def build(a: AlgoConfig, model: Backbone, ways: int, first_order: bool = False) 
     return get(a).build(a, model, ways, first_order)
 
 
-def eval_inner(a: AlgoConfig, model: Backbone, ways: int, steps: int) -> Inner:
-    """The inner loop that validation, test and predict adapt with, `steps` steps."""
-    return build(a, model, ways).test_inner(steps, a.inner_lr, model.head_names())
+def eval_inner(cfg: Config, model: Backbone, ways: int, steps: int | None = None) -> Inner:
+    """The inner loop that validation, test and predict adapt with: `steps` steps (default
+    eval.inner_steps) at eval.inner_lr (negative: algo.inner_lr), on every weight with
+    eval.finetune."""
+    e = cfg.eval
+    return build(cfg.algo, model, ways).test_inner(
+        e.inner_steps if steps is None else steps,
+        e.inner_lr if e.inner_lr >= 0 else cfg.algo.inner_lr,
+        model.head_names(),
+        e.finetune,
+    )
 
 
 __all__ = ["ALGORITHMS", "HEAD_INITS", "Algorithm", "Inner", "build", "check", "eval_inner", "get"]

@@ -129,9 +129,20 @@ class Algorithm(metaclass=ABCMeta):
         return {}
 
     # ---- evaluation ----
-    def test_inner(self, steps: int, lr: float, head_names: tuple[str, ...] | None = None) -> Inner:
+    def test_inner(
+        self,
+        steps: int,
+        lr: float,
+        head_names: tuple[str, ...] | None = None,
+        finetune: bool = False,
+    ) -> Inner:
         """The inner loop of evaluation: `steps` (the algorithm's own, if it forces them), first
-        order."""
+        order; `finetune` (eval.finetune): `steps` steps on every weight, whatever the
+        algorithm adapts."""
+        if finetune:
+            return dataclasses.replace(
+                self.train_inner, steps=steps, lr=lr, first_order=True, adapt_names=None
+            )
         names = head_names if self.test_head_only else self.train_inner.adapt_names
         steps = steps if self.test_steps is None else self.test_steps
         return dataclasses.replace(

@@ -2,7 +2,8 @@
 backbone is one file here and a `Backbone` (models/common.py): how it is built, how many tasks run
 at once with per-task weights (`tasks_features`), which parameters are its BatchNorm weights (no
 inner rate when they are per step) and which form the head (what ANIL adapts). Adding a backbone
-is one file and one line in this table.
+is one file and one line in this table. `model.backbone=torchvision:<name>` or `timm:<name>`
+is any network of those libraries (models/library.py).
 
 `build_model(model_cfg, algo_cfg, image_shape, ways)` is the model a config describes;
 `checkpoint.load_init(model, path)` starts it from a weights file (model.init: a pre-trained start).
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from metadist.config import ConfigError
-from metadist.models import conv4, resnet12
+from metadist.models import conv4, library, resnet12
 from metadist.models.common import Backbone, InnerRates, is_lr, lr_key
 
 if TYPE_CHECKING:
@@ -28,9 +29,12 @@ BACKBONES = {
 
 
 def check(m: ModelConfig) -> None:
+    if library.parse(m.backbone):
+        return library.check(m.backbone)
     if m.backbone not in BACKBONES:
         raise ConfigError(
-            f"model.backbone={m.backbone!r}: allowed values are {', '.join(BACKBONES)}"
+            f"model.backbone={m.backbone!r}: allowed values are {', '.join(BACKBONES)}, "
+            "torchvision:<name> or timm:<name>"
         )
 
 
@@ -44,9 +48,12 @@ def build_model(
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"square images expected, got {h}x{w}")
-    return BACKBONES[m.backbone](
-        ways, (c, h, w), m, InnerRates(a.learn_inner_lr, a.inner_lr, a.inner_steps, a.per_step_bn)
-    )
+    rates = InnerRates(a.learn_inner_lr, a.inner_lr, a.inner_steps, a.per_step_bn)
+    if library.parse(m.backbone):
+        # second-order MAML (algo.name=maml, not first order) takes attention's second derivative
+        second_order = a.name == "maml" and not a.first_order
+        return library.build(m.backbone, ways, (c, h, w), m, rates, second_order)
+    return BACKBONES[m.backbone](ways, (c, h, w), m, rates)
 
 
 def backbone_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

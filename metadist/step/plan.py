@@ -93,6 +93,9 @@ class Ask:
     cannot_compile: str = ""  # why this step cannot be compiled or captured ("" where it can)
     debug: bool = False
     variable: bool = False  # variable episodes (the measurement stays at 4 tasks and under)
+    # the backbone computes its tasks one at a time (a torchvision or timm network): no sizes to
+    # measure, one task at once in fast mode
+    one_at_a_time: str = ""  # its model.backbone
 
 
 def _groups(ask: Ask, top: int) -> list[int]:
@@ -136,6 +139,8 @@ def _rule(ask: Ask) -> tuple[int, str]:
     if ask.reduce == "exact":
         g = max(_groups(ask, ask.meta_batch_size))
         return g, f"the largest group that leaves {ask.meta_batch_size // g} groups"
+    if ask.one_at_a_time:
+        return 1, f"{ask.one_at_a_time} runs its tasks one at a time"
     return 0, "a rank's tasks at once"
 
 
@@ -149,6 +154,7 @@ def decide(ask: Ask, run_chunk, shape: dict, say=print) -> Plan:
         and not ask.tasks_per_chunk
         and compute == "eager"
         and not ask.debug
+        and not ask.one_at_a_time
     )
     if measured:
         rec = cached_choice(shape, run_chunk, candidates(ask), say)
@@ -203,8 +209,11 @@ def ask_of(cfg, world: int, device: str, variable: bool, sources: bool) -> Ask:
     """What a run's config and world ask of the plan; what a compiled step cannot do is named
     here."""
     a, t, m = cfg.algo, cfg.train, cfg.model
+    library = ":" in m.backbone  # a torchvision or timm network (models/library.py)
     cannot = (
-        "DropBlock draws its masks on the host each step"
+        f"{m.backbone} runs one task at a time through torch.func.functional_call"
+        if library
+        else "DropBlock draws its masks on the host each step"
         if m.dropblock
         else "variable episodes change shape every step"
         if variable
@@ -214,7 +223,7 @@ def ask_of(cfg, world: int, device: str, variable: bool, sources: bool) -> Ask:
     )
     return Ask(
         a.strategy, a.tasks_per_chunk, t.reduce, a.compile, t.meta_batch_size, world,
-        t.exact_processes, device, cannot, t.debug, variable,
+        t.exact_processes, device, cannot, t.debug, variable, m.backbone if library else "",
     )  # fmt: skip
 
 
