@@ -207,9 +207,6 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     BatchNorm weights are meta-learned only: they get no rate (`norm_names` says which they are)."""
 
     feature_dim: int
-    # whether tasks_features folds the tasks into one network (False: one task at a time, so
-    # the plan has no sizes to measure)
-    tasks_at_once = True
 
     def finish(self, ways: int, rates: InnerRates = InnerRates()) -> None:
         learn_lr, lr_init, steps, per_step_bn = (

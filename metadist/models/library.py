@@ -12,8 +12,8 @@ BatchNorm runs on batch statistics and keeps no running statistics, as metadist'
 each task is normalised by its own images, in training and at test (the running statistics of a
 pre-trained file are not used). LayerNorm needs nothing.
 
-Per-task weights go through `torch.func.functional_call`, one task at a time (`tasks_at_once` is
-False: the plan measures nothing and computes one task at a time), so every algorithm runs:
+Per-task weights go through `torch.func.functional_call`, one task at a time (the plan measures
+nothing and computes one task at a time: step/plan.py's `one_at_a_time`), so every algorithm runs:
 MAML's inner loop adapts any parameter by name. Second-order MAML needs attention whose second
 derivative torch has: timm's attention runs its plain (unfused) path; torchvision's
 `nn.MultiheadAttention` has no second derivative on a CPU and is refused in one line.
@@ -131,8 +131,6 @@ def _batch_statistics(net: nn.Module) -> None:
 class Library(Backbone):
     """A torchvision or timm network (`net`, its classifier removed) and metadist's head."""
 
-    tasks_at_once = False
-
     def __init__(self, spec: str, image_shape, ways: int, rates: InnerRates, second_order: bool):
         super().__init__()
         self.spec = spec
@@ -202,7 +200,9 @@ class Library(Backbone):
     def tasks_features(self, params, x, step=0, native_norm=False, rng=None, mask=None):
         """One task at a time through functional_call, each with its own weights (params[k][t]);
         with a `mask`, a task's network sees its real images alone (its padding rows give 0)."""
-        body = {k[4:]: v for k, v in params.items() if k.startswith("net.")}
+        # unbind, not v[t]: indexing's backward writes a zero tensor of all T tasks for each task
+        # (T^2 of a network's weights a step), unbind's stacks the T gradients once
+        body = {k[4:]: v.unbind(0) for k, v in params.items() if k.startswith("net.")}
         out = []
         for t in range(x.shape[0]):
             xt = x[t] if mask is None else x[t][mask[t]]
