@@ -133,7 +133,7 @@ def cmd_evaluate(args):
     if table:
         print(format_table(r, f"{args.split} source"), file=sys.stderr)
     split = args.split if table else str(first.dir)
-    print(json.dumps(dict(r, inner_steps=cfg.eval.inner_steps, split=split)))
+    print(json.dumps(dict(r, inner_steps=inner.steps, split=split)))
 
 
 def _eval_split(root, split: str, cfg, access):

@@ -202,6 +202,10 @@ class EvalConfig:
     # from the prototype head, ANIL's body too) for eval.inner_steps steps at eval.inner_lr;
     # false: what the algorithm adapts (protonet: nothing, the prototypes alone)
     finetune: bool = False
+    # each test-time step's support loss on the support images shifted by an eighth of their
+    # side, a new direction each step (algorithms/core.py's `shifted`): 1-shot fine-tuning's
+    # pseudo-queries (at its own prototypes a 1-shot support's loss is about 0)
+    augment: bool = False
     tasks_per_batch: int = 64  # episodes adapted together at evaluation
     test_episodes: int = 0  # 0 = the whole test split; else its first N episodes
     episodes_per_source: int = 600  # with data.sources: test episodes per source (Meta-Dataset's)

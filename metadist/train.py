@@ -358,6 +358,7 @@ class Trainer:
         kw = {"strategy": strategy(self.plan.at_once), "dist": dist}
         batch = cfg.eval.tasks_per_batch
         r = test_report(self.model, tests, bool(self.names), inner, batch, self.device, **kw)
+        r["inner_steps"] = inner.steps  # taken (protonet: 0 unless eval.finetune)
         summary = run_summary(self, r)
         if dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -393,7 +394,7 @@ def run_summary(run: Trainer, r: dict) -> dict:
         "test_episodes": r["episodes"],
         "test_set": test_set_id(*roots),
         **per_source,
-        "test_inner_steps": cfg.eval.inner_steps,
+        "test_inner_steps": r["inner_steps"],
         "best_val_accuracy": s.best_val,
         "best_step": s.best_step,
         "steps": s.step,

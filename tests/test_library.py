@@ -371,3 +371,32 @@ def test_evaluation_keeps_no_step_of_the_inner_loop_alive(small_cfg):
         )
     assert all(v.grad_fn is None and not v.requires_grad for v in out.values())
     assert all(not torch.equal(out[k], fast[k]) for k in fast)  # every weight adapted
+
+
+def test_eval_augment_fine_tunes_on_support_images_shifted_an_eighth_of_their_side(small_cfg):
+    """eval.augment: step i's support loss is on the support moved by side/8 in SHIFTS[i]'s
+    direction, the border repeated; one step equals plain adaptation on the shifted images."""
+    from metadist.algorithms import eval_inner
+    from metadist.algorithms.core import adapt, make_forward, shifted
+
+    x = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 1, 16, 16)
+    right = shifted(x, 0)  # (dy, dx) = (0, 1): content from 2 px to the right
+    assert torch.equal(right[..., :, :14], x[..., :, 2:])
+    assert torch.equal(right[..., :, 14:], x[..., :, 15:].expand(-1, -1, -1, -1, 2))
+    assert torch.equal(shifted(x, 1)[..., :14, :], x[..., 2:, :])
+
+    cfg = small_cfg(**{"eval.inner_steps": 1, "eval.augment": "true", "eval.finetune": "true"})
+    model = model_for(cfg)
+    inner = eval_inner(cfg, model, 5)
+    assert inner.augment and inner.steps == 1
+    fast = {k: v.detach().unsqueeze(0).expand(2, *v.shape) for k, v in model.named_parameters()}
+    xs = torch.rand(2, 5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(5).expand(2, -1)
+    forward = make_forward(model, "batched", False)
+    with torch.enable_grad():
+        got = adapt(forward, fast, xs, y, inner)
+        plain_inner = eval_inner(small_cfg(**{"eval.inner_steps": 1}), model, 5)
+        want = adapt(forward, fast, shifted(xs, 0), y, plain_inner)
+        unshifted = adapt(forward, fast, xs, y, plain_inner)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert not all(torch.equal(got[k], unshifted[k]) for k in got)

@@ -66,13 +66,14 @@ def build(a: AlgoConfig, model: Backbone, ways: int, first_order: bool = False) 
 def eval_inner(cfg: Config, model: Backbone, ways: int, steps: int | None = None) -> Inner:
     """The inner loop that validation, test and predict adapt with: `steps` steps (default
     eval.inner_steps) at eval.inner_lr (negative: algo.inner_lr), on every weight with
-    eval.finetune."""
+    eval.finetune, on shifted support images with eval.augment."""
     e = cfg.eval
     return build(cfg.algo, model, ways).test_inner(
         e.inner_steps if steps is None else steps,
         e.inner_lr if e.inner_lr >= 0 else cfg.algo.inner_lr,
         model.head_names(),
         e.finetune,
+        e.augment,
     )
 
 

@@ -135,16 +135,27 @@ class Algorithm(metaclass=ABCMeta):
         lr: float,
         head_names: tuple[str, ...] | None = None,
         finetune: bool = False,
+        augment: bool = False,
     ) -> Inner:
         """The inner loop of evaluation: `steps` (the algorithm's own, if it forces them), first
         order; `finetune` (eval.finetune): `steps` steps on every weight, whatever the
-        algorithm adapts."""
+        algorithm adapts; `augment` (eval.augment): each step on shifted support images."""
         if finetune:
             return dataclasses.replace(
-                self.train_inner, steps=steps, lr=lr, first_order=True, adapt_names=None
+                self.train_inner,
+                steps=steps,
+                lr=lr,
+                first_order=True,
+                adapt_names=None,
+                augment=augment,
             )
         names = head_names if self.test_head_only else self.train_inner.adapt_names
         steps = steps if self.test_steps is None else self.test_steps
         return dataclasses.replace(
-            self.train_inner, steps=steps, lr=lr, first_order=True, adapt_names=names
+            self.train_inner,
+            steps=steps,
+            lr=lr,
+            first_order=True,
+            adapt_names=names,
+            augment=augment,
         )

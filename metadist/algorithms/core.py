@@ -48,6 +48,8 @@ class Inner:
     head_init: str = "learned"
     # classes per task (the head_init=zero/shared/proto head's rows)
     ways: int = 0
+    # each step's support loss on shifted support images (`shifted`; evaluation's fine-tuning)
+    augment: bool = False
 
 
 class Forward:
@@ -180,6 +182,23 @@ def per_task_accuracy(logits: torch.Tensor, y: torch.Tensor, ways=None) -> torch
     return hits.sum(1).to(logits.dtype) / valid.sum(1).clamp_min(1)
 
 
+# the direction of step i's shift (dy, dx), eight in turn
+SHIFTS = ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
+
+
+def shifted(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Images (..., C, H, W) moved by an eighth of their side in step `step`'s direction (SHIFTS),
+    the border repeated: the pseudo-queries of test-time fine-tuning. Without them a 1-shot task's
+    support loss at its own prototypes is about 0 (each image is its class's prototype), and
+    fine-tuning moves nothing. The same for every task and every batching: no random draw."""
+    d = max(1, x.shape[-1] // 8)
+    dy, dx = SHIFTS[step % len(SHIFTS)]
+    h, w = x.shape[-2:]
+    padded = F.pad(x.reshape(-1, *x.shape[-3:]), (d, d, d, d), mode="replicate")
+    out = padded[..., d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w]
+    return out.reshape(x.shape)
+
+
 def adapted(params: Params, inner: Inner) -> tuple[str, ...]:
     """The parameters the inner loop updates: inner.adapt_names, else every weight (never the
     learned learning rates)."""
@@ -244,8 +263,10 @@ def adapt(
     for i in range(inner.steps):
         # the step's weights and index are bound here: checkpoint (algo.checkpoint_inner) calls
         # this again in the backward, when the loop has moved on
-        def support_loss(*ws, fast=fast, i=i):
-            logits = forward({**fast, **dict(zip(names, ws))}, x_support, i, mask)
+        x = shifted(x_support, i) if inner.augment else x_support
+
+        def support_loss(*ws, fast=fast, i=i, x=x):
+            logits = forward({**fast, **dict(zip(names, ws))}, x, i, mask)
             return per_task_loss(logits, y_support, ways).sum()
 
         ws = [fast[k] for k in names]
