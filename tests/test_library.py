@@ -297,6 +297,12 @@ def test_the_pre_trained_route_runs_every_stage_on_a_library_network(omniglot_di
     r = train(proto, log=said)
     assert any(f"model.init={start}: started from its tensors" in line for line in lines)
     assert 0 <= r["test_accuracy"] <= 1 and r["test_inner_steps"] == 2
+    import metadist  # the Python interface adapts and predicts with the trained network
+
+    task = metadist.load(tmp_path / "proto" / "runs" / "t").adapt(
+        torch.rand(3, 1, 28, 28), [0, 1, 2]
+    )
+    assert task.predict(torch.rand(4, 1, 28, 28)).shape == (4,)
     began, ended = (
         load_weights(start)[0],
         load_weights(tmp_path / "proto" / "runs" / "t" / "model.safetensors")[0],
