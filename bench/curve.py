@@ -72,7 +72,7 @@ def curve(args):
                     episodes[str(root), split] = EpisodeSource(
                         root, split, access=Access.of(cfg.data)
                     ).all()
-                inner = eval_inner(cfg, model, cfg.data.ways, args.steps or None)
+                inner = eval_inner(cfg.algo, cfg.eval, model, cfg.data.ways, args.steps or None)
                 r = evaluate(
                     model, episodes[str(root), split], inner, cfg.eval.tasks_per_batch, device
                 )

@@ -126,7 +126,7 @@ def cmd_evaluate(args):
         root = args.shards or shards_dir(cfg.data)
         splits = {str(root): _eval_split(root, args.split, cfg, access)}
     first = next(iter(splits.values()))
-    inner = eval_inner(cfg, model, first.ways)
+    inner = eval_inner(cfg.algo, cfg.eval, model, first.ways)
     episodes = {n: s.all(limit if args.split == "test" else 0) for n, s in splits.items()}
     table = bool(cfg.data.sources and not explicit)
     r = test_report(model, episodes, table, inner, cfg.eval.tasks_per_batch, device)
@@ -167,7 +167,7 @@ def cmd_predict(args):
 
     model, cfg, device = _model(args)
     tasks = read_task_folder(Path(args.tasks), preprocessing(cfg.data))
-    inner = eval_inner(cfg, model, cfg.data.ways)
+    inner = eval_inner(cfg.algo, cfg.eval, model, cfg.data.ways)
     n = predict(
         model, inner, tasks, cfg.data.ways, Path(args.out), device, cfg.eval.tasks_per_batch
     )

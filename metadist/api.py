@@ -101,7 +101,7 @@ class Learner:
         return export_embedding(self, Path(path), images)
 
     def inner(self, ways: int):
-        return eval_inner(self.cfg, self.model, ways)
+        return eval_inner(self.cfg.algo, self.cfg.eval, self.model, ways)
 
     def adapt(self, support, labels) -> Task:
         """The task `support` (images) labelled `labels` (ints 0..ways-1, every class at least

@@ -259,7 +259,9 @@ class Trainer:
 
     # ---- pieces the components call ----
     def evaluate(self, episodes, steps: int, dist=None) -> float:
-        inner = algorithms.eval_inner(self.cfg, self.model, self.algorithm.train_inner.ways, steps)
+        inner = algorithms.eval_inner(
+            self.cfg.algo, self.cfg.eval, self.model, self.algorithm.train_inner.ways, steps
+        )
         batch, at_once = self.cfg.eval.tasks_per_batch, strategy(self.plan.at_once)
         return evaluate(self.model, episodes, inner, batch, self.device, at_once, dist)["accuracy"]
 
@@ -349,7 +351,9 @@ class Trainer:
             for name, tensors in self.algorithm.outputs(self.model).items():
                 step, val = state.best_step or state.step, state.best_val
                 save_weights(self.model, self.run_dir / name, self.config, step, val, tensors)
-        inner = algorithms.eval_inner(cfg, self.model, self.algorithm.train_inner.ways)
+        inner = algorithms.eval_inner(
+            cfg.algo, cfg.eval, self.model, self.algorithm.train_inner.ways
+        )
         limit = cfg.eval.episodes_per_source if self.names else cfg.eval.test_episodes
         tests = {
             n: EpisodeSource(r, "test", access=self.access).all(limit)

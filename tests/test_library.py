@@ -336,7 +336,7 @@ def test_evaluation_with_finetune_adapts_every_weight(small_cfg):
 
     cfg = small_cfg(**{"algo.name": "protonet", "eval.inner_steps": 7})
     model = model_for(cfg)
-    assert eval_inner(cfg, model, 5).steps == 0
+    assert eval_inner(cfg.algo, cfg.eval, model, 5).steps == 0
     cfg = small_cfg(
         **{
             "algo.name": "protonet",
@@ -345,7 +345,7 @@ def test_evaluation_with_finetune_adapts_every_weight(small_cfg):
             "eval.inner_lr": 0.01,
         }
     )
-    inner = eval_inner(cfg, model, 5)
+    inner = eval_inner(cfg.algo, cfg.eval, model, 5)
     assert (inner.steps, inner.lr, inner.adapt_names, inner.head_init) == (7, 0.01, None, "proto")
 
 
@@ -366,7 +366,7 @@ def test_evaluation_keeps_no_step_of_the_inner_loop_alive(small_cfg):
 
     cfg = small_cfg(**{"algo.name": "protonet", "eval.finetune": "true", "eval.inner_steps": 3})
     model = model_for(cfg)
-    inner = eval_inner(cfg, model, 5)
+    inner = eval_inner(cfg.algo, cfg.eval, model, 5)
     T = 2
     fast = {k: v.detach().unsqueeze(0).expand(T, *v.shape) for k, v in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
@@ -393,7 +393,7 @@ def test_eval_augment_fine_tunes_on_support_images_shifted_an_eighth_of_their_si
 
     cfg = small_cfg(**{"eval.inner_steps": 1, "eval.augment": "true", "eval.finetune": "true"})
     model = model_for(cfg)
-    inner = eval_inner(cfg, model, 5)
+    inner = eval_inner(cfg.algo, cfg.eval, model, 5)
     assert inner.augment and inner.steps == 1
     fast = {k: v.detach().unsqueeze(0).expand(2, *v.shape) for k, v in model.named_parameters()}
     xs = torch.rand(2, 5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -401,7 +401,8 @@ def test_eval_augment_fine_tunes_on_support_images_shifted_an_eighth_of_their_si
     forward = make_forward(model, "batched", False)
     with torch.enable_grad():
         got = adapt(forward, fast, xs, y, inner)
-        plain_inner = eval_inner(small_cfg(**{"eval.inner_steps": 1}), model, 5)
+        plain = small_cfg(**{"eval.inner_steps": 1})
+        plain_inner = eval_inner(plain.algo, plain.eval, model, 5)
         want = adapt(forward, fast, shifted(xs, 0), y, plain_inner)
         unshifted = adapt(forward, fast, xs, y, plain_inner)
     assert all(torch.equal(got[k], want[k]) for k in got)

@@ -64,7 +64,7 @@ def test_strong_150_steps_on_real_omniglot(tmp_path, real_shards):
     untrained = evaluate(
         model,
         EpisodeSource(real_shards, "test").all(160),
-        eval_inner(cfg, model, 5),
+        eval_inner(cfg.algo, cfg.eval, model, 5),
         cfg.eval.tasks_per_batch,
         "cpu",
     )["accuracy"]

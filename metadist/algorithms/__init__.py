@@ -20,7 +20,7 @@ from metadist.algorithms.protonet import ProtoNet
 from metadist.algorithms.transfer import Transfer
 
 if TYPE_CHECKING:
-    from metadist.config import AlgoConfig, Config
+    from metadist.config import AlgoConfig, EvalConfig
     from metadist.models import Backbone
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -63,14 +63,15 @@ def build(a: AlgoConfig, model: Backbone, ways: int, first_order: bool = False) 
     return get(a).build(a, model, ways, first_order)
 
 
-def eval_inner(cfg: Config, model: Backbone, ways: int, steps: int | None = None) -> Inner:
+def eval_inner(
+    a: AlgoConfig, e: EvalConfig, model: Backbone, ways: int, steps: int | None = None
+) -> Inner:
     """The inner loop that validation, test and predict adapt with: `steps` steps (default
     eval.inner_steps) at eval.inner_lr (negative: algo.inner_lr), on every weight with
     eval.finetune, on shifted support images with eval.augment."""
-    e = cfg.eval
-    return build(cfg.algo, model, ways).test_inner(
+    return build(a, model, ways).test_inner(
         e.inner_steps if steps is None else steps,
-        e.inner_lr if e.inner_lr >= 0 else cfg.algo.inner_lr,
+        e.inner_lr if e.inner_lr >= 0 else a.inner_lr,
         model.head_names(),
         e.finetune,
         e.augment,

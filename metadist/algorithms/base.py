@@ -141,16 +141,10 @@ class Algorithm(metaclass=ABCMeta):
         order; `finetune` (eval.finetune): `steps` steps on every weight, whatever the
         algorithm adapts; `augment` (eval.augment): each step on shifted support images."""
         if finetune:
-            return dataclasses.replace(
-                self.train_inner,
-                steps=steps,
-                lr=lr,
-                first_order=True,
-                adapt_names=None,
-                augment=augment,
-            )
-        names = head_names if self.test_head_only else self.train_inner.adapt_names
-        steps = steps if self.test_steps is None else self.test_steps
+            names = None
+        else:
+            names = head_names if self.test_head_only else self.train_inner.adapt_names
+            steps = steps if self.test_steps is None else self.test_steps
         return dataclasses.replace(
             self.train_inner,
             steps=steps,
