@@ -4,13 +4,16 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
+.PHONY: install learners demo test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || { echo "installing Debian's chromium (the demo's browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null || echo "no chromium: the demo's browser test needs Debian's (sudo apt-get install chromium)"
 
 test:                  ## fast suite (a few minutes, CPU; one worker per core)
 	$(PY) -m pytest -q -n auto
@@ -46,6 +49,20 @@ train-maml-multi:      ## strong.yaml on every GPU of this node
 
 train-elastic:         ## strong.yaml under torch elastic: run on every node (RDZV_ENDPOINT=head:29400, NNODES=1:4)
 	RDZV_ENDPOINT=$${RDZV_ENDPOINT:-127.0.0.1:29400} bash launch/torchrun/elastic.sh --config configs/strong.yaml train.reduce=exact
+
+# the shipped learners (metadist/learners/): a fixed step count, no time budget, W&B off, so the
+# same command on the same machine gives the same bits; each run's files are copied into the package
+LEARNER_ARGS = run.root=runs/learners run.fresh=true train.budget_schedule=false train.max_minutes=0 tracking.mode=disabled
+LEARNER_PROTONET = metadist train --config configs/protonet.yaml run.name=protonet train.steps=3000 $(LEARNER_ARGS)
+LEARNER_BOSS = metadist train --config configs/boss.yaml run.name=boss train.steps=1500 $(LEARNER_ARGS)
+learners:              ## retrain the shipped learners (protonet.yaml, boss.yaml; about 15 minutes on 2 cores)
+	$(PY) -m $(LEARNER_PROTONET)
+	$(PY) -m metadist.learners runs/learners/protonet "$(LEARNER_PROTONET)"
+	$(PY) -m $(LEARNER_BOSS)
+	$(PY) -m metadist.learners runs/learners/boss "$(LEARNER_BOSS)"
+
+demo:                  ## the teaching page on http://127.0.0.1:8765/ (the shipped learners; RUN=runs/x for yours)
+	$(PY) -m metadist demo $(if $(RUN),--run $(RUN))
 
 train-debug:
 	$(PY) -m metadist train --config configs/strong.yaml --debug

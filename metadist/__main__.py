@@ -1,6 +1,6 @@
-"""Command line: `metadist {prepare,verify,train,evaluate,predict,export,plot,export-tasks,show}
-[--config FILE] [key=value ...]` (also `python -m metadist ...` and `accelerate launch -m metadist
-train ...`). The same from Python: metadist/api.py (`metadist.load`).
+"""Command line: `metadist {prepare,verify,train,evaluate,predict,export,demo,plot,export-tasks,
+show} [--config FILE] [key=value ...]` (also `python -m metadist ...` and `accelerate launch -m
+metadist train ...`). The same from Python: metadist/api.py (`metadist.load`).
 
 Config keys are set only as `section.key=value` arguments (see metadist/config.py); the flags
 here name files and folders. Each command imports only what it uses. A user-facing error
@@ -190,6 +190,47 @@ def cmd_export(args):
     print(f"wrote the classifier of {len(classes)} classes ({', '.join(classes)}) to {out}")
 
 
+def cmd_demo(args):
+    from metadist.demo import serve
+    from metadist.learners import names
+
+    runs = args.run or names()
+    if not runs:
+        raise config_mod.ConfigError("metadist demo: give --run RUN (no shipped learner found)")
+    serve(runs, args.host, args.port, args.overrides)
+
+
+def cmd_sweep(args):
+    from metadist import sweep
+
+    s = sweep.read(args.file, args.overrides, args.seeds, args.parallel)
+    if args.table:
+        n = len(s.members())
+        print(f"sweep {s.name}: {n} members (--member 0..{n - 1}; SLURM: --array=0-{n - 1})")
+        table = sweep.write_table(s)
+    else:
+        try:
+            table = sweep.run(s, args.member)
+        except sweep.Stop as e:
+            from metadist.errors import Preempted
+
+            raise Preempted(str(e)) from None
+    print(sweep.markdown(table), end="")
+    print(f"wrote {s.dir / 'sweep.md'}, sweep.csv and sweep.json")
+
+
+def cmd_tune(args):
+    from metadist import tune
+
+    t = tune.read(args.file, args.overrides, args.trials, args.storage)
+    best = tune.search(t)
+    if best["best"] is None:
+        print(f"tune {t.name}: no finished trial yet ({best['trials']} in the study)")
+    else:
+        shown = " ".join(f"{k}={v}" for k, v in best["params"].items())
+        print(f"best trial {best['best']}: val {best['value']:.4f} ({shown}) -> {best['config']}")
+
+
 def cmd_plot(args):
     from metadist.plot import plot
 
@@ -285,7 +326,7 @@ def _data_commands(add) -> None:
 
 
 def _model_commands(add) -> None:
-    """train, evaluate, predict, plot."""
+    """train, evaluate, predict, export."""
     s = add("train", cmd_train, "meta-train (resumes an existing run folder)")
     s.add_argument(
         "--debug",
@@ -325,6 +366,40 @@ def _model_commands(add) -> None:
     s.add_argument(
         "--embedding", action="store_true", help="the embedding network alone (no --task)"
     )
+    _run_commands(add)
+
+
+def _run_commands(add) -> None:
+    """demo, sweep, tune, plot."""
+    s = add(
+        "demo",
+        cmd_demo,
+        "a local web page to teach a learner a task and watch it predict",
+        config=False,
+    )
+    s.add_argument(
+        "--run",
+        action="append",
+        help="run folder, weights file or shipped learner (repeat for several; default: the "
+        "shipped learners)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765)
+    s = add(
+        "sweep",
+        cmd_sweep,
+        "a config over seeds and a grid of overrides -> one table",
+        config=False,
+    )
+    s.add_argument("file", help="sweep file (YAML: config, overrides, seeds, grid, parallel)")
+    s.add_argument("--seeds", type=int, nargs="+", help="the seeds (default: the file's)")
+    s.add_argument("--parallel", type=int, help="members at once on this node (default 1)")
+    s.add_argument("--member", type=int, help="run member i alone (a SLURM array's task)")
+    s.add_argument("--table", action="store_true", help="only write the table of finished members")
+    s = add("tune", cmd_tune, "an Optuna search, each trial a training run", config=False)
+    s.add_argument("file", help="tune file (YAML: config, overrides, trials, space, ...)")
+    s.add_argument("--trials", type=int, help="trials in the study (default: the file's)")
+    s.add_argument("--storage", help="Optuna database URL (default: SQLite in the run root)")
     s = add("plot", cmd_plot, "learning curves of runs -> PNG", config=False)
     s.add_argument("runs", nargs="+")
     s.add_argument("--out", default="curves.png")

@@ -90,9 +90,12 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
-    """A run folder (best.safetensors, else model.safetensors), a checkpoint folder or a weights
-    file -> (model with those weights, the config it was trained with)."""
-    path = Path(path)
+    """A run folder (best.safetensors, else model.safetensors), a checkpoint folder, a weights
+    file or a shipped learner's name (metadist.learners) -> (model with those weights, the config
+    it was trained with)."""
+    from metadist import learners
+
+    path = learners.resolve(path)
     if path.is_dir():
         found = [
             path / n for n in ("best.safetensors", "model.safetensors") if (path / n).is_file()
@@ -103,7 +106,11 @@ def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
             )
         path = found[0]
     weights, meta = _read_weights(
-        path, "weights not found: {path}", "{path}: not a metadist weights file ({e})"
+        path,
+        "weights not found: {path} (a run folder, a weights file, or a shipped learner: "
+        + ", ".join(learners.names())
+        + ")",
+        "{path}: not a metadist weights file ({e})",
     )
     if "config" not in meta:
         raise WeightsError(f"{path}: no config in its metadata (not written by metadist)")

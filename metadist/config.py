@@ -209,6 +209,9 @@ class EvalConfig:
     tasks_per_batch: int = 64  # episodes adapted together at evaluation
     test_episodes: int = 0  # 0 = the whole test split; else its first N episodes
     episodes_per_source: int = 600  # with data.sources: test episodes per source (Meta-Dataset's)
+    # false: the run ends without reading its test split (summary.json has no test figures);
+    # `metadist tune`'s trials, which choose by validation accuracy alone, set it
+    test: bool = True
 
 
 @dataclass
@@ -217,6 +220,7 @@ class TrackingConfig:
     project: str = "metadist"
     entity: str = ""
     log_model: bool = False  # upload final weights as a W&B artifact
+    group: str = ""  # W&B's run group ("" none): `metadist sweep` and `tune` name their members'
 
 
 @dataclass

@@ -4,7 +4,8 @@ or for any algorithm the embedding network alone (ProtoNets' and pre-training's 
 then computed outside: class means of the support's embeddings). Input: the preprocessed images
 (n, C, H, W) float in [0, 1] (`Learner.preprocess`); output: logits (n, ways), or features.
 
-Two formats, by the file's suffix: `.onnx` (torch.onnx's exporter; run it with onnxruntime) and
+Two formats, by the file's suffix: `.onnx` (torch.onnx's exporter, one file with its weights up
+to protobuf's 2 GB, beyond that a .onnx.data beside it; run it with onnxruntime) and
 `.pt2` (a torch.export program: `torch.export.load(path).module()(x)`). The packages are an
 optional extra (`pip install metadist[export]`: onnx, onnxscript, onnxruntime); without them
 exporting to ONNX is one line saying what to install.
@@ -95,7 +96,16 @@ def write(module: nn.Module, path: Path, x: torch.Tensor) -> Path:
             "exporting to ONNX needs the export extra: pip install 'metadist[export]' "
             "(onnx, onnxscript, onnxruntime)"
         ) from None
+    # one file (weights inside) unless they pass protobuf's 2 GB: a downloaded or copied .onnx
+    # then works alone (torch writes a .onnx.data beside it by default)
+    big = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > 1.8e9
     torch.onnx.export(
-        module, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},), verbose=False
+        module,
+        (x,),
+        str(path),
+        dynamo=True,
+        dynamic_shapes=({0: batch},),
+        external_data=big,
+        verbose=False,
     )
     return path

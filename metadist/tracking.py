@@ -37,6 +37,7 @@ class WandbTracker(NullTracker):
             project=tracking.project,
             entity=tracking.entity or None,
             name=name,
+            group=tracking.group or None,
             id=run_id,
             resume="allow",
             mode=tracking.mode,

@@ -338,6 +338,20 @@ class Trainer:
             )
         return self.finish()
 
+    def test(self) -> dict:
+        """The best weights' test report (per source with many), with the inner steps taken."""
+        cfg, ways = self.cfg, self.algorithm.train_inner.ways
+        inner = algorithms.eval_inner(cfg.algo, cfg.eval, self.model, ways)
+        limit = cfg.eval.episodes_per_source if self.names else cfg.eval.test_episodes
+        tests = {
+            n: EpisodeSource(r, "test", access=self.access).all(limit)
+            for n, r in zip(self.names or [""], self.roots)
+        }
+        kw = {"strategy": strategy(self.plan.at_once), "dist": self.dist, "device": self.device}
+        r = test_report(self.model, tests, bool(self.names), inner, cfg.eval.tasks_per_batch, **kw)
+        r["inner_steps"] = inner.steps  # taken (protonet: 0 unless eval.finetune)
+        return r
+
     def finish(self) -> dict:
         """Final weights, the algorithm's outputs, the best weights' test report, summary.json."""
         cfg, dist, state = self.cfg, self.dist, self.state
@@ -351,28 +365,13 @@ class Trainer:
             for name, tensors in self.algorithm.outputs(self.model).items():
                 step, val = state.best_step or state.step, state.best_val
                 save_weights(self.model, self.run_dir / name, self.config, step, val, tensors)
-        inner = algorithms.eval_inner(
-            cfg.algo, cfg.eval, self.model, self.algorithm.train_inner.ways
-        )
-        limit = cfg.eval.episodes_per_source if self.names else cfg.eval.test_episodes
-        tests = {
-            n: EpisodeSource(r, "test", access=self.access).all(limit)
-            for n, r in zip(self.names or [""], self.roots)
-        }
-        kw = {"strategy": strategy(self.plan.at_once), "dist": dist}
-        batch = cfg.eval.tasks_per_batch
-        r = test_report(self.model, tests, bool(self.names), inner, batch, self.device, **kw)
-        r["inner_steps"] = inner.steps  # taken (protonet: 0 unless eval.finetune)
+        r = self.test() if cfg.eval.test else None
         summary = run_summary(self, r)
         if dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            if self.names:
+            if r is not None and self.names:
                 self.say(format_table(r, "test source"))
-            self.say(
-                f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} "
-                f"episodes{', mean over sources' if self.names else ''}, {inner.steps} inner "
-                f"steps); {state.step} steps in {state.elapsed / 60:.1f} min"
-            )
+            self.say(final_line(r, state, bool(self.names)))
             self.tracker.summary(flat_summary(summary))
             if cfg.tracking.log_model:
                 self.tracker.log_model(self.run_dir / "model.safetensors")
@@ -380,28 +379,45 @@ class Trainer:
         return summary
 
 
-def run_summary(run: Trainer, r: dict) -> dict:
+def final_line(r: dict | None, state: TrainState, many: bool) -> str:
+    """The run's last line: its test accuracy (or best validation, without a test)."""
+    took = f"{state.step} steps in {state.elapsed / 60:.1f} min"
+    if r is None:
+        return (
+            f"best val accuracy {state.best_val:.4f} at step {state.best_step} (the test split "
+            f"not read: eval.test=false); {took}"
+        )
+    return (
+        f"test accuracy {r['accuracy']:.4f} +- {r['ci95']:.4f} (95% CI, {r['episodes']} episodes"
+        f"{', mean over sources' if many else ''}, {r['inner_steps']} inner steps); {took}"
+    )
+
+
+def run_summary(run: Trainer, r: dict | None) -> dict:
     """summary.json of a finished run: its test report `r` (per source with their test sets'
-    ids), best validation, steps, time, speed, world size and the step's plan."""
+    ids; None: the test split was not read), best validation, steps, tasks seen, time, speed,
+    world size and the step's plan."""
     cfg, s, names, roots = run.cfg, run.state, run.names, run.roots
-    per_source = {}
-    if names:
-        per_source = {
-            "test_sources": {
+    test = {}
+    if r is not None:
+        test = {
+            "test_accuracy": r["accuracy"],
+            "test_ci95": r["ci95"],
+            "test_episodes": r["episodes"],
+            "test_set": test_set_id(*roots),
+        }
+        if names:
+            test["test_sources"] = {
                 n: dict(r["sources"][n], test_set=test_set_id(root))
                 for n, root in zip(names, roots)
             }
-        }
+        test["test_inner_steps"] = r["inner_steps"]
     return {
-        "test_accuracy": r["accuracy"],
-        "test_ci95": r["ci95"],
-        "test_episodes": r["episodes"],
-        "test_set": test_set_id(*roots),
-        **per_source,
-        "test_inner_steps": r["inner_steps"],
+        **test,
         "best_val_accuracy": s.best_val,
         "best_step": s.best_step,
         "steps": s.step,
+        "tasks_seen": s.tasks_seen,
         "wall_time_s": s.elapsed,
         "tasks_per_s": s.tasks_seen / max(s.elapsed, 1e-9),
         "world_size": run.dist.world,

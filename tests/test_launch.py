@@ -32,6 +32,7 @@ def test_the_kubernetes_job_is_an_elastic_pytorchjob_running_metadist():
 
 
 def test_the_shell_recipes_parse():
-    for script in ("launch/torchrun/elastic.sh", "launch/slurm/train.sbatch"):
+    for script in ("torchrun/elastic.sh", "slurm/train.sbatch", "slurm/sweep.sbatch"):
+        script = f"launch/{script}"
         r = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
         assert r.returncode == 0, (script, r.stderr)

@@ -59,7 +59,13 @@ def decode(where, channels: int, data: bytes | None = None) -> torch.Tensor:
         with Image.open(io.BytesIO(data) if data is not None else where) as img:
             img.load()
             arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as e:
         raise DataError(
             f"cannot read image {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
