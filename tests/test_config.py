@@ -85,8 +85,15 @@ def test_shipped_configs_load():
         "finn2017_maml_omniglot_5w1s",
         "finn2017_maml_omniglot_20w1s",
     }
+    from metadist import sweep, tune
+
     for f in files:
-        config.load(f)
+        if f.parent.name == "sweeps":  # sweep and tune files: every member's config checked
+            assert sweep.read(f).members()
+        elif f.parent.name == "tune":
+            assert tune.read(f).space
+        else:
+            config.load(f)
 
 
 def test_folder_keys_moved_under_data_folder():

@@ -438,7 +438,8 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
         },
     )
     train(config.load(None, base + ["run.name=first", "train.steps=8"]), log=lambda *a: None)
-    rec_file = next((tmp_path / "cache").glob("budget-*.json"))
+    # the probe's record (budget-steady-*.json is the refit's)
+    (rec_file,) = [p for p in (tmp_path / "cache").glob("budget-*.json") if "steady" not in p.name]
     rec = json.loads(rec_file.read_text())
     assert rec["step_s"] > 0 and rec["val_s"] > 0 and rec["ckpt_s"] > 0
     # the timed checkpoint was written aside and removed: only the run's own remain
