@@ -54,10 +54,10 @@ def test_a_killed_sweep_resumes_and_its_table_is_its_members_summaries(tmp_path,
     cfg, over = base(tmp_path, omniglot_dir, **{"train.steps": 30, "train.checkpoint_every": 2})
     sweep = tmp_path / "seeds.yaml"
     grid = {"train.meta_lr": [0.001, 0.003]}
-    spec = {"config": str(cfg), "overrides": over, "seeds": [0, 1], "grid": grid}
+    spec = {"config": str(cfg), "overrides": over, "seeds": [0, 1], "grid": grid, "parallel": 1}
     sweep.write_text(yaml.safe_dump(spec))
     root = tmp_path / "runs" / "seeds"
-    first, second = root / "meta_lr=0.001_seed0", root / "meta_lr=0.001_seed1"
+    first, second = root / "train.meta_lr=0.001_seed0", root / "train.meta_lr=0.001_seed1"
     p = popen("sweep", sweep)
     wait_for(lambda: checkpointed(second), "the second member's first checkpoint")
     p.send_signal(signal.SIGKILL)  # the sweep dies; its running member checkpoints and stops
@@ -68,7 +68,7 @@ def test_a_killed_sweep_resumes_and_its_table_is_its_members_summaries(tmp_path,
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "4 members, 1 finished, 3 to run" in r.stdout
     assert (first / "summary.json").stat().st_mtime_ns == done  # never rerun
-    assert "resuming" in (root / "meta_lr=0.001_seed1.log").read_text()
+    assert "resuming" in (root / "train.meta_lr=0.001_seed1.log").read_text()
     table = json.loads((root / "sweep.json").read_text())
     assert len(table["members"]) == 4
     for row in table["members"]:
@@ -83,6 +83,20 @@ def test_a_killed_sweep_resumes_and_its_table_is_its_members_summaries(tmp_path,
         assert g["ci95"] == pytest.approx(12.706 * statistics.stdev(accs) / 2**0.5)
     md = (root / "sweep.md").read_text()
     assert "| train.meta_lr=0.003 | 2 |" in md and (root / "sweep.csv").read_text().count("\n") == 5
+
+
+def test_members_run_two_at_a_time_unless_they_have_a_time_budget(tmp_path, omniglot_dir):
+    from metadist import sweep
+
+    cfg, over = base(tmp_path, omniglot_dir)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"config": str(cfg), "overrides": over, "seeds": [0, 1, 2]}))
+    assert sweep.read(f).parallel == (2 if (os.cpu_count() or 1) >= 2 else 1)
+    assert sweep.read(f, ["train.max_minutes=5"]).parallel == 1
+    assert sweep.read(f, parallel=3).parallel == 3
+    s = sweep.read(f, seeds=[4])
+    assert s.parallel == 1 and [m.name for m in s.members()] == ["seed4"]
+    assert "train.threads=1" in s.command(s.members()[0], threads=1)
 
 
 def test_student_t_matches_its_table():
@@ -105,7 +119,7 @@ def test_bad_sweep_and_tune_files_are_one_line(tmp_path, omniglot_dir):
         r = run_cli("sweep", tmp_path / name)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "unknown key 'seed'" in run_cli("sweep", tmp_path / "key.yaml").stderr
-    assert "member meta_lr=fast_seed0: train.meta_lr: expected float" in (
+    assert "member train.meta_lr=fast_seed0: train.meta_lr: expected float" in (
         run_cli("sweep", tmp_path / "member.yaml").stderr
     )
     bad = tmp_path / "space.yaml"
