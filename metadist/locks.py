@@ -16,6 +16,17 @@ import time
 from pathlib import Path
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a lock's last holder, a search's worker)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 def _holder(f) -> str:
     f.seek(0)
     return f.read().strip() or "another process"

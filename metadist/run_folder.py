@@ -7,7 +7,6 @@ taken over. A second launch on a busy folder names the process that holds it and
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,16 +16,6 @@ from metadist.errors import MetadistError
 
 class RunBusy(MetadistError):
     pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 class RunFolder:
@@ -54,7 +43,7 @@ class RunFolder:
 
         self._lock = locks.take(self.lock_path, refuse=busy)  # held until close()
         old = self._lock.last.split()
-        if old and old[0].startswith("pid=") and not _alive(int(old[0][4:])):
+        if old and old[0].startswith("pid=") and not locks.alive(int(old[0][4:])):
             self.notes.append(f"took over the lock of process {old[0][4:]}, which is gone")
         if self.run.fresh and self.dir.exists():
             shutil.rmtree(self.dir)

@@ -123,24 +123,30 @@ def _value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+KEYS = ("name", "config", "overrides", "seeds", "grid", "parallel")
+
+
+def read_file(path: Path, what: str, keys: tuple, error: type) -> dict:
+    """A sweep or tune file's YAML mapping, its keys among `keys`; else one `error` line."""
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected keys {', '.join(keys)}")
+    unknown = sorted(set(d) - set(keys))
+    if unknown:
+        raise error(f"{path}: unknown key {unknown[0]!r} (a {what} file has {', '.join(keys)})")
+    return d
+
+
 def read(path, overrides=(), seeds=None, parallel=None) -> Sweep:
     """A sweep file, with the command line's seeds, parallelism and extra overrides; every
     member's config is checked before anything runs."""
     path = Path(path)
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise SweepError(f"{path}: cannot read the sweep file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise SweepError(f"{path}: expected keys config, overrides, seeds, grid, parallel")
-    unknown = set(d) - {"name", "config", "overrides", "seeds", "grid", "parallel"}
-    if unknown:
-        raise SweepError(
-            f"{path}: unknown key {sorted(unknown)[0]!r} (a sweep file has config, overrides, "
-            "seeds, grid, parallel and name)"
-        )
+    d = read_file(path, "sweep", KEYS, SweepError)
     if "config" not in d:
         raise SweepError(f"{path}: no 'config' (the training config every member starts from)")
     grid = d.get("grid") or {}

@@ -42,10 +42,11 @@ from pathlib import Path
 
 import yaml
 
+from metadist import locks
 from metadist.config import ConfigError
 from metadist.config import load as load_config
 from metadist.errors import MetadistError, Preempted
-from metadist.sweep import Children, start
+from metadist.sweep import Children, read_file, start
 
 KEYS = ("name", "config", "overrides", "trials", "space", "enqueue", "pruner", "storage", "seed")
 
@@ -103,17 +104,7 @@ def read(path, overrides=(), trials=None, storage=None) -> Tune:
     """A tune file with the command line's trials, storage and extra overrides; the space's
     bounds and the config at each bound are checked before anything runs."""
     path = Path(path)
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise TuneError(f"{path}: cannot read the tune file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise TuneError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise TuneError(f"{path}: expected keys {', '.join(KEYS)}")
-    unknown = sorted(set(d) - set(KEYS))
-    if unknown:
-        raise TuneError(f"{path}: unknown key {unknown[0]!r} (a tune file has {', '.join(KEYS)})")
+    d = read_file(path, "tune", KEYS, TuneError)
     for key in ("config", "space"):
         if not d.get(key):
             raise TuneError(f"{path}: no '{key}'")
@@ -242,22 +233,12 @@ def _recover(s) -> int:
     host = socket.gethostname()
     for tr in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = tr.user_attrs.get("pid")
-        if tr.user_attrs.get("host") != host or pid is None or _alive(pid):
+        if tr.user_attrs.get("host") != host or pid is None or locks.alive(pid):
             continue
         s._storage.set_trial_state_values(tr._trial_id, state=TrialState.FAIL)
         _retry(s, tr)
         n += 1
     return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def search(t: Tune, say=print) -> dict:
