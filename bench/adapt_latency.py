@@ -46,15 +46,14 @@ ALGOS = ("maml", "anil", "protonet", "pretrain")
 def learner_for(algo: str, backbone: str, folder: Path, device: str = "cpu"):
     import metadist
     from metadist import config
-    from metadist.algorithms import get
+    from metadist.algorithms import get, model_of
     from metadist.checkpoint import save_weights
-    from metadist.models import build_model
 
     cfg = config.load(None, [f"algo.name={algo}", "data.queries=15", *BACKBONES[backbone]])
     d = cfg.data
     torch.manual_seed(0)
     rows = get(cfg.algo).head_rows(cfg.algo, d.ways, 64)
-    model = build_model(cfg.model, cfg.algo, (d.channels, d.image_size, d.image_size), rows)
+    model = model_of(cfg.model, cfg.algo, (d.channels, d.image_size, d.image_size), rows)
     path = folder / f"{algo}-{backbone}.safetensors"
     save_weights(model, path, cfg.to_dict(), 0)
     return metadist.load(path, device=device), cfg

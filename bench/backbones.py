@@ -24,6 +24,7 @@ from bench.bench import graph_bytes
 from metadist import machine
 from metadist.algorithms import maml
 from metadist.algorithms.core import Inner
+from metadist.data.synthetic import random_batch
 from metadist.models import InnerRates, library
 from metadist.models.conv4 import ConvNet
 from metadist.models.resnet12 import ResNet12
@@ -34,13 +35,7 @@ GPU_BYTES = 80e9 * 0.9
 
 
 def batch(tasks: int):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "x_support": torch.rand(tasks, 5, 3, 84, 84, generator=g),
-        "y_support": torch.arange(5).expand(tasks, -1),
-        "x_query": torch.rand(tasks, 75, 3, 84, 84, generator=g),
-        "y_query": torch.arange(5).repeat_interleave(15).expand(tasks, -1),
-    }
+    return random_batch(tasks, 5, 1, 15, (3, 84, 84))
 
 
 PROTO = Inner(0, 0.01, True, head_init="proto", ways=5)  # ProtoNets: no inner loop

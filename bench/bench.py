@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import meta_step as reference_step
 from metadist.algorithms import maml
 from metadist.algorithms.core import Inner
+from metadist.data.synthetic import random_batch
 from metadist.machine import cpu_facts
 from metadist.models.conv4 import ConvNet
 from metadist.step.compute import Eager, Graphed, meta_backward
@@ -76,13 +77,7 @@ def flops_per_task(model, batch, inner: Inner) -> float:
 
 
 def make_batch(ways, tasks, device, shots=1, queries=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b = {
-        "x_support": torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
-        "y_support": torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous(),
-        "x_query": torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
-        "y_query": torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous(),
-    }
+    b = random_batch(tasks, ways, shots, queries, seed=seed)
     return {k: v.to(device) for k, v in b.items()}
 
 

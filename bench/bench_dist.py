@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,17 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench import machine  # noqa: E402
 from metadist.data.synthetic import write_synthetic  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_bin() -> str:
-    exe = Path(sys.executable).with_name("accelerate")
-    return str(exe) if exe.exists() else shutil.which("accelerate")
+from metadist.distributed import accelerate_bin, free_port  # noqa: E402
 
 
 def run(nproc: int, args: list[str]) -> dict:

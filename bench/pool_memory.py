@@ -150,7 +150,7 @@ def ranks_share(root: Path, ranks: int, mode: str, work: Path) -> dict:
     out = work / f"ranks-{ranks}-{mode}.json"
     cmd = [sys.executable, __file__, "--rank-main", str(root), mode, str(out)]
     if ranks > 1:
-        from tests.conftest import accelerate_bin, free_port
+        from metadist.distributed import accelerate_bin, free_port
 
         launch = [
             accelerate_bin(),
@@ -227,9 +227,9 @@ def streamed(root: Path, mode: str, work: Path, limit_gb: float = 0.0) -> dict:
     if limit_gb and group is None:
         return {"mode": mode, "error": "no writable memory cgroup on this machine"}
     if limit_gb:  # the pages cached (and charged elsewhere) while the pool was written: read anew
-        from bench.startup import drop_pages
+        from metadist.data.store import drop_cached_pages
 
-        drop_pages(root)
+        drop_cached_pages(root)
     if group is not None:
         cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *cmd]
     env = dict(os.environ, METADIST_CACHE_DIR=str(work / "cache"))

@@ -26,25 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadist import config, machine
-from metadist.models import build_model
+from metadist.algorithms import model_of
+from metadist.data.synthetic import random_batch
+from metadist.distributed import OneProcess
 from metadist.step import Plan, build
-from metadist.step import reduce as exact
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class OneProcess:
-    world, rank, device, reduce_seconds = 1, 0, torch.device("cpu"), 0.0
-
-
 def batch(tasks, ways=5):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "x_support": torch.rand(tasks, ways, 1, 28, 28, generator=g),
-        "y_support": torch.arange(ways).expand(tasks, -1),
-        "x_query": torch.rand(tasks, ways, 1, 28, 28, generator=g),
-        "y_query": torch.arange(ways).expand(tasks, -1),
-    }
+    return random_batch(tasks, ways)
 
 
 def saved_bytes(fn) -> int:
@@ -86,11 +77,8 @@ def step_times(rounds: int, quick: bool):
                 ],
             )
             torch.manual_seed(0)
-            worlds = tuple(exact.worlds(tasks, at_once)) if reduce == "exact" else ()
-            model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
-            s = build(
-                cfg, model, OneProcess(), Plan(at_once, reduce, "eager", worlds), tasks, print
-            )
+            model = model_of(cfg.model, cfg.algo, (1, 28, 28), 5)
+            s = build(cfg, model, OneProcess(), Plan.fixed(at_once, reduce, tasks), tasks)
             steps[name] = s
             chunk = {k: v[: at_once or tasks] for k, v in batch(tasks).items()}
             n = sum(p.numel() for p in s.param_list)

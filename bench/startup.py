@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench import machine  # noqa: E402
+from metadist.data.store import drop_cached_pages  # noqa: E402
 
 _FIRST = re.compile(r"first meta-step done ([\d.]+) s after launch")
 
@@ -55,16 +56,6 @@ def first_step(args: list[str], cwd: Path, env: dict) -> tuple[float, float]:
 _CHECKED = re.compile(r"checked ([\d.]+) MB of pool shards in ([\d.]+) s \((\d+) MB/s\)")
 
 
-def drop_pages(root: Path) -> None:
-    """Ask the kernel to drop the cached pages of every shard under `root` (a cold node)."""
-    for path in root.rglob("*.tar"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def pool_startup(gb: float, repeats: int, work: Path) -> None:
     """Launch to first logged step on an 84x84 dataset with a `gb` GB train pool, cold and warm."""
     from bench.pool_memory import make_pool, pool_overrides
@@ -89,7 +80,7 @@ def pool_startup(gb: float, repeats: int, work: Path) -> None:
         env = dict(os.environ, METADIST_CACHE_DIR=str(cache))
         for state in ("cold", "warm"):
             if state == "cold":
-                drop_pages(root)
+                drop_cached_pages(root)
             wall, own, checked = first_step_checked([*args, f"run.name={state}{i}"], work, env)
             rows[state].append((wall, own, checked))
     print(f"{'node':<6} {'launch to first step (s, median)':>33} {'after import (s)':>17}  hashing")

@@ -38,9 +38,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadist import config, machine
+from metadist.algorithms import model_of
 from metadist.data.episodes import episode_rng, sample_episode
 from metadist.data.sources import decode, folder, preprocess
-from metadist.models import build_model
+from metadist.data.synthetic import random_batch
+from metadist.distributed import OneProcess
 from metadist.step import Plan, build
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 84
@@ -90,19 +92,10 @@ def consumption(steps: int = 2) -> dict:
             ],
         )
 
-        class One:
-            world, rank, device, reduce_seconds = 1, 0, torch.device("cpu"), 0.0
-
         torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.algo, (3, 84, 84), 5)
-        s = build(cfg, model, One(), Plan(0, "fast"), 4, say=lambda *a: None)
-        g = torch.Generator().manual_seed(0)
-        b = {
-            "x_support": torch.rand(4, 5, 3, 84, 84, generator=g),
-            "y_support": torch.arange(5).expand(4, -1),
-            "x_query": torch.rand(4, 75, 3, 84, 84, generator=g),
-            "y_query": torch.arange(5).repeat_interleave(15).expand(4, -1),
-        }
+        model = model_of(cfg.model, cfg.algo, (3, 84, 84), 5)
+        s = build(cfg, model, OneProcess(), Plan(0, "fast"), 4)
+        b = random_batch(4, 5, 1, 15, (3, 84, 84))
         s(0, b, lambda: torch.zeros(3))
         t = time.perf_counter()
         for i in range(steps):
@@ -115,11 +108,10 @@ def in_place(work: Path, gb: float, steps: int) -> list[dict]:
     """Episodes/s of the real train stream over a `gb` GB pool read in place, cold and warm, for
     0, 1 and 2 DataLoader workers."""
     from bench.pool_memory import make_pool
-    from bench.startup import drop_pages
     from metadist.data.device import meta_batches
     from metadist.data.order import StreamSpec
     from metadist.data.split import EpisodeSource
-    from metadist.data.store import Access
+    from metadist.data.store import Access, drop_cached_pages
 
     root = make_pool(work, gb)
     access = Access(cache_dir=str(work / "cache"))
@@ -128,7 +120,7 @@ def in_place(work: Path, gb: float, steps: int) -> list[dict]:
     for workers in (0, 1, 2):
         for state in ("cold", "warm"):
             if state == "cold":
-                drop_pages(root)
+                drop_cached_pages(root)
             source = EpisodeSource(root, "train", seed=0, access=access)
             t, n = time.perf_counter(), 0
             for b in meta_batches(source, StreamSpec(0, 4, 0, 1, 0, steps, num_workers=workers)):

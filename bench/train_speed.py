@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench import machine as machine_line
-from bench.reduce import OneProcess, batch
+from bench.reduce import batch
 from bench.reference import meta_step as reference_step
 from metadist import config
-from metadist.models import build_model
+from metadist.algorithms import model_of
+from metadist.distributed import OneProcess
 from metadist.step import Plan, runner
 from metadist.step import build as build_step
 from metadist.step import plan as plan_mod
-from metadist.step import reduce as reduce_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,18 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(tasks: int, overrides: list[str], at_once: int = 0, compute: str = "eager"):
     cfg = config.load(ROOT / "configs/strong.yaml", [f"train.meta_batch_size={tasks}", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
-    reduce = cfg.train.reduce
-    worlds = tuple(reduce_mod.worlds(tasks, at_once)) if reduce == "exact" else ()
-    plan = Plan(at_once, reduce, compute, worlds)
-    return build_step(cfg, model, OneProcess(), plan, tasks, say=lambda *a: None), cfg
+    model = model_of(cfg.model, cfg.algo, (1, 28, 28), 5)
+    plan = Plan.fixed(at_once, cfg.train.reduce, tasks, compute)
+    return build_step(cfg, model, OneProcess(), plan, tasks), cfg
 
 
 def measured_at_once(tasks: int, first_order: bool) -> tuple[int, dict]:
     """What `auto` measures here for fast mode (not cached: this bench's own measurement)."""
     step, _ = build(tasks, [f"algo.first_order={first_order}", "train.reduce=fast"])
     sizes = [c for c in plan_mod.SIZES if c <= tasks]
-    run = runner(step.learner, batch, max(sizes), torch.device("cpu"))
+    run = runner(step.trainable, batch, max(sizes), torch.device("cpu"))
     rec = plan_mod.pick(run, sizes)
     return rec["at_once"], rec["tasks_per_s"]
 
@@ -79,7 +77,7 @@ def reference(tasks: int, fo: bool):
     """The exercise's meta-step with its Adam step (a fixed inner lr: no learned rates)."""
     _, cfg = build(tasks, ["algo.learn_inner_lr=none"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.algo, (1, 28, 28), 5)
+    model = model_of(cfg.model, cfg.algo, (1, 28, 28), 5)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
 
     def run(b):

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ from bench.bench import graph_bytes  # noqa: E402
 from metadist import machine  # noqa: E402
 from metadist.algorithms import maml  # noqa: E402
 from metadist.algorithms.core import Inner  # noqa: E402
+from metadist.data.store import drop_cached_pages  # noqa: E402
+from metadist.data.synthetic import random_batch  # noqa: E402
 from metadist.models.conv4 import ConvNet  # noqa: E402
 from metadist.models.resnet12 import ResNet12  # noqa: E402
 from metadist.step.compute import Eager, meta_backward  # noqa: E402
@@ -47,14 +48,7 @@ LARGEST = (50, 10, 10)  # ways, support and query images a class: 500 + 500
 
 def episode(ways: int, shots: int, queries: int) -> dict:
     """One padded-format task (the masked path training runs on variable episodes)."""
-    g = torch.Generator().manual_seed(0)
-    return {
-        "x_support": torch.rand(1, ways * shots, 3, 84, 84, generator=g),
-        "y_support": torch.arange(ways).repeat_interleave(shots)[None],
-        "x_query": torch.rand(1, ways * queries, 3, 84, 84, generator=g),
-        "y_query": torch.arange(ways).repeat_interleave(queries)[None],
-        "ways": torch.tensor([ways]),
-    }
+    return dict(random_batch(1, ways, shots, queries, (3, 84, 84)), ways=torch.tensor([ways]))
 
 
 VARIANTS = {
@@ -170,19 +164,6 @@ def synthetic_split(work: Path, classes: int = 64, per_class: int = 600) -> Path
     return root
 
 
-def drop_pages(folder: Path) -> bool:
-    """Ask the kernel to drop the cached pages of the files under `folder` (posix_fadvise)."""
-    ok = True
-    for p in folder.rglob("*.tar"):
-        try:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        except (OSError, AttributeError):
-            ok = False
-    return ok
-
-
 def reading(work: Path) -> None:
     from metadist.data.order import StreamSpec, VariableBatches
     from metadist.data.split import EpisodeSource
@@ -196,7 +177,7 @@ def reading(work: Path) -> None:
     model = ConvNet(50, hidden=32, depth=4, in_channels=3, side=84)
     proto = VARIANTS["ProtoNets"]
     for label in ("cold", "warm"):
-        dropped = drop_pages(root) if label == "cold" else True
+        dropped = drop_cached_pages(root) if label == "cold" else True
         src = EpisodeSource(root, "train", 0)
         stream = VariableBatches(src, StreamSpec(0, 8, 0, 1, 0, 25))
         t, images, batches = time.perf_counter(), 0, []

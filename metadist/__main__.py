@@ -1,6 +1,6 @@
-"""Command line: `metadist {prepare,verify,train,evaluate,predict,export,demo,plot,export-tasks,
-show} [--config FILE] [key=value ...]` (also `python -m metadist ...` and `accelerate launch -m
-metadist train ...`). The same from Python: metadist/api.py (`metadist.load`).
+"""Command line: `metadist {prepare,verify,train,evaluate,predict,export,demo,sweep,tune,plot,
+export-tasks,show} [--config FILE] [key=value ...]` (also `python -m metadist ...` and
+`accelerate launch -m metadist train ...`). The same from Python: metadist/api.py (`metadist.load`).
 
 Config keys are set only as `section.key=value` arguments (see metadist/config.py); the flags
 here name files and folders. Each command imports only what it uses. A user-facing error
@@ -95,44 +95,39 @@ def apply_debug(cfg: config_mod.Config, explicit: set[str]) -> config_mod.Config
 
 
 def _model(args):
-    import torch
+    """The run's model, its config with the command's overrides, its device (the API's load)."""
+    from metadist.api import load
 
-    from metadist.checkpoint import load_model
-
-    model, cfg = load_model(args.run)
-    cfg = config_mod.override(cfg, args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), cfg, device
+    learner = load(args.run, overrides=args.overrides)
+    return learner.model, learner.cfg, learner.device
 
 
 def cmd_evaluate(args):
     from metadist.algorithms import eval_inner
     from metadist.data.prepare import shards_dir
-    from metadist.data.split import source_names
+    from metadist.data.roots import Sources
     from metadist.data.store import Access
     from metadist.evaluate import format_table, test_report
 
     model, cfg, device = _model(args)
     access = Access.of(cfg.data)
     explicit = args.shards or any(o.startswith("data.shards=") for o in args.overrides)
-    if cfg.data.sources and not explicit:  # the run's sources, Meta-Dataset's table
-        limit = cfg.eval.episodes_per_source
-        splits = {
-            name: _eval_split(root, args.split, cfg, access)
-            for name, root in zip(source_names(cfg.data.sources), cfg.data.sources)
-        }
-    else:  # one shards folder: the run's own, or another (cross-domain)
-        limit = cfg.eval.test_episodes
-        root = args.shards or shards_dir(cfg.data)
-        splits = {str(root): _eval_split(root, args.split, cfg, access)}
+    # the run's own sources (many: Meta-Dataset's table), or another shards folder (cross-domain)
+    if explicit:
+        sources = Sources.one(args.shards or shards_dir(cfg.data), access)
+    else:
+        sources = Sources.of(cfg.data)
+    splits = {
+        n: _eval_split(r, args.split, cfg, access) for n, r in zip(sources.names, sources.roots)
+    }
     first = next(iter(splits.values()))
     inner = eval_inner(cfg.algo, cfg.eval, model, first.ways)
-    episodes = {n: s.all(limit if args.split == "test" else 0) for n, s in splits.items()}
-    table = bool(cfg.data.sources and not explicit)
-    r = test_report(model, episodes, table, inner, cfg.eval.tasks_per_batch, device)
-    if table:
+    limit = sources.test_limit(cfg.eval) if args.split == "test" else 0
+    episodes = {n: s.all(limit) for n, s in splits.items()}
+    r = test_report(model, episodes, sources.many, inner, cfg.eval.tasks_per_batch, device)
+    if sources.many:
         print(format_table(r, f"{args.split} source"), file=sys.stderr)
-    split = args.split if table else str(first.dir)
+    split = args.split if sources.many else str(first.dir)
     print(json.dumps(dict(r, inner_steps=inner.steps, split=split)))
 
 
@@ -140,16 +135,14 @@ def _eval_split(root, split: str, cfg, access):
     """A split of shards the run's model can be evaluated on: its image shape, and the ways of a
     learned head."""
     from metadist.algorithms import get
+    from metadist.data.roots import image_shape_problem
     from metadist.data.split import EpisodeSource
 
     src = EpisodeSource(root, split, access=access)
     m = src.manifest
     want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
-    if m["image_shape"] != want:
-        raise config_mod.ConfigError(
-            f"{src.dir}: images of shape {m['image_shape']}, the model takes {want} "
-            "(prepare these shards at the model's data.image_size and data.channels)"
-        )
+    if problem := image_shape_problem(str(src.dir), m["image_shape"], want):
+        raise config_mod.ConfigError(problem)
     if get(cfg.algo).head_init(cfg.algo) == "learned" and (
         src.variable or m["ways"] != cfg.data.ways
     ):
@@ -161,16 +154,10 @@ def _eval_split(root, split: str, cfg, access):
 
 
 def cmd_predict(args):
-    from metadist.algorithms import eval_inner
-    from metadist.data.prepare import preprocessing
-    from metadist.evaluate import predict, read_task_folder
+    from metadist.api import load, predict_folder
 
-    model, cfg, device = _model(args)
-    tasks = read_task_folder(Path(args.tasks), preprocessing(cfg.data))
-    inner = eval_inner(cfg.algo, cfg.eval, model, cfg.data.ways)
-    n = predict(
-        model, inner, tasks, cfg.data.ways, Path(args.out), device, cfg.eval.tasks_per_batch
-    )
+    learner = load(args.run, overrides=args.overrides)
+    n = predict_folder(learner, Path(args.tasks), Path(args.out))
     print(f"wrote predictions for {n} tasks to {args.out}")
 
 
@@ -180,8 +167,10 @@ def cmd_export(args):
     learner = load(args.run, overrides=args.overrides)
     if args.embedding:
         out = learner.export_embedding(args.out)
-        print(f"wrote the embedding network (n, {', '.join(map(str, learner.image_shape))}) -> "
-              f"(n, {learner.model.feature_dim}) to {out}")  # fmt: skip
+        shape = ", ".join(map(str, learner.image_shape))
+        print(
+            f"wrote the embedding network (n, {shape}) -> (n, {learner.model.feature_dim}) to {out}"
+        )
         return
     if not args.task:
         raise config_mod.ConfigError("metadist export: give --task SUPPORT_DIR, or --embedding")
@@ -253,8 +242,8 @@ def _split_source(args):
 
 
 def cmd_export_tasks(args):
-    from metadist.data.export import export_tasks
     from metadist.data.prepare import preprocessing
+    from metadist.data.task_files import export_tasks
 
     cfg, src = _split_source(args)
     n = export_tasks(
@@ -269,7 +258,7 @@ def cmd_export_tasks(args):
 
 
 def cmd_show(args):
-    from metadist.data.export import show
+    from metadist.data.task_files import show
 
     cfg, src = _split_source(args)
     aug = cfg.data.task_aug if args.split == "train" else 0.0
@@ -331,7 +320,7 @@ def _model_commands(add) -> None:
     s.add_argument(
         "--debug",
         action="store_true",
-        help="single device, few steps, anomaly detection, strategy cross-check",
+        help="single device, few steps, anomaly detection, tasks-at-once cross-check",
     )
     for name, fn, help in (
         ("evaluate", cmd_evaluate, "mean accuracy +- 95%% CI on fixed episodes"),

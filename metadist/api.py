@@ -17,6 +17,8 @@ call, as `metadist predict` does. Bad input raises `APIError`, one line naming i
 
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +28,8 @@ from metadist.algorithms import eval_inner, get
 from metadist.algorithms.core import adapt_task
 from metadist.checkpoint import load_model
 from metadist.config import override
-from metadist.data.episodes import to_float
+from metadist.data.images import SUFFIXES, ImageError, Images
 from metadist.data.prepare import preprocessing
-from metadist.data.sources import DataError, decode, preprocess
 from metadist.errors import MetadistError
 
 
@@ -52,7 +53,7 @@ class Learner:
 
     def __init__(self, model, cfg, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
-        self.prep = preprocessing(cfg.data)
+        self.images = Images(preprocessing(cfg.data))
         self.algo = get(cfg.algo)
         self.head_init = self.algo.head_init(cfg.algo)
         # a learned head has a row per class it was trained for; the others as many as a task has
@@ -61,26 +62,15 @@ class Learner:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.prep["channels"], self.prep["size"], self.prep["size"])
+        return self.images.shape
 
     def preprocess(self, images) -> torch.Tensor:
         """Images (see the module's docstring) -> (n, C, H, W) float in [0, 1] on the learner's
-        device: the tensor the model sees."""
-        return to_float(torch.stack([self._one(x, i) for i, x in enumerate(_items(images))])).to(
-            self.device
-        )
-
-    def _one(self, x, i: int) -> torch.Tensor:
-        """One image -> (C, size, size) uint8, as prepare writes it."""
-        c = self.prep["channels"]
-        if isinstance(x, (str, Path)):
-            try:
-                x = decode(Path(x), c)
-            except DataError as e:
-                raise APIError(str(e)) from None
-        else:
-            x = _uint8_chw(x, i, c)
-        return preprocess(x[None], self.prep["size"], self.prep["resize"], self.prep["invert"])[0]
+        device: the tensor the model sees (metadist.data.images)."""
+        try:
+            return self.images.tensor(images).to(self.device)
+        except ImageError as e:
+            raise APIError(str(e)) from None
 
     def embed(self, images) -> torch.Tensor:
         """The body's features of `images` (n, feature_dim), BatchNorm on their own statistics:
@@ -91,14 +81,17 @@ class Learner:
 
     def logits_many(self, tasks: list, xs: list) -> list[torch.Tensor]:
         """Tasks' logits of their preprocessed images `xs` ((n, C, H, W) each), computed together
-        where the shapes allow."""
+        where the shapes allow (as `metadist evaluate` does)."""
         return _logits_many(tasks, xs)
 
     def export_embedding(self, path, images: int = 0) -> Path:
-        """The embedding network alone (metadist.export) to `path` (.onnx or .pt2)."""
-        from metadist.export import export_embedding
+        """The embedding network alone to `path` (.onnx or .pt2, metadist.export): preprocessed
+        images (n, C, H, W) -> features (n, feature_dim); `images`: the batch it is traced with
+        (default the run's query images per task)."""
+        from metadist.export import Embedding, write
 
-        return export_embedding(self, Path(path), images)
+        n = images or self.cfg.data.ways * self.cfg.data.queries
+        return write(Embedding(self.model).eval(), (n, *self.image_shape), Path(path), self.device)
 
     def inner(self, ways: int):
         return eval_inner(self.cfg.algo, self.cfg.eval, self.model, ways)
@@ -108,14 +101,24 @@ class Learner:
         once) defines, adapted to."""
         return self.adapt_many([(support, labels)])[0]
 
-    def adapt_many(self, tasks: list) -> list[Task]:
-        """[(support, labels), ...] -> their adapted Tasks; tasks of one shape adapt together."""
-        prepared = [self._task(s, y) for s, y in tasks]
+    def adapt_many(self, tasks: list, names: list | None = None) -> list[Task]:
+        """[(support, labels), ...] -> their adapted Tasks; tasks of one shape adapt together,
+        eval.tasks_per_batch at a time. An error names the task (by `names`, else its index)."""
+        prepared = []
+        for i, (s, y) in enumerate(tasks):
+            try:
+                prepared.append(self._task(s, y))
+            except APIError as e:
+                if names is None and len(tasks) == 1:
+                    raise
+                raise APIError(f"task {names[i] if names else i}: {e}") from None
         out: list = [None] * len(prepared)
         groups: dict = {}
         for i, (x, y) in enumerate(prepared):
             groups.setdefault((tuple(x.shape), tuple(y.tolist())), []).append(i)
-        for idx in groups.values():
+        size = max(1, self.cfg.eval.tasks_per_batch)
+        parts = [idx[s : s + size] for idx in groups.values() for s in range(0, len(idx), size)]
+        for idx in parts:
             x = torch.stack([prepared[i][0] for i in idx])
             y = torch.stack([prepared[i][1] for i in idx])
             for j, task in zip(idx, self._adapt(x, y)):
@@ -163,13 +166,14 @@ class Learner:
 
 
 def _logits_many(tasks: list, xs: list) -> list[torch.Tensor]:
-    """Each task's logits of its images, tasks with images of one shape computed together (as
-    `metadist evaluate` and `predict` do)."""
+    """Each task's logits of its images, tasks with images of one shape computed together,
+    eval.tasks_per_batch at a time (as `metadist evaluate` does)."""
     out: list = [None] * len(tasks)
     groups: dict = {}
     for i, (t, x) in enumerate(zip(tasks, xs)):
         groups.setdefault((tuple(x.shape), t.step), []).append(i)
-    for idx in groups.values():
+    size = max(1, tasks[0].learner.cfg.eval.tasks_per_batch) if tasks else 1
+    for idx in [g[s : s + size] for g in groups.values() for s in range(0, len(g), size)]:
         first = tasks[idx[0]]
         weights = {k: torch.cat([tasks[i].weights[k] for i in idx]) for k in first.weights}
         x = torch.stack([xs[i].to(first.learner.device) for i in idx])
@@ -208,18 +212,18 @@ class Task:
         """This task's classifier as a plain module: preprocessed images (n, C, H, W) -> logits."""
         from metadist.export import TaskClassifier
 
-        return TaskClassifier(self)
+        return TaskClassifier(self.learner.model, self.weights, self.step, self.ways)
 
     def export(self, path, queries: int = 0) -> Path:
         """The classifier (`module()`) written to `path`: ONNX for .onnx, a torch.export program
         for .pt2 (metadist.export). `queries`: the batch the graph is traced with (default the
         run's query images per task)."""
-        from metadist.export import export
+        from metadist.export import write
 
-        return export(self, Path(path), queries)
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+        learner = self.learner
+        n = queries or learner.cfg.data.ways * learner.cfg.data.queries
+        shape = (n, *learner.image_shape)
+        return write(self.module().eval(), shape, Path(path), learner.device)
 
 
 def support_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -232,7 +236,7 @@ def support_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     if subs:
         paths, labels = [], []
         for c, sub in enumerate(subs):
-            files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in sub.iterdir() if p.suffix.lower() in SUFFIXES)
             if not files:
                 raise APIError(f"{sub}: no images (each class folder holds its support images)")
             paths += files
@@ -245,59 +249,6 @@ def support_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
             f"{folder}: expected a subfolder per class, or image_0.png .. image_N.png (class i)"
         )
     return [files[f"image_{i}.png"] for i in range(n)], list(range(n)), [str(i) for i in range(n)]
-
-
-def _items(images) -> list:
-    """One image or many -> a list of single images."""
-    if isinstance(images, (str, Path)) or _is_pil(images):
-        return [images]
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        return [images] if images.ndim in (2, 3) and not _stacked(images) else list(images)
-    items = list(images)
-    if not items:
-        raise APIError("images: none given")
-    return items
-
-
-def _stacked(x) -> bool:
-    """A 3-d array is one image, (H, W, C) or (C, H, W) with C in 1, 3, 4; else n images."""
-    return x.ndim == 3 and x.shape[0] not in (1, 3, 4) and x.shape[-1] not in (1, 3, 4)
-
-
-def _is_pil(x) -> bool:
-    return type(x).__module__.startswith("PIL.")
-
-
-def _uint8_chw(x, i: int, channels: int) -> torch.Tensor:
-    """One image as an array, tensor or PIL image -> (C, H, W) uint8 with the run's channels."""
-    if _is_pil(x):
-        x = np.asarray(x.convert("L" if channels == 1 else "RGB"))
-    t = torch.as_tensor(np.array(x)) if not isinstance(x, torch.Tensor) else x.detach().cpu()
-    if t.ndim == 2:
-        t = t[None]
-    elif t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
-        t = t.permute(2, 0, 1)  # (H, W, C)
-    if t.ndim != 3:
-        raise APIError(
-            f"image {i}: shape {tuple(t.shape)}, expected (H, W), (H, W, C) or (C, H, W)"
-        )
-    if t.shape[0] == 4:
-        t = t[:3]  # RGBA: the colour, as Pillow's convert does without a background
-    if t.shape[0] != channels:
-        if channels == 3 and t.shape[0] == 1:
-            raise APIError(
-                f"image {i}: 1 channel, this run's model takes 3 (RGB): give colour images"
-            )
-        raise APIError(
-            f"image {i}: {t.shape[0]} channels, this run's model takes {channels} (grey): convert "
-            "it, or give a file path (read in the run's channels)"
-        )
-    low, high = (0, 1) if t.is_floating_point() else (0, 255)
-    if t.numel() and (t.min() < low or t.max() > high):
-        raise APIError(
-            f"image {i}: {t.dtype} values outside {low}..{high} (floats in [0, 1], ints 0..255)"
-        )
-    return ((t * 255).round() if t.is_floating_point() else t).to(torch.uint8)
 
 
 def _labels(labels, n: int) -> torch.Tensor:
@@ -313,3 +264,63 @@ def _labels(labels, n: int) -> torch.Tensor:
     if int(y.min()) < 0:
         raise APIError(f"labels: {int(y.min())} is not a class; labels are 0..ways-1")
     return y
+
+
+_NUM = re.compile(r"^\d+$")
+_IMG = re.compile(r"^image_(\d+)\.png$")
+
+
+def task_folder(tasks_dir: Path) -> list[tuple[str, list[Path], list[Path]]]:
+    """The exercise's layout (support/NNNN/image_i.png is class i; query/NNNN/image_j.png) ->
+    [(task id, support image paths, query image paths)] in task order."""
+    tasks_dir = Path(tasks_dir)
+    sup, qry = tasks_dir / "support", tasks_dir / "query"
+    if not sup.is_dir() or not qry.is_dir():
+        raise APIError(f"{tasks_dir}: expected folders support/ and query/")
+    ids = sorted((p.name for p in sup.iterdir() if p.is_dir() and _NUM.match(p.name)), key=int)
+    if not ids:
+        raise APIError(f"{sup}: no task folders (NNNN)")
+
+    def images(folder: Path) -> list[Path]:
+        files = sorted(
+            ((int(m[1]), p) for p in folder.glob("*.png") if (m := _IMG.match(p.name))),
+            key=lambda t: t[0],
+        )
+        if not files:
+            raise APIError(f"{folder}: no image_i.png files")
+        if [i for i, _ in files] != list(range(len(files))):
+            raise APIError(
+                f"{folder}: images must be image_0.png .. image_{len(files) - 1}.png without gaps"
+            )
+        return [p for _, p in files]
+
+    out = []
+    for i in ids:
+        if not (qry / i).is_dir():
+            raise APIError(f"{qry / i}: missing (support/{i} has no query folder)")
+        out.append((i, images(sup / i), images(qry / i)))
+    return out
+
+
+def predict_folder(learner: Learner, tasks_dir: Path, out_csv: Path) -> int:
+    """`metadist predict`: adapt to each task of `tasks_dir` (task_folder's layout) and write
+    `id,class` rows, one per query image in task order, to `out_csv`. Returns the task count."""
+    tasks = task_folder(tasks_dir)
+    ids = [i for i, _, _ in tasks]
+    adapted = learner.adapt_many([(s, list(range(len(s)))) for _, s, _ in tasks], ids)
+    queries = []
+    for i, _, q in tasks:
+        try:
+            queries.append(learner.preprocess(q))
+        except APIError as e:
+            raise APIError(f"task {i}: {e}") from None
+    rows = [
+        c for logits in learner.logits_many(adapted, queries) for c in logits.argmax(-1).tolist()
+    ]
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "class"])
+        w.writerows(enumerate(rows))
+    return len(tasks)

@@ -34,8 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metadist import config as config_mod
+from metadist.algorithms import model_of
 from metadist.errors import MetadistError, WeightsError
-from metadist.models import Backbone, backbone_weights, build_model
+from metadist.models import Backbone, backbone_weights
 
 __all__ = [
     "CheckpointManager",
@@ -117,7 +118,7 @@ def load_model(path: str | Path) -> tuple[Backbone, config_mod.Config]:
     cfg = config_mod.from_dict(meta["config"])
     d = cfg.data
     try:
-        model = build_model(
+        model = model_of(
             cfg.model,
             cfg.algo,
             (d.channels, d.image_size, d.image_size),

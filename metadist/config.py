@@ -178,7 +178,7 @@ class TrainConfig:
     budget_schedule: bool = False
     # budget_schedule: steps timed before the count is fixed (the lr holds until then)
     budget_probe: int = 30
-    debug: bool = False  # single device, anomaly detection, strategy cross-check
+    debug: bool = False  # single device, anomaly detection, tasks-at-once cross-check
     # a rank that stops answering fails the launch after this long
     collective_timeout_s: float = 600.0
     # steps between host reads of the stop flag (signal, max_minutes); 0 = 1 on CPU, 10 on GPU

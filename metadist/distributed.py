@@ -2,13 +2,15 @@
 
 `Dist(timeout_s)` starts one process's share of an `accelerate launch` (or a plain single
 process): CUDA when available, else CPU with gloo. A launch that asked for several processes but
-got no process group is an error, never several silent single-process runs. Meta-gradients are
-averaged across ranks explicitly, once per step, as one flattened buffer (the meta-learner is
-never wrapped in DDP, which does not support second-order gradients through autograd.grad); the
-same buffer carries each rank's stop votes (a signal, the wall-clock bound), so ranks agree on
-where to stop without a collective of their own. The collectives here are plain (`all_reduce`,
+got no process group is an error, never several silent single-process runs. The meta-gradient is
+summed across ranks explicitly, once per step (the meta-learner is never wrapped in DDP, which
+does not support second-order gradients through autograd.grad), with each rank's stop votes (a
+signal, the wall-clock bound, a changed shard) riding the same collective, so ranks agree on
+where to stop without one of their own. The collectives here are plain (`all_reduce`,
 `all_to_all`, `all_gather`, with a timeout and one-line errors); how the meta-gradient is summed
-with them is metadist/step/reduce.py's.
+with them (exact mode's tree over fixed groups, fast mode's all-reduce) is
+metadist/step/reduce.py's. `OneProcess` stands in for a Dist where one process computes alone
+(benchmarks, tests); `free_port` and `accelerate_bin` start launches on this machine.
 
 Launchers: `accelerate launch`, torchrun (also elastic: its TORCHELASTIC_* variables are read
 for the log) or a plain process; `threads` > 0 pins the intra-op threads of every process (on a
@@ -28,10 +30,13 @@ import atexit
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
+import socket
 import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -102,6 +107,28 @@ def elastic_info() -> dict | None:
         "run_id": os.environ["TORCHELASTIC_RUN_ID"],
         "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
     }
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (a rendezvous of processes launched on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_bin() -> str:
+    """The `accelerate` command beside this Python (its virtual environment), else on PATH."""
+    exe = Path(sys.executable).with_name("accelerate")
+    return str(exe) if exe.exists() else shutil.which("accelerate")
+
+
+class OneProcess:
+    """What the step needs of a `Dist`, for rank `rank` of `world` with no collectives: a
+    benchmark or a test in one process (a test of several ranks merges their sums itself)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device="cpu"):
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        self.reduce_seconds = 0.0
 
 
 class Dist:

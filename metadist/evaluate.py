@@ -1,28 +1,19 @@
 """Meta-test: adapt to each fixed episode without a second-order graph and report mean accuracy
 +- 95% CI (1.96 * std / sqrt(n)): `evaluate()` serves validation and bench/curve.py;
 `test_report()` (one split, or Meta-Dataset's table of sources) is the test of `metadist train`
-and of `metadist evaluate` alike. `predict()` writes the query classes of a folder of test tasks.
+and of `metadist evaluate` alike. (A folder of tasks is predicted through the Python API:
+metadist.api.predict_folder.)
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from metadist.algorithms.core import Inner, adapt_and_predict, per_task_accuracy
-from metadist.data.episodes import to_float
-from metadist.data.sources import DataError, decode, preprocess
-from metadist.errors import MetadistError
 from metadist.models import Backbone
-
-
-class EvalError(MetadistError):
-    pass
 
 
 def ci95(accs) -> tuple[float, float]:
@@ -36,7 +27,7 @@ def episode_accuracies(
     inner: Inner,
     batch: int,
     device,
-    strategy: str = "batched",
+    one_at_a_time: bool = False,
     dist=None,
 ) -> torch.Tensor:
     """Accuracy of each episode of `episodes` (a split's Episodes, fixed or variable, gathered on
@@ -49,7 +40,7 @@ def episode_accuracies(
     rows = []
     for s in range(rank * batch, len(episodes), world * batch):
         b = {k: v.to(device) for k, v in episodes.batch(s, s + batch).items()}
-        logits = adapt_and_predict(model, params, b, inner, strategy)
+        logits = adapt_and_predict(model, params, b, inner, one_at_a_time)
         acc = per_task_accuracy(logits, b["y_query"], b.get("ways"))
         rows.append(torch.cat([acc, acc.new_zeros(batch - len(acc))]))
     mine = torch.stack(rows) if rows else torch.zeros(0, batch, device=device)
@@ -63,13 +54,13 @@ def evaluate(
     inner: Inner,
     batch: int,
     device,
-    strategy: str = "batched",
+    one_at_a_time: bool = False,
     dist=None,
 ) -> dict:
     """{accuracy, ci95, episodes}: mean accuracy over the episodes after adapting with `inner`,
     `batch` episodes at a time. With `dist` (metadist.distributed.Dist) the episodes are shared
     among its ranks."""
-    accs = episode_accuracies(model, episodes, inner, batch, device, strategy, dist)
+    accs = episode_accuracies(model, episodes, inner, batch, device, one_at_a_time, dist)
     mean, ci = ci95(accs.cpu().numpy())
     return {"accuracy": mean, "ci95": ci, "episodes": len(episodes)}
 
@@ -77,7 +68,7 @@ def evaluate(
 def source_table(model: Backbone, splits: dict, inner: Inner, batch: int, device, **kw) -> dict:
     """Meta-Dataset's table: each source's accuracy +- 95% CI on its episodes (`splits`: name ->
     Episodes), and their mean with the CI of a mean of independent estimates
-    (sqrt(sum ci^2) / sources). kw: evaluate's strategy and dist."""
+    (sqrt(sum ci^2) / sources). kw: evaluate's one_at_a_time and dist."""
     rows = {name: evaluate(model, eps, inner, batch, device, **kw) for name, eps in splits.items()}
     cis = np.array([r["ci95"] for r in rows.values()])
     return {
@@ -91,10 +82,61 @@ def source_table(model: Backbone, splits: dict, inner: Inner, batch: int, device
 def test_report(model: Backbone, splits: dict, sources: bool, inner: Inner, batch, device, **kw):
     """The test report of `metadist train` and `metadist evaluate`: with `sources` (a run over
     Meta-Dataset's sources) the source table of `splits` (name -> Episodes), else the accuracy
-    +- 95% CI of its one split. kw: evaluate's strategy and dist."""
+    +- 95% CI of its one split. kw: evaluate's one_at_a_time and dist."""
     if sources:
         return source_table(model, splits, inner, batch, device, **kw)
     return evaluate(model, next(iter(splits.values())), inner, batch, device, **kw)
+
+
+class Evaluation:
+    """A training run's validation and test, on its sources' fixed episodes: `inner_of(steps)` is
+    the inner loop evaluation adapts with (None: eval.inner_steps); `e` the eval section;
+    `one_at_a_time` as the run's step computes its tasks; the episodes shared among `dist`'s
+    ranks."""
+
+    def __init__(self, model, inner_of, sources, e, one_at_a_time: bool, dist):
+        self.model, self.inner_of, self.sources, self.e = model, inner_of, sources, e
+        self.kw = {"one_at_a_time": one_at_a_time}
+        self.dist, self.device = dist, dist.device
+        self.val_sets = sources.episodes("val")
+
+    @property
+    def val_episodes(self) -> int:
+        return sum(len(v) for v in self.val_sets.values())
+
+    def accuracy(self, episodes, steps: int, dist=None) -> float:
+        inner, batch = self.inner_of(steps), self.e.tasks_per_batch
+        return evaluate(self.model, episodes, inner, batch, self.device, dist=dist, **self.kw)[
+            "accuracy"
+        ]
+
+    def validate(self) -> dict:
+        """The val accuracy on the fixed val episodes (many sources: the mean of theirs, each
+        one's as val_accuracy/<source> too)."""
+        steps = self.e.val_inner_steps
+        accs = {n: self.accuracy(eps, steps, self.dist) for n, eps in self.val_sets.items()}
+        out = {"val_accuracy": sum(accs.values()) / len(accs)}
+        if self.sources.many:
+            out.update({f"val_accuracy/{name}": a for name, a in accs.items()})
+        return out
+
+    def some(self) -> int:
+        """One validation on a few val episodes, on this rank alone (the budget schedule times
+        it)."""
+        some = next(iter(self.val_sets.values())).first(2 * self.e.tasks_per_batch)
+        self.accuracy(some, self.e.val_inner_steps)
+        return len(some)
+
+    def test(self) -> dict:
+        """The test report (per source with many), with the inner steps taken."""
+        inner, sources = self.inner_of(None), self.sources
+        tests = sources.episodes("test", sources.test_limit(self.e))
+        kw = dict(self.kw, dist=self.dist)
+        r = test_report(
+            self.model, tests, sources.many, inner, self.e.tasks_per_batch, self.device, **kw
+        )
+        r["inner_steps"] = inner.steps  # taken (protonet: 0 unless eval.finetune)
+        return r
 
 
 def format_table(table: dict, title: str = "source") -> str:
@@ -107,93 +149,3 @@ def format_table(table: dict, title: str = "source") -> str:
             f"{r['episodes']:8d}"
         )
     return "\n".join(lines)
-
-
-_NUM = re.compile(r"^\d+$")
-_IMG = re.compile(r"^image_(\d+)\.png$")
-
-
-def read_task_folder(tasks_dir: Path, prep: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """The exercise's layout -> [(task id, support (ways, C, H, W) uint8, query (m, C, H, W)
-    uint8)], every image through the training preprocessing `prep`
-    (metadist.data.prepare.preprocessing)."""
-    tasks_dir = Path(tasks_dir)
-    sup, qry = tasks_dir / "support", tasks_dir / "query"
-    if not sup.is_dir() or not qry.is_dir():
-        raise EvalError(f"{tasks_dir}: expected folders support/ and query/")
-    ids = sorted((p.name for p in sup.iterdir() if p.is_dir() and _NUM.match(p.name)), key=int)
-    if not ids:
-        raise EvalError(f"{sup}: no task folders (NNNN)")
-
-    def images(folder: Path) -> torch.Tensor:
-        files = sorted(
-            ((int(m[1]), p) for p in folder.glob("*.png") if (m := _IMG.match(p.name))),
-            key=lambda t: t[0],
-        )
-        if not files:
-            raise EvalError(f"{folder}: no image_i.png files")
-        if [i for i, _ in files] != list(range(len(files))):
-            raise EvalError(
-                f"{folder}: images must be image_0.png .. image_{len(files) - 1}.png without gaps"
-            )
-        try:
-            return torch.cat(
-                [
-                    preprocess(
-                        decode(p, prep["channels"]).unsqueeze(0),
-                        prep["size"],
-                        prep["resize"],
-                        prep["invert"],
-                    )
-                    for _, p in files
-                ]
-            )
-        except DataError as e:
-            raise EvalError(str(e)) from None
-
-    out = []
-    for i in ids:
-        if not (qry / i).is_dir():
-            raise EvalError(f"{qry / i}: missing (support/{i} has no query folder)")
-        out.append((i, images(sup / i), images(qry / i)))
-    return out
-
-
-def predict(
-    model: Backbone,
-    inner: Inner,
-    tasks: list,
-    ways: int,
-    out_csv: Path,
-    device="cpu",
-    batch: int = 64,
-) -> int:
-    """Adapt to each task's support (image i is class i; `tasks` from read_task_folder) with
-    `inner` and write `id,class` rows in task order."""
-    params = dict(model.named_parameters())
-    rows, n = [], 0
-    for s in range(0, len(tasks), batch):
-        group = tasks[s : s + batch]
-        for tid, sx, _ in group:
-            if sx.shape[0] != ways:
-                raise EvalError(
-                    f"task {tid}: {sx.shape[0]} support images (ways), the model adapts to "
-                    f"{ways}-way tasks"
-                )
-        shapes = {(sx.shape[0], qx.shape[0]) for _, sx, qx in group}
-        # tasks of equal size are adapted together; others one by one
-        for part in [group] if len(shapes) == 1 else [[t] for t in group]:
-            xs = to_float(torch.stack([sx for _, sx, _ in part])).to(device)
-            xq = to_float(torch.stack([qx for _, _, qx in part])).to(device)
-            ys = torch.arange(ways, device=device).expand(len(part), -1)
-            b = {"x_support": xs, "y_support": ys, "x_query": xq}
-            for row in adapt_and_predict(model, params, b, inner).argmax(-1).cpu():
-                for c in row.tolist():
-                    rows.append((n, c))
-                    n += 1
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "class"])
-        w.writerows(rows)
-    return len(tasks)

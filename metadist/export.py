@@ -3,6 +3,8 @@ inner rates applied, BatchNorm as it runs at test: on the statistics of the imag
 or for any algorithm the embedding network alone (ProtoNets' and pre-training's prototypes are
 then computed outside: class means of the support's embeddings). Input: the preprocessed images
 (n, C, H, W) float in [0, 1] (`Learner.preprocess`); output: logits (n, ways), or features.
+`write(module, shape, path)` exports any module taking such images (the API's Task.export and
+Learner.export_embedding call it with these two).
 
 Two formats, by the file's suffix: `.onnx` (torch.onnx's exporter, one file with its weights up
 to protobuf's 2 GB, beyond that a .onnx.data beside it; run it with onnxruntime) and
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metadist.algorithms.core import make_forward
+from metadist.algorithms.core import Forward
 from metadist.errors import MetadistError
 
 FORMATS = (".onnx", ".pt2")
@@ -29,17 +31,18 @@ class ExportError(MetadistError):
 
 
 class TaskClassifier(nn.Module):
-    """One adapted task's classifier: (n, C, H, W) -> logits (n, ways). BatchNorm is written from
-    mean and variance (the composite form, which every exporter reads), on the statistics of the
-    images of one call, as at test."""
+    """One adapted task's classifier: `model` with the task's adapted `weights` (each (1, *shape))
+    at inner step `step`, (n, C, H, W) -> logits (n, ways). BatchNorm is written from mean and
+    variance (the composite form, which every exporter reads), on the statistics of the images of
+    one call, as at test."""
 
-    def __init__(self, task):
+    def __init__(self, model: nn.Module, weights: dict, step: int, ways: int):
         super().__init__()
-        self.names = list(task.weights)
+        self.names = list(weights)
         for i, k in enumerate(self.names):
-            self.register_buffer(f"w{i}", task.weights[k].detach().clone())
-        self.forward_ = make_forward(task.learner.model, "batched", second_order=True)
-        self.step, self.ways = task.step, task.ways
+            self.register_buffer(f"w{i}", weights[k].detach().clone())
+        self.forward_ = Forward(model, one_at_a_time=False, native=False)  # composite BatchNorm
+        self.step, self.ways = step, ways
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {k: getattr(self, f"w{i}") for i, k in enumerate(self.names)}
@@ -57,27 +60,12 @@ class Embedding(nn.Module):
         return self.model.features(x)
 
 
-def export(task, path: Path, queries: int = 0) -> Path:
-    """A Task's classifier to `path` (see the module's docstring)."""
-    learner = task.learner
-    n = queries or learner.cfg.data.ways * learner.cfg.data.queries
-    return write(TaskClassifier(task).eval(), path, example(learner, n))
-
-
-def export_embedding(learner, path: Path, images: int = 0) -> Path:
-    """A Learner's embedding network to `path`."""
-    n = images or learner.cfg.data.ways * learner.cfg.data.queries
-    return write(Embedding(learner.model).eval(), path, example(learner, n))
-
-
-def example(learner, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(max(2, n), *learner.image_shape, generator=g).to(learner.device)
-
-
-def write(module: nn.Module, path: Path, x: torch.Tensor) -> Path:
-    """`module` traced on `x` (its batch size free: any number of images from 2) to `path`."""
+def write(module: nn.Module, shape: tuple, path: Path, device="cpu") -> Path:
+    """`module` traced on an example input of `shape` (n, C, H, W; fixed random images on
+    `device`), its batch size free (any number of images from 2), to `path`."""
     path = Path(path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(max(2, shape[0]), *shape[1:], generator=g).to(device)
     if path.suffix not in FORMATS:
         raise ExportError(
             f"{path}: the format is chosen by the suffix, one of {', '.join(FORMATS)}"

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from metadist import log
 from metadist.checkpoint import TrainState
-from metadist.data.store import ShardError
+from metadist.data.store import ShardError, mapped_fault
 from metadist.errors import Preempted
 from metadist.signals import StopSignals
 from metadist.step import TrainError
@@ -46,8 +47,11 @@ class StopVotes:
     on the host every `every` steps (the same steps on every rank, so all stop at the same one,
     and all know why)."""
 
-    def __init__(self, limit_s: float, every: int, signals: StopSignals, device, fault, clock):
-        """clock() -> the run's training time so far (a Clock)."""
+    def __init__(
+        self, limit_s: float, every: int, signals: StopSignals, device, clock, fault=mapped_fault
+    ):
+        """clock() -> the run's training time so far (a Clock); fault() -> a changed shard's
+        name, or None."""
         self.limit, self.every, self.signals, self.pending = limit_s, every, signals, None
         self.fault, self.faulted, self.clock = fault, None, clock
         # every possible vote (time, signal, fault), already on the device: picking one is a
@@ -96,8 +100,8 @@ class Progress:
     redrawn with \\r every step makes a log file one unreadable line). Main process only.
     `total()` is the schedule's step count (it may be fixed after the first steps)."""
 
-    def __init__(self, total, initial: int, enabled: bool, say):
-        self.total, self.say, self.enabled = total, say, enabled
+    def __init__(self, total, initial: int, enabled: bool):
+        self.total, self.enabled = total, enabled
         self.bar = (
             tqdm(total=total(), initial=initial, dynamic_ncols=True, file=sys.stderr)
             if enabled and sys.stderr.isatty()
@@ -112,7 +116,7 @@ class Progress:
                 tps=f"{rec['tasks_per_s']:.0f}",
             )
         elif self.enabled:
-            self.say(
+            log.say(
                 f"step {rec['step']}/{self.total()}: loss {rec['loss']:.4f} accuracy "
                 f"{rec['accuracy']:.4f} "
                 f"{rec['tasks_per_s']:.1f} tasks/s lr {rec['lr']:.3g} ({rec['elapsed_s'] / 60:.1f} "
@@ -123,7 +127,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(line)
         elif self.enabled:
-            self.say(line)
+            log.say(line)
 
     def update(self) -> None:
         if self.bar is not None:

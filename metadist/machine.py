@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from metadist import locks
+from metadist import locks, log
 
 
 def cache_dir() -> Path:
@@ -38,10 +38,29 @@ def cache_dir() -> Path:
 
 # the flags that decide which vector kernels run (x86: SSE..AVX-512, AMX; Arm: NEON, SVE)
 VECTOR_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512dq", "avx512bw",
-    "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-    "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
-)  # fmt: skip
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512dq",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
+)
 # /proc/cpuinfo's field for each fact: x86 first, then Arm
 _FIELDS = {
     "vendor": ("vendor_id", "CPU implementer"),
@@ -127,7 +146,7 @@ def machine() -> dict:
     return key
 
 
-def cached(kind: str, shape: dict, compute, say=print) -> dict:
+def cached(kind: str, shape: dict, compute) -> dict:
     """A machine fact of `kind` for this machine and `shape`: from the cache, or computed now by
     `compute() -> dict` and cached (first writer wins; others wait on the lock and read it).
     Returns the record with `key`, `cache` (its file, or None) and `cached` (read, not computed)."""
@@ -147,7 +166,7 @@ def cached(kind: str, shape: dict, compute, say=print) -> dict:
             os.replace(tmp, path)
             return dict(rec, cache=str(path), cached=False)
     except OSError as e:  # no writable cache: measure for this run only, and say so
-        say(
+        log.say(
             f"{kind}: cannot use the cache {folder} ({e}); measuring for this run only "
             "(set $METADIST_CACHE_DIR to a writable folder so runs on this machine agree)"
         )

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from metadist import log
 from metadist.machine import cached
 
 
@@ -105,17 +106,11 @@ class BudgetFit:
     REFIT = 0.25  # the second fit, at this fraction of the first count
     SPARE = 0.985  # of the budget the fitted steps may use
 
-    def __init__(self, t, val_episodes: int, shape: dict, dist, run_dir: Path, work, say):
+    def __init__(self, t, val_episodes: int, shape: dict, dist, run_dir: Path, work):
         """t: the train section; shape: what the step's time depends on (the cache key, with the
         machine); work: the ProbeWork to time."""
-        self.on, self.probe, self.t, self.val_episodes, self.dist, self.say = (
-            t.budget_schedule,
-            t.budget_probe,
-            t,
-            val_episodes,
-            dist,
-            say,
-        )
+        self.on, self.probe, self.t = t.budget_schedule, t.budget_probe, t
+        self.val_episodes, self.dist = val_episodes, dist
         self.shape = dict(
             shape, world=dist.world, meta_batch_size=t.meta_batch_size, val_every=t.val_every
         )
@@ -186,7 +181,7 @@ class BudgetFit:
 
         key = dict(self.shape, probe=lo, refit=hi)
         rec = self.dist.broadcast_object(
-            cached("budget-steady", key, measure, self.say) if self.dist.is_main else None
+            cached("budget-steady", key, measure) if self.dist.is_main else None
         )
         # the time at `hi` as the cached timings say it (not this launch's clock: the same
         # command must reach the same count), then the steps the rest of the budget holds
@@ -206,7 +201,7 @@ class BudgetFit:
         rec, t = self.first, self.t
         where = f"cached in {rec['cache']}" if rec.get("cached") else "measured"
         if "probe" in fit:
-            self.say(
+            log.say(
                 f"train.budget_schedule: {rec['step_s']:.3f} s/step, {rec['val_s']:.1f} s per "
                 f"validation and {rec.get('ckpt_s', 0.0):.2f} s per checkpoint ({where}): "
                 f"{fit['probe']['fits']} steps fit {t.max_minutes:g} min; the schedule ends at "
@@ -214,7 +209,7 @@ class BudgetFit:
             )
         else:
             r = fit["refit"]
-            self.say(
+            log.say(
                 f"train.budget_schedule: {r['steady_step_s']:.3f} s/step from the probe to step "
                 f"{r['at']} ({'cached' if r.get('cached') else 'measured'}): the schedule ends at "
                 f"step {schedule.total}"
@@ -235,4 +230,4 @@ class BudgetFit:
                 "ckpt_s": self.work.checkpoint(),
             }
 
-        return cached("budget", self.shape, measure, self.say)
+        return cached("budget", self.shape, measure)

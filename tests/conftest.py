@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from metadist import config
 from metadist.data.synthetic import write_synthetic, zip_sets
+from metadist.distributed import accelerate_bin, free_port
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one worker per core: each (and every process it starts) computes on one
@@ -102,25 +102,13 @@ def folder_args(root, tmp, layout="fractions", size=84, channels=3, **extra):
 
 def model_for(cfg: config.Config, image_shape=None):
     """The model `cfg` describes, for its data.channels and data.image_size (or `image_shape`)."""
-    from metadist.algorithms import get
-    from metadist.models import build_model
+    from metadist.algorithms import get, model_of
 
     d = cfg.data
     rows = get(cfg.algo).head_rows(cfg.algo, d.ways, 0)
-    return build_model(
+    return model_of(
         cfg.model, cfg.algo, image_shape or (d.channels, d.image_size, d.image_size), rows
     )
-
-
-class OneProcess:
-    """What MetaStep needs of metadist.distributed.Dist, for rank `rank` of `world`: no
-    collectives (a test of several ranks merges their block sums itself, from backward())."""
-
-    def __init__(self, rank: int = 0, world: int = 1):
-        import torch
-
-        self.rank, self.world, self.device = rank, world, torch.device("cpu")
-        self.reduce_seconds = 0.0
 
 
 def small_overrides(raw: Path, tmp: Path, **extra) -> list[str]:
@@ -176,12 +164,6 @@ def copy_prepared(prepared: config.Config, tmp: Path) -> Path:
     return dst
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "metadist", *map(str, args)],
@@ -191,11 +173,6 @@ def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProce
         timeout=timeout,
         env=env,
     )
-
-
-def accelerate_bin() -> str:
-    exe = Path(sys.executable).with_name("accelerate")
-    return str(exe) if exe.exists() else shutil.which("accelerate")
 
 
 def launch_cmd(nproc: int, args, port=None, machines=1, machine_rank=0) -> list[str]:

@@ -19,6 +19,7 @@ from metadist.algorithms.core import (
     per_task,
     per_task_loss,
 )
+from metadist.data.synthetic import random_batch
 from metadist.models import InnerRates, is_lr, lr_key
 from metadist.models.conv4 import ConvNet
 from metadist.step.compute import Eager, meta_backward
@@ -48,13 +49,7 @@ def tiny(depth=2, hidden=4, seed=0, learn_lr="none", steps=1, per_step_bn=False)
 
 
 def batch(seed=1, tasks=T):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "x_support": torch.rand(tasks, WAYS * SHOTS, 1, SIDE, SIDE, generator=g),
-        "y_support": torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1),
-        "x_query": torch.rand(tasks, WAYS * QUERIES, 1, SIDE, SIDE, generator=g),
-        "y_query": torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1),
-    }
+    return random_batch(tasks, WAYS, SHOTS, QUERIES, (1, SIDE, SIDE), seed)
 
 
 def reference_forward(p, x, depth, step=0):
@@ -342,7 +337,7 @@ def test_gradient_checkpointing_of_the_inner_loop_changes_nothing(per_step_bn):
 def test_anil_adapts_only_the_head():
     model, b = tiny(), batch()
     params = per_task(dict(model.named_parameters()), T)
-    forward = make_forward(model, "batched")
+    forward = make_forward(model)
     fast = adapt(
         forward, params, b["x_support"], b["y_support"], Inner(2, 0.4, False, model.head_names())
     )
@@ -360,7 +355,7 @@ def test_anil_adapts_only_the_head():
 def test_one_inner_step_lowers_each_support_loss():
     model, b = tiny(), batch()
     params = per_task(dict(model.named_parameters()), T)
-    forward = make_forward(model, "batched")
+    forward = make_forward(model)
     before = per_task_loss(forward(params, b["x_support"]), b["y_support"])
     fast = adapt(forward, params, b["x_support"], b["y_support"], Inner(1, 0.1, False))
     after = per_task_loss(forward(fast, b["x_support"]), b["y_support"])
@@ -392,13 +387,13 @@ def test_evaluation_builds_no_second_order_graph(monkeypatch):
     asked.clear()
     ours(model, b, Inner(3, 0.4, False))  # meta-training, second order
     assert asked == [True, True, True, False]  # the inner steps, then the meta-gradient
-    # and agrees with the loop strategy
+    # and agrees with one task at a time
     ref = adapt_and_predict(
         model,
         params,
         b,
         Inner(3, 0.4, False),
-        "loop",
+        one_at_a_time=True,
     )
     assert torch.allclose(logits, ref, rtol=1e-9, atol=1e-12)
 
@@ -406,7 +401,7 @@ def test_evaluation_builds_no_second_order_graph(monkeypatch):
 def test_transfer_loss_is_plain_supervised_training():
     model, b = tiny(), batch()
     params = dict(model.named_parameters())
-    losses, _accs = transfer.task_losses(make_forward(model, "batched"), per_task(params, T), b)
+    losses, _accs = transfer.task_losses(make_forward(model), per_task(params, T), b)
     x = torch.cat([b["x_support"], b["x_query"]], 1)
     y = torch.cat([b["y_support"], b["y_query"]], 1)
     for t in range(T):

@@ -17,10 +17,9 @@ from PIL import Image
 
 import metadist
 from metadist import config
-from metadist.algorithms import get
+from metadist.algorithms import get, model_of
 from metadist.api import APIError
 from metadist.checkpoint import save_weights
-from metadist.models import build_model
 from tests.conftest import run_cli
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
@@ -124,7 +123,7 @@ def weights_of(algo: str, omniglot_dir, tmp_path, **extra) -> Path:
     cfg = config.load(None, overrides + [f"{k}={v}" for k, v in extra.items()])
     torch.manual_seed(0)
     rows = get(cfg.algo).head_rows(cfg.algo, 5, 20)  # pre-training: a row per training class
-    model = build_model(cfg.model, cfg.algo, (1, 28, 28), rows)
+    model = model_of(cfg.model, cfg.algo, (1, 28, 28), rows)
     path = tmp_path / f"{algo}.safetensors"
     save_weights(model, path, cfg.to_dict(), 0)
     return path

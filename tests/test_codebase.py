@@ -122,3 +122,91 @@ def test_one_node_lock():
     """Every flock of the package is metadist/locks.py's."""
     users = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if calls(p, "flock")}
     assert users == {"metadist/locks.py"}, users
+
+
+def test_the_trainer_declares_at_most_20_attributes_and_sets_no_other():
+    """The Trainer's parts are declared on the class, grouped, at most 20; every attribute it
+    sets is one of them (no copies made on the way)."""
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    declared = {n.target.id for n in trainer.body if isinstance(n, ast.AnnAssign)}
+    assigned = {
+        n.attr
+        for n in ast.walk(trainer)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.ctx, ast.Store)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+    }
+    assert len(declared) <= 20 and assigned <= declared, (len(declared), assigned - declared)
+
+
+def test_one_class_per_name_in_the_package():
+    seen: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                seen.setdefault(node.name, []).append(str(path.relative_to(PACKAGE.parent)))
+    assert not {k: v for k, v in seen.items() if len(v) > 1}
+
+
+ROOT = PACKAGE.parent
+SOURCES = [p for d in ("metadist", "tests", "bench", "launch") for p in (ROOT / d).rglob("*.py")]
+
+
+def test_no_formatter_switched_off():
+    """The formatter formats every line: no line or block is exempted from it."""
+    marks = ("# fmt: " + "skip", "# fmt: " + "off")  # written apart, so this file has none
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in SOURCES
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if any(m in line for m in marks)
+    ]
+    assert not found, found
+
+
+def test_the_documented_layout_names_every_module():
+    """docs/development.md's layout block names each module of the package (a package's
+    __init__.py by its folder)."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("```")[1]
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.parent.name + "/" if path.name == "__init__.py" else path.name
+        if (path.parent != PACKAGE or path.name != "__init__.py") and name not in layout:
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, missing
+
+
+def module_graph(folder: str) -> dict[str, set[str]]:
+    """Each module of `folder` (bench, tests) -> the modules of the repository it imports."""
+    graph = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+        graph[f"{folder}.{path.stem}"] = {m for m in found if m.startswith(("bench", "tests"))}
+    return graph
+
+
+def test_bench_takes_no_helper_from_tests_and_has_no_import_circle():
+    """bench/ and tests/ share their helpers through the package (a one-process Dist, the batch
+    factory, ports and launchers): bench imports nothing of tests, and no two bench modules
+    import each other, however indirectly. (tests may import the bench tool they test.)"""
+    bench = module_graph("bench")
+    assert not {m: i for m, i in bench.items() if any(x.startswith("tests") for x in i)}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(bench.get(start, ()))
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += bench.get(m, ())
+        return seen
+
+    assert not [m for m in bench if m in reach(m)]

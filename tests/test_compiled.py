@@ -10,6 +10,7 @@ import torch
 from metadist import config
 from metadist.algorithms import maml
 from metadist.algorithms.core import Inner
+from metadist.data.synthetic import random_batch
 from metadist.models.common import InnerRates
 from metadist.models.conv4 import ConvNet
 from metadist.step.compute import Compiled, Eager, meta_backward
@@ -17,13 +18,7 @@ from tests.conftest import launch, max_diff, run_cli, small_overrides, weights
 
 
 def _batch(tasks: int, dtype) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "x_support": torch.rand(tasks, 10, 1, 28, 28, generator=g, dtype=dtype),
-        "y_support": torch.arange(5).repeat_interleave(2).expand(tasks, -1),
-        "x_query": torch.rand(tasks, 5, 1, 28, 28, generator=g, dtype=dtype),
-        "y_query": torch.arange(5).expand(tasks, -1),
-    }
+    return random_batch(tasks, 5, 2, 1, dtype=dtype)
 
 
 def _grads(model, batch, inner, compiled) -> torch.Tensor:

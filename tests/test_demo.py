@@ -26,7 +26,8 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import metadist
-from tests.conftest import REAL_OMNIGLOT, ROOT, free_port, run_cli
+from metadist.distributed import free_port
+from tests.conftest import REAL_OMNIGLOT, ROOT, run_cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4"]  # page.html's first colours

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from metadist.checkpoint import load_weights
-from tests.conftest import ROOT, free_port, run_cli, small_overrides
+from metadist.distributed import free_port
+from tests.conftest import ROOT, run_cli, small_overrides
 
 pytestmark = pytest.mark.slow
 STEPS = 100

@@ -21,7 +21,7 @@ def test_episode_layout_matches_labels(prepared):
     src = EpisodeSource(d)
     record = src.shard(0)[3]
     x = src.gather(record)
-    bg = omniglot.load(prepared.data.raw, "images_background")
+    bg = omniglot.read_set(prepared.data.raw, "images_background")
     ways, shots, queries = m["ways"], m["shots"], m["queries"]
     ys, yq = labels(ways, shots), labels(ways, queries)
     assert x.shape == (ways * (shots + queries), 1, 28, 28) and record.shape == (

@@ -35,10 +35,19 @@ def test_predict_input_errors(trained, tmp_path):
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "empty", "--out", tmp_path / "o.csv")
     assert r.returncode == 2 and "no task folders" in r.stderr
     r = run_cli("export-tasks", *args, "--split", "test", "--out", tmp_path / "t", "--limit", "2")
-    (tmp_path / "t" / "support" / "0001" / "image_4.png").unlink()  # a 4-way task
+    five = tmp_path / "t" / "support" / "0001" / "image_4.png"
+    five.rename(five.with_name("image_5.png.kept"))
+    # a 4-way task: the learned head's first 4 rows adapt to it, as the API adapts it
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "t", "--out", tmp_path / "o.csv")
-    assert r.returncode == 2 and "task 0001" in r.stderr and "4 support images" in r.stderr
-    (tmp_path / "t" / "support" / "0001" / "image_4.png").write_bytes(b"not a png")
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "o.csv").read_text().split()[1:]
+    assert len(rows) == 10 and all(int(row.split(",")[1]) < 4 for row in rows[5:])
+    # a 6-way task: more classes than the head's 5 rows
+    five.with_name("image_5.png.kept").rename(five.with_name("image_5.png"))
+    five.write_bytes(five.with_name("image_0.png").read_bytes())
+    r = run_cli("predict", "--run", run, "--tasks", tmp_path / "t", "--out", tmp_path / "o.csv")
+    assert r.returncode == 2 and "task 0001" in r.stderr and "6 classes" in r.stderr, r.stderr
+    five.write_bytes(b"not a png")
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "t", "--out", tmp_path / "o.csv")
     assert r.returncode == 2 and "image_4.png" in r.stderr
 

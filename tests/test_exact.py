@@ -9,18 +9,24 @@ import pytest
 import torch
 
 from metadist import config
-from metadist.step import Learner, MetaStep, Plan, StepSettings
+from metadist.data.synthetic import random_batch
+from metadist.distributed import OneProcess
+from metadist.step import MetaStep, Plan, StepSettings, Trainable
 from metadist.step import reduce as exact
-from tests.conftest import OneProcess, model_for
+from metadist.step.plan import exact_worlds
+from tests.conftest import model_for
 
 
 def step_for(cfg, dist, local: int, at_once: int) -> MetaStep:
     """The exact step of `cfg` with fixed groups of `at_once` tasks, for rank dist.rank."""
-    b = cfg.train.meta_batch_size
-    worlds = tuple(exact.worlds(b, at_once))
-    plan = Plan(at_once, "exact", "eager", worlds)
-    settings = StepSettings.of(cfg, local, dist.device)
-    return MetaStep(Learner.of(cfg, model_for(cfg), dist.device), dist, plan, settings, print)
+    plan = Plan.fixed(at_once, "exact", cfg.train.meta_batch_size)
+    settings = StepSettings.of(cfg.train, cfg.algo, cfg.seed, local, dist.device)
+    return MetaStep(
+        Trainable.of(cfg.train, cfg.algo, cfg.data.ways, model_for(cfg), dist.device),
+        dist,
+        plan,
+        settings,
+    )
 
 
 def tree_reference(vectors, lo, size):
@@ -110,7 +116,7 @@ def test_fixed_groups_give_the_same_bits_at_every_world_size_that_splits_them(ov
     every group is the same computation at every world size."""
     cfg = config.load(None, ["model.hidden=8", "train.meta_batch_size=8", *overrides])
     batch = eight_tasks()
-    sums = {w: merged_over_ranks(cfg, batch, w, at_once) for w in exact.worlds(8, at_once)}
+    sums = {w: merged_over_ranks(cfg, batch, w, at_once) for w in exact_worlds(8, at_once)}
     ref = sums.pop(1)
     assert ref.abs().sum() > 0 and len(sums) >= 1
     for world, got in sums.items():
@@ -126,13 +132,7 @@ def test_exact_mode_refuses_a_world_size_that_does_not_split_its_groups():
 
 
 def eight_tasks(ways=5):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "x_support": torch.rand(8, ways, 1, 28, 28, generator=g),
-        "y_support": torch.arange(ways).expand(8, -1),
-        "x_query": torch.rand(8, ways, 1, 28, 28, generator=g),
-        "y_query": torch.arange(ways).expand(8, -1),
-    }
+    return random_batch(8, ways)
 
 
 def test_the_groups_exact_mode_chooses_leave_enough_for_its_processes():

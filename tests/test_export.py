@@ -9,7 +9,7 @@ quiet = dict(log=lambda *a: None)
 
 
 def test_export_tasks_layout_and_show(prepared, tmp_path):
-    from metadist.data.export import export_tasks, show
+    from metadist.data.task_files import export_tasks, show
 
     src = EpisodeSource(shards_dir(prepared.data) / "test")
     n = export_tasks(src.all(3), 5, 1, 1, tmp_path / "tasks", invert=True)
@@ -22,10 +22,13 @@ def test_export_tasks_layout_and_show(prepared, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tasks" / "query" / "0001").iterdir()) == [
         f"image_{i}.png" for i in range(5)
     ]
+    from metadist.api import task_folder
+    from metadist.data.images import Images
     from metadist.data.prepare import preprocessing
-    from metadist.evaluate import read_task_folder
 
-    tid, sx, qx = read_task_folder(tmp_path / "tasks", preprocessing(prepared.data))[1]
+    tid, support, query = task_folder(tmp_path / "tasks")[1]
+    images = Images(preprocessing(prepared.data))
+    sx, qx = images.uint8(support), images.uint8(query)
     x = src.all(3)[1]
     assert tid == "0001" and np.array_equal(sx.numpy(), x[:5]) and np.array_equal(qx.numpy(), x[5:])
     png = show(src.all(4), 5, 1, 1, tmp_path / "grid.png", task_aug=1.0)

@@ -248,8 +248,8 @@ def test_parallel_decoding_gives_the_same_images(tmp_path):
             "data.folder.resize=crop",
         ],
     ).data
-    a = folder.load(d, 2, log=lambda *x: None, workers=1)
-    b = folder.load(d, 2, log=lambda *x: None, workers=2)
+    a = folder.read_classes(d, 2, log=lambda *x: None, workers=1)
+    b = folder.read_classes(d, 2, log=lambda *x: None, workers=2)
     assert a.names == b.names and all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
     assert a.images[0].shape == (4, 3, 32, 32)
 

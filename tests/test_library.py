@@ -16,10 +16,9 @@ from safetensors.torch import save_file
 from torch.func import functional_call
 
 from metadist import config
-from metadist.algorithms import maml
+from metadist.algorithms import maml, model_of
 from metadist.algorithms.core import Inner
 from metadist.checkpoint import WeightsError, load_init, load_weights
-from metadist.models import build_model
 from metadist.step.compute import Eager, meta_backward
 from tests.conftest import ROOT, model_for, run_cli, small_overrides
 
@@ -33,7 +32,7 @@ def ours(backbone: str, side: int, channels: int = 3, algo: str = "maml", ways: 
         None,
         [f"model.backbone={backbone}", f"algo.name={algo}", f"data.ways={ways}"],
     )
-    return build_model(cfg.model, cfg.algo, (channels, side, side), ways)
+    return model_of(cfg.model, cfg.algo, (channels, side, side), ways)
 
 
 def plain(backbone: str, side: int) -> torch.nn.Module:
@@ -373,7 +372,7 @@ def test_evaluation_keeps_no_step_of_the_inner_loop_alive(small_cfg):
     x = torch.rand(T, 5, 1, 28, 28, generator=g)
     with torch.enable_grad():
         out = adapt(
-            make_forward(model, "batched", False), fast, x, torch.arange(5).expand(T, -1), inner
+            make_forward(model, second_order=False), fast, x, torch.arange(5).expand(T, -1), inner
         )
     assert all(v.grad_fn is None and not v.requires_grad for v in out.values())
     assert all(not torch.equal(out[k], fast[k]) for k in fast)  # every weight adapted
@@ -398,7 +397,7 @@ def test_eval_augment_fine_tunes_on_support_images_shifted_an_eighth_of_their_si
     fast = {k: v.detach().unsqueeze(0).expand(2, *v.shape) for k, v in model.named_parameters()}
     xs = torch.rand(2, 5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.arange(5).expand(2, -1)
-    forward = make_forward(model, "batched", False)
+    forward = make_forward(model, second_order=False)
     with torch.enable_grad():
         got = adapt(forward, fast, xs, y, inner)
         plain = small_cfg(**{"eval.inner_steps": 1})

@@ -17,8 +17,8 @@ quiet = dict(log=lambda *a: None)
 
 
 def test_ingest_folder_and_zip_agree(omniglot_dir, omniglot_zips):
-    a = omniglot.load(omniglot_dir, "images_background")
-    b = omniglot.load(omniglot_zips, "images_background")
+    a = omniglot.read_set(omniglot_dir, "images_background")
+    b = omniglot.read_set(omniglot_zips, "images_background")
     assert a.names == b.names and np.array_equal(a.images, b.images) and a.sha256 == b.sha256
     assert a.images.shape == (24, 20, 1, 28, 28) and a.images.dtype == np.uint8
     # strokes bright on a dark background: the corners are background
@@ -36,7 +36,7 @@ def test_preprocess_polarity_and_size():
 
 @pytest.mark.parametrize("protocol", ["alphabets", "characters"])
 def test_splits_are_disjoint_and_documented(omniglot_dir, protocol):
-    bg, ev = (omniglot.load(omniglot_dir, s) for s in omniglot.SETS)
+    bg, ev = (omniglot.read_set(omniglot_dir, s) for s in omniglot.SETS)
     names, _ = omniglot.pool(bg, ev)
     s = omniglot.make_splits(names, protocol, seed=0)
     sets = [set(s[k].chars) for k in ("train", "val", "test")]
@@ -66,13 +66,13 @@ def test_wrong_layout_is_a_clear_error(tmp_path):
     extra.unlink()
     next((root / "images_evaluation" / "Omega" / "character02").glob("*_07.png")).unlink()
     with pytest.raises(omniglot.DataError, match=r"expected drawers 01\.\.20"):
-        omniglot.load(root, "images_evaluation")
+        omniglot.read_set(root, "images_evaluation")
 
 
 def test_real_omniglot_counts_and_splits(tmp_path):
     """The real data in ../shared: official counts, both protocols, disjoint, small shards."""
     assert REAL_OMNIGLOT.is_dir(), f"the real Omniglot is expected at {REAL_OMNIGLOT}"
-    bg, ev = (omniglot.load(REAL_OMNIGLOT, s) for s in omniglot.SETS)
+    bg, ev = (omniglot.read_set(REAL_OMNIGLOT, s) for s in omniglot.SETS)
     assert (len({a for a, _ in bg.names}), len(bg.names)) == (30, 964)
     assert (len({a for a, _ in ev.names}), len(ev.names)) == (20, 659)
     names, images = omniglot.pool(bg, ev)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metadist import machine
+from metadist import log, machine
 from metadist.step import Ask, decide, plan
 
 
@@ -50,11 +50,11 @@ def test_auto_measures_the_candidates_and_takes_the_fastest(monkeypatch, cache):
     """Fast mode: 1, 2, 4, 8 and 16 at once (up to the meta-batch); exact mode: only the groups
     that leave enough for train.exact_processes; the record names every speed."""
     run = Chunks(monkeypatch, COSTS)
-    got = decide(auto(), run, {"ways": 5}, say=lambda *a: None)
+    got = decide(auto(), run, {"ways": 5})
     assert got.at_once == 8 and set(got.tasks_per_s) == {"1", "2", "4", "8", "16"}
     assert "8 at once" in got.why and "measured now" in got.why
     run = Chunks(monkeypatch, COSTS)
-    got = decide(auto(8, "exact"), run, {"ways": 6}, say=lambda *a: None)
+    got = decide(auto(8, "exact"), run, {"ways": 6})
     assert got.at_once == 2 and set(got.tasks_per_s) == {"1", "2"} and got.worlds == (1, 2, 4)
     assert set(run.calls) == {1, 2}
 
@@ -80,7 +80,7 @@ def test_an_explicit_choice_and_a_gpu_measure_nothing(monkeypatch, cache):
 
 def test_auto_on_a_cpu_measures_once_per_machine_and_shape(monkeypatch, cache):
     run = Chunks(monkeypatch, COSTS)
-    first = decide(auto(), run, {"ways": 5}, say=lambda *a: None)
+    first = decide(auto(), run, {"ways": 5})
     n = len(run.calls)
     # the same machine and shape: read, not measured, even if the speeds have changed since
     run.costs = {1: 0.01, 2: 0.04, 4: 0.04, 8: 0.04, 16: 0.04}
@@ -107,7 +107,7 @@ def test_auto_on_a_cpu_measures_once_per_machine_and_shape(monkeypatch, cache):
     ):
         monkeypatch.setattr(machine, "machine", lambda m=other_machine: m)
         n = len(run.calls)
-        got = decide(auto(), run, {"ways": 5}, say=lambda *a: None)
+        got = decide(auto(), run, {"ways": 5})
         assert len(run.calls) > n and "measured now" in got.why
 
 
@@ -146,6 +146,7 @@ def test_an_unwritable_cache_measures_for_this_run_and_says_so(monkeypatch, tmp_
     monkeypatch.setenv("METADIST_CACHE_DIR", str(blocker / "cache"))
     run = Chunks(monkeypatch, COSTS)
     said = []
-    got = decide(auto(), run, {}, say=said.append)
+    with log.to(said.append):
+        got = decide(auto(), run, {})
     assert got.at_once == 8 and "measured now" in got.why
     assert len(said) == 1 and "cannot use the cache" in said[0] and "METADIST_CACHE_DIR" in said[0]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from metadist.data.order import MixedBatches, SourceMix, StreamSpec
-from metadist.data.split import EpisodeSource, pad_batch, source_names
+from metadist.data.roots import source_names
+from metadist.data.split import EpisodeSource, pad_batch
 from tests.conftest import run_cli, sources_overrides, variable_source
 
 

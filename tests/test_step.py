@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from metadist import config
+from metadist.data.synthetic import random_batch
+from metadist.distributed import OneProcess
 from metadist.schedule import Schedule
-from metadist.step import Learner, MetaStep, Plan, StepSettings
-from tests.conftest import OneProcess, model_for
+from metadist.step import MetaStep, Plan, StepSettings, Trainable
+from tests.conftest import model_for
 
 
 def test_warmup_then_cosine_schedule_owns_the_step_count():
@@ -36,13 +38,7 @@ def test_warmup_then_cosine_schedule_owns_the_step_count():
 
 
 def _batch(tasks=4, ways=5):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "x_support": torch.rand(tasks, ways, 1, 28, 28, generator=g),
-        "y_support": torch.arange(ways).expand(tasks, -1),
-        "x_query": torch.rand(tasks, ways, 1, 28, 28, generator=g),
-        "y_query": torch.arange(ways).expand(tasks, -1),
-    }
+    return random_batch(tasks, ways)
 
 
 def _step(*overrides):
@@ -50,8 +46,10 @@ def _step(*overrides):
     torch.manual_seed(0)
     model = model_for(cfg)
     dist, plan = OneProcess(), Plan(0, "fast")
-    settings = StepSettings.of(cfg, 4, dist.device)
-    step = MetaStep(Learner.of(cfg, model, dist.device), dist, plan, settings, lambda *a: None)
+    settings = StepSettings.of(cfg.train, cfg.algo, cfg.seed, 4, dist.device)
+    step = MetaStep(
+        Trainable.of(cfg.train, cfg.algo, cfg.data.ways, model, dist.device), dist, plan, settings
+    )
     return step, model
 
 

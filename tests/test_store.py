@@ -7,7 +7,8 @@ import torch
 from metadist.data.prepare import shards_dir
 from metadist.data.split import EpisodeSource
 from metadist.data.store import ShardError
-from tests.conftest import copy_prepared, free_port, run_cli, small_overrides
+from metadist.distributed import free_port
+from tests.conftest import copy_prepared, run_cli, small_overrides
 
 
 def test_training_over_http_equals_training_on_the_folder(prepared, tmp_path, http_server):

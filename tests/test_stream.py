@@ -136,3 +136,63 @@ def test_the_split_stays_on_the_device_when_it_fits_the_stated_fraction():
     )
     assert not fits_device(1, cpu, "auto", 0.25) and fits_device(10**12, cpu, "on", 0.25)
     assert not fits_device(1, gpu, "off", 0.25, free=10**12)
+
+
+def test_pretraining_gets_the_same_batches_from_the_split_held_on_the_device(prepared, monkeypatch):
+    """Pre-training's labelled image batches (ClassBatches) from the split resident on the device
+    (the CPU stands in for it; on a machine with a GPU, the GPU too): the same images and labels,
+    with task augmentation, across an epoch, for each rank; its stream takes the spec's device as
+    the episode stream does."""
+    from metadist.algorithms.pretrain import Pretrain
+    from metadist.data import device as device_mod
+    from metadist.data.device import ResidentClassBatches
+    from metadist.data.order import ClassBatches
+
+    src = EpisodeSource(shards_dir(prepared.data) / "train", seed=0)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for rank, device in ((r, d) for r in range(2) for d in devices):
+        spec = StreamSpec(0, 4, rank, 2, 0, 30, task_aug=0.5)
+        host = ClassBatches(src, spec, 10)
+        held = ResidentClassBatches(
+            src, StreamSpec(0, 4, rank, 2, 0, 30, task_aug=0.5, device=device), 10
+        )
+        assert isinstance(held.pool, torch.Tensor) and held.pool.device.type == device
+        for a, b in zip(host, held):
+            assert a["step"] == b["step"]
+            assert all(torch.equal(a[k], b[k].cpu()) for k in a if k != "step")
+    made = []
+    monkeypatch.setattr(
+        device_mod, "ResidentClassBatches", lambda *a: made.append(a) or ResidentClassBatches(*a)
+    )
+    spec = StreamSpec(0, 4, 0, 1, 0, 2, device="cpu")
+    got = list(Pretrain.stream(None, src, spec))  # the algorithm's stream, as the Trainer asks it
+    assert len(made) == 1 and len(got) == 2
+
+
+def test_delivery_decides_residency_and_prefetch_for_every_stream(prepared):
+    """The decision a GPU run takes (device="cuda" cannot run here; the free memory is given):
+    one source of fixed episodes that fits is held on the device and not prefetched; one that
+    does not fit, many sources, or variable episodes stream from the host through Prefetch; on a
+    CPU nothing is wrapped. On a GPU: `make test` there runs these with the real device."""
+    from types import SimpleNamespace
+
+    from metadist.data.device import Delivery, Prefetch
+
+    split = EpisodeSource(shards_dir(prepared.data) / "train", seed=0)
+    nbytes, gpu = split.manifest["bytes"], torch.device("cuda")
+    d = SimpleNamespace(device_cache="auto", device_cache_fraction=0.5)
+    fits = Delivery(d, gpu, split, many=False, free=4 * nbytes)
+    assert fits.resident == gpu and fits.wrap(iter(())) is not None
+    assert not isinstance(fits.wrap(iter(())), Prefetch)
+    for other in (
+        Delivery(d, gpu, split, many=False, free=nbytes),  # too big for half the free memory
+        Delivery(d, gpu, split, many=True, free=4 * nbytes),
+        Delivery(SimpleNamespace(device_cache="off", device_cache_fraction=0.5), gpu, split, False),
+    ):
+        assert other.resident is None and isinstance(other.wrap(iter(())), Prefetch)
+    cpu = Delivery(d, "cpu", split, many=False)
+    assert cpu.resident is None and not isinstance(cpu.wrap(iter(())), Prefetch)
+    on = Delivery(
+        SimpleNamespace(device_cache="on", device_cache_fraction=0.5), "cpu", split, False
+    )
+    assert on.resident == torch.device("cpu")

@@ -20,7 +20,7 @@ from metadist.algorithms.protonet import ProtoNet
 from metadist.algorithms.transfer import Transfer
 
 if TYPE_CHECKING:
-    from metadist.config import AlgoConfig, EvalConfig
+    from metadist.config import AlgoConfig, EvalConfig, ModelConfig
     from metadist.models import Backbone
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -63,6 +63,16 @@ def build(a: AlgoConfig, model: Backbone, ways: int, first_order: bool = False) 
     return get(a).build(a, model, ways, first_order)
 
 
+def model_of(
+    m: ModelConfig, a: AlgoConfig, image_shape: tuple[int, int, int], rows: int
+) -> Backbone:
+    """The model of section `m` for images of `image_shape` with a head of `rows` rows, built
+    for what algorithm `a` needs of it (Algorithm.second_order_body)."""
+    from metadist.models import build_model
+
+    return build_model(m, a, image_shape, rows, second_order=get(a).second_order_body(a))
+
+
 def eval_inner(
     a: AlgoConfig, e: EvalConfig, model: Backbone, ways: int, steps: int | None = None
 ) -> Inner:
@@ -78,4 +88,14 @@ def eval_inner(
     )
 
 
-__all__ = ["ALGORITHMS", "HEAD_INITS", "Algorithm", "Inner", "build", "check", "eval_inner", "get"]
+__all__ = [
+    "ALGORITHMS",
+    "HEAD_INITS",
+    "Algorithm",
+    "Inner",
+    "build",
+    "check",
+    "eval_inner",
+    "get",
+    "model_of",
+]

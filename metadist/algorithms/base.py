@@ -1,8 +1,10 @@
 """What every algorithm is: `Algorithm`, built from the algo section for a model. An algorithm owns
 its training loss over a chunk of tasks (`task_losses`), the inner loop it trains with
 (`train_inner`) and the one of evaluation (`test_inner`), the head its model needs (`head_rows`),
-the batches it trains on (`stream`) and what it writes at the end of a run (`outputs`); the
-trainer asks it, never which algorithm it runs.
+whether its model must take a second derivative of its own backward (`second_order_body`), what
+a step's batch carries besides the episodes (`batch_extras`), the batches it trains on (`stream`)
+and what it writes at the end of a run (`outputs`); the trainer and the step ask it, never which
+algorithm it runs.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ class Algorithm(metaclass=ABCMeta):
         return None
 
     @classmethod
+    def second_order_body(cls, a) -> bool:
+        """Whether training differentiates through the inner gradients of every weight (a
+        network's own backward differentiated again: a library network's attention must then
+        take its plain, twice-differentiable path)."""
+        return cls.inner_loop and not cls.head_only and not (cls.first_order or a.first_order)
+
+    @classmethod
     def head_rows(cls, a, ways: int, train_classes: int) -> int:
         """The rows of the model's head: one per class of a task (one shared row for
         head_init=shared)."""
@@ -115,6 +124,11 @@ class Algorithm(metaclass=ABCMeta):
     def second_order(self) -> bool:
         """Whether a meta-step differentiates through inner gradients."""
         return self.train_inner.steps > 0 and not self.train_inner.first_order
+
+    def batch_extras(self, step: int, batch: dict) -> dict:
+        """What meta-step `step`'s batch carries besides the episodes (inputs that change with the
+        step, so one compiled or captured step serves every step): none."""
+        return {}
 
     def stream(self, source, spec):
         """This rank's training batches (metadist.data.device): episodes of the train split. (The

@@ -2,8 +2,8 @@
 algorithm's losses are made of (the meta-backward that takes their gradients is
 metadist/step/compute.py's).
 
-Forwards: `batched` runs a chunk of tasks as one folded network (the backbone's
-tasks_forward), `loop` runs tasks one at a time (the reference's way). Both give a Forward:
+Forwards: a chunk of tasks at once, as one folded network (the backbone's tasks_forward), or
+one task at a time (`one_at_a_time`: the reference's way). Both give a Forward:
 forward(params, x) -> logits (T, n, ways) and forward.features(params, x) -> (T, n, F), where
 params carry a leading task dimension, so `adapt` and the algorithms never know which one runs.
 Evaluation calls the same `adapt` with first_order=True on detached weights: no second-order
@@ -55,16 +55,15 @@ class Inner:
 class Forward:
     """forward(params, x, step=0): params[k] is (T, *shape), x is (T, n, C, H, W) -> logits (T, n,
     ways); forward.features(params, x, step=0) -> (T, n, F). `step` is the inner step (per-step
-    BatchNorm weights). native: torch's fused batch-norm kernel, where no double backward goes
-    through it. rng: the generator of the backbone's random layers (DropBlock), None in
-    evaluation."""
+    BatchNorm weights). one_at_a_time: the tasks through the network one by one, as the
+    reference's loop (else at once, folded into grouped convolutions). native: torch's fused
+    batch-norm kernel, where no double backward goes through it. rng: the generator of the
+    backbone's random layers (DropBlock), None in evaluation."""
 
     def __init__(
-        self, model: Backbone, strategy: str, native: bool, rng: torch.Generator | None = None
+        self, model: Backbone, one_at_a_time: bool, native: bool, rng: torch.Generator | None = None
     ):
-        if strategy not in ("batched", "loop"):
-            raise ValueError(f"unknown strategy {strategy!r}")
-        self.model, self.loop, self.native, self.rng = model, strategy == "loop", native, rng
+        self.model, self.loop, self.native, self.rng = model, one_at_a_time, native, rng
 
     def _run(self, fn, p: Params, x: torch.Tensor, step: int, mask) -> torch.Tensor:
         # the loop's meta-training chunks are single tasks: no slicing, no cat
@@ -92,12 +91,15 @@ class Forward:
         return self._run(self.model.tasks_features, p, x, step, mask)
 
 
-def make_forward(model: Backbone, strategy: str, second_order: bool = True, rng=None) -> Forward:
-    """The strategy's Forward. second_order=False lets the batched forward use the native
-    batch-norm kernel (its double backward is never taken then); the loop, one task at a time like
-    the reference, always does: torch's fused kernel is exact there (its double backward is only
-    wrong under vmap) and the fastest per-task choice."""
-    return Forward(model, strategy, native=strategy == "loop" or not second_order, rng=rng)
+def make_forward(
+    model: Backbone, one_at_a_time: bool = False, second_order: bool = True, rng=None
+) -> Forward:
+    """The Forward of the tasks at once, or one at a time. second_order=False lets the batched
+    forward use the native batch-norm kernel (its double backward is never taken then); one task
+    at a time, like the reference, always does: torch's fused kernel is exact there (its double
+    backward is only wrong under vmap) and the fastest per-task choice."""
+    native = one_at_a_time or not second_order
+    return Forward(model, one_at_a_time, native=native, rng=rng)
 
 
 def class_means(feats: torch.Tensor, y: torch.Tensor, width: int) -> torch.Tensor:
@@ -309,11 +311,13 @@ def trim(batch: dict) -> dict:
     return out
 
 
-def adapt_task(model: Backbone, params: Params, batch: dict, inner: Inner, strategy="batched"):
+def adapt_task(
+    model: Backbone, params: Params, batch: dict, inner: Inner, one_at_a_time: bool = False
+):
     """Evaluation's adaptation: detached copies of the weights adapted to batch's support (first
     order, no meta-graph; x_support, y_support, and for variable episodes ways). Returns the
     Forward and the adapted weights (T, *shape), detached."""
-    forward = make_forward(model, strategy, second_order=False)
+    forward = make_forward(model, one_at_a_time, second_order=False)
     x_support = batch["x_support"]
     # views of the weights, no graph: each step's update makes new tensors, and no step keeps
     # the one before it alive (a ResNet-18's 64 tasks x 10 steps of weights were 29 GB)
@@ -327,13 +331,13 @@ def adapt_task(model: Backbone, params: Params, batch: dict, inner: Inner, strat
 
 
 def adapt_and_predict(
-    model: Backbone, params: Params, batch: dict, inner: Inner, strategy: str = "batched"
+    model: Backbone, params: Params, batch: dict, inner: Inner, one_at_a_time: bool = False
 ) -> torch.Tensor:
     """Evaluation: adapt (adapt_task), then predict batch's query (x_query; for variable
     episodes y_query, whose -1 rows are padding). Returns query logits (T, n, ways); for variable
     episodes the columns past a task's ways are PADDED."""
     batch = trim(batch)
-    forward, fast = adapt_task(model, params, batch, inner, strategy)
+    forward, fast = adapt_task(model, params, batch, inner, one_at_a_time)
     ways = batch.get("ways")
     mask = None if ways is None else batch["y_query"] >= 0
     with torch.no_grad():

@@ -7,6 +7,9 @@ accuracy is the last step's.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from metadist.algorithms.base import Algorithm
 from metadist.algorithms.core import Inner, adapt, per_task_accuracy, per_task_loss
 
@@ -41,11 +44,29 @@ def msl_weights(step: int, steps: int, anneal: int):
     return w
 
 
+@dataclass(frozen=True)
 class MAML(Algorithm):
-    """Second-order MAML (Finn et al. 2017): the query loss after adapting every weight."""
+    """Second-order MAML (Finn et al. 2017): the query loss after adapting every weight. With
+    algo.multi_step_loss (MAML++), the query loss after every inner step, weighted by
+    `msl_weights` over the first multi_step_loss meta-steps."""
+
+    multi_step_loss: int = 0
+
+    @classmethod
+    def build(cls, a, model, ways: int, first_order: bool = False) -> MAML:
+        built = super().build(a, model, ways, first_order)
+        return dataclasses.replace(built, multi_step_loss=a.multi_step_loss)
 
     def task_losses(self, forward, params, batch):
         return task_losses(forward, params, batch, self.train_inner)
+
+    def batch_extras(self, step: int, batch: dict) -> dict:
+        """MAML++'s multi-step loss weights of meta-step `step`, per task."""
+        steps = self.train_inner.steps
+        if not (step < self.multi_step_loss and steps > 1):
+            return {}
+        w = msl_weights(step, steps, self.multi_step_loss).to(batch["x_support"])
+        return {"msl_weights": w.expand(batch["x_support"].shape[0], -1)}
 
 
 class FOMAML(MAML):

@@ -46,10 +46,10 @@ class Pretrain(Algorithm):
         return task_losses(forward, params, batch)
 
     def stream(self, source, spec):
-        from metadist.data.order import ClassBatches, loader
+        from metadist.data.device import class_batches
 
         group = source.ways * (source.shots + source.queries)
-        return loader(ClassBatches(source, spec, group), spec.num_workers)
+        return class_batches(source, spec, group)
 
     def outputs(self, model) -> dict[str, dict]:
         return {"backbone.safetensors": backbone_weights(model)}

@@ -1,8 +1,10 @@
-"""Delivery to the device, which owns residency: `meta_batches(source, spec)` gives a rank's
-training batches from the host (a DataLoader over metadist/data/order.py's readers) or, where the
-split fits the device (`fits_device`, data.device_cache), from the split held there
-(`ResidentBatches`: a step is two index gathers); `Prefetch` copies host batches to a GPU ahead of
-their use.
+"""Delivery to the device, which owns residency and prefetch for every algorithm's stream:
+`Delivery` decides once whether the train split is held on the device (`fits_device`,
+data.device_cache) and wraps a host stream in `Prefetch` (host batches copied to a GPU ahead of
+their use); `meta_batches(source, spec)` (episodes) and `class_batches(source, spec, group)`
+(pre-training's labelled images) give a rank's batches from the host (a DataLoader over
+metadist/data/order.py's readers) or from the split held on `spec.device` (`ResidentBatches`,
+`ResidentClassBatches`: a step is index gathers there).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import threading
 import numpy as np
 import torch
 
+from metadist.data.episodes import to_float
 from metadist.data.order import (
+    ClassBatches,
     MetaBatches,
     MixedBatches,
     StreamSpec,
@@ -22,6 +26,12 @@ from metadist.data.order import (
     loader,
 )
 from metadist.data.split import EpisodeSource, MappedPool
+
+
+def _on_device(source: EpisodeSource, device) -> torch.Tensor:
+    """The split's pool (read and checked once) as a tensor on `device`."""
+    pool = source.pool
+    return torch.from_numpy(pool.array() if isinstance(pool, MappedPool) else pool).to(device)
 
 
 class ResidentBatches(MetaBatches):
@@ -33,10 +43,7 @@ class ResidentBatches(MetaBatches):
         super().__init__(source, spec)
         index, turns = source.table()
         self.starts = np.concatenate([[0], np.cumsum(source.counts)])
-        pool = source.pool
-        self.pool = torch.from_numpy(pool.array() if isinstance(pool, MappedPool) else pool).to(
-            spec.device
-        )
+        self.pool = _on_device(source, spec.device)
         self.index = torch.from_numpy(index).to(spec.device)
         self.turns = torch.from_numpy(turns.astype(np.int64)).to(spec.device)[..., None, None, None]
 
@@ -53,14 +60,14 @@ class ResidentBatches(MetaBatches):
         return self._finish(x, step)
 
 
-def meta_batches(source, spec: StreamSpec, weights: list[float] | None = None):
+def meta_batches(source, spec: StreamSpec):
     """Iterator over this rank's share of the episode meta-batches of `spec` (resident on
     `spec.device` when given). `source`: an EpisodeSource, or a local split folder; or a list of
-    EpisodeSources (many sources: MixedBatches, each task's source drawn by `weights`, uniform if
-    None)."""
+    EpisodeSources (many sources: MixedBatches, each task's source drawn by spec.source_weights,
+    uniform if empty)."""
     if isinstance(source, list):
         if len(source) > 1:
-            w = weights or list(spec.source_weights) or [1.0] * len(source)
+            w = list(spec.source_weights) or [1.0] * len(source)
             return loader(MixedBatches(source, w, spec), spec.num_workers)
         source = source[0]
     if not isinstance(source, EpisodeSource):
@@ -70,6 +77,50 @@ def meta_batches(source, spec: StreamSpec, weights: list[float] | None = None):
     if spec.device is not None:  # the whole split resident on the device (no workers needed)
         return iter(ResidentBatches(source, spec))
     return loader(MetaBatches(source, spec), spec.num_workers)
+
+
+class ResidentClassBatches(ClassBatches):
+    """Pre-training's batches (ClassBatches: the same images and labels), gathered from the split
+    held on `spec.device`: the order is drawn on the host, the images never leave the device."""
+
+    def __init__(self, source: EpisodeSource, spec: StreamSpec, group: int):
+        super().__init__(source, spec, group)
+        self.pool = _on_device(source, spec.device)
+        self.on_device = torch.from_numpy(self.labels).to(spec.device)
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        idx = torch.from_numpy(self.indices(step)).to(self.pool.device, non_blocking=True)
+        x, y = to_float(self.pool[idx]), self.on_device[idx]
+        b = {"x_support": x, "y_support": y, "x_query": x[:, :0], "y_query": y[:, :0]}
+        return self._augment(b, step)
+
+
+def class_batches(source: EpisodeSource, spec: StreamSpec, group: int):
+    """Iterator over this rank's share of pre-training's labelled image batches (ClassBatches),
+    from the split held on `spec.device` when given."""
+    if spec.device is not None:
+        return iter(ResidentClassBatches(source, spec, group))
+    return loader(ClassBatches(source, spec, group), spec.num_workers)
+
+
+class Delivery:
+    """Where a rank's training batches come from, decided once for a run: the train split held on
+    the device (`resident`: one source of fixed episodes that fits it, data.device_cache), or
+    gathered on the host and, on a GPU, copied one step ahead (`wrap`). `free`: the device's free
+    bytes (default: asked of CUDA; a test gives it)."""
+
+    def __init__(self, d, device, split: EpisodeSource, many: bool, free: int | None = None):
+        self.device = torch.device(device)
+        fits = not (split.variable or many) and fits_device(
+            split.manifest["bytes"], self.device, d.device_cache, d.device_cache_fraction, free
+        )
+        self.resident = self.device if fits else None  # StreamSpec.device
+
+    def wrap(self, stream):
+        """The algorithm's stream as the step takes it: a host stream prefetched onto a GPU."""
+        if self.device.type == "cuda" and self.resident is None:
+            return Prefetch(stream, self.device)
+        return stream
 
 
 def fits_device(nbytes: int, device, mode: str, fraction: float, free: int | None = None) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from metadist.config import shares
 from metadist.data.episodes import augment, to_float
 from metadist.data.split import EpisodeSource, pad_batch, to_batch
 
@@ -40,12 +41,7 @@ class StreamSpec:
 
     @property
     def share(self) -> int:
-        if self.meta_batch_size % self.world_size:
-            raise ValueError(
-                f"meta_batch_size {self.meta_batch_size} does not split over {self.world_size} "
-                "processes"
-            )
-        return self.meta_batch_size // self.world_size
+        return shares(self.meta_batch_size, self.world_size)
 
     @property
     def tasks(self) -> range:
@@ -178,13 +174,17 @@ class ClassBatches(MetaBatches):
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.spec.seed, 13, epoch]).permutation(len(self.labels))
 
-    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+    def indices(self, step: int) -> np.ndarray:
+        """(tasks, group) image indices of this rank's share of `step`."""
         n, share = len(self.labels), len(self.tasks)
         first = (step * self.batch + self.tasks.start) * self.group
         idx = np.array(
             [self._order(p // n)[p % n] for p in range(first, first + share * self.group)]
         )
-        idx = idx.reshape(share, self.group)
+        return idx.reshape(share, self.group)
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        idx = self.indices(step)
         # (tasks, group, C, H, W)
         x = to_float(torch.from_numpy(self.source.pool[idx]))
         y = torch.from_numpy(self.labels[idx])

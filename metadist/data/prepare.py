@@ -298,7 +298,7 @@ def load_classes(d: DataConfig, log=print):
             f"{d.folder.class_depth})"
         )
         need = 2 if d.episode == "variable" else d.shots + d.queries  # a support and a query
-        classes = folder.load(d, need, log=log, empty_ok=d.episode == "variable")
+        classes = folder.read_classes(d, need, log=log, empty_ok=d.episode == "variable")
         log(
             ", ".join(
                 f"{s}: {len(classes.splits[s])} classes, "

@@ -1,12 +1,11 @@
 """A split of shards read by index: `EpisodeSource` (its manifest, its pool read in place, each
 episode's record; `all()`: the fixed val and test sets), `Episodes` (fixed or variable, gathered
-on demand), `pad_batch` for variable episodes, and `open_sources` (many sources: opened, checked
-to mix, recorded in the run folder by `record_sources`).
+on demand) and `pad_batch` for variable episodes. The splits of many sources, checked to mix, are
+metadist/data/roots.py's `Sources`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metadist.config import ConfigError
 from metadist.data.episodes import labels, to_float
 from metadist.data.format import (
     check_format,
@@ -317,73 +315,3 @@ class EpisodeSource:
         if self.variable:
             return VariableEpisodes(self, [r for part in out for r in part])
         return Episodes(self, np.concatenate(out))
-
-
-def source_names(roots: list) -> list[str]:
-    """A short name per source (data.sources): its folder's or URL's last part, numbered where two
-    are alike."""
-    names = [str(r).rstrip("/").rsplit("/", 1)[-1] or str(r) for r in roots]
-    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
-
-
-def open_sources(roots: list, split: str, seed: int = 0, access: Access = Access()) -> list:
-    """`split` of every source, checked to mix in one run: images of one shape, episodes of one
-    kind (variable, or fixed of one ways/shots/queries). A source that does not mix is one
-    ShardError naming it."""
-    out = [EpisodeSource(r, split, seed, access) for r in roots]
-    first, names = out[0], source_names(roots)
-
-    def kind(s: EpisodeSource) -> str:
-        return "variable" if s.variable else f"{s.ways}-way {s.shots}-shot {s.queries}-query"
-
-    for name, s in zip(names[1:], out[1:]):
-        if s.image_shape != first.image_shape:
-            raise ShardError(
-                f"data.sources: {name} has images of shape {list(s.image_shape)}, {names[0]} "
-                f"{list(first.image_shape)}: prepare every source at one data.image_size and "
-                "data.channels"
-            )
-        if kind(s) != kind(first):
-            raise ShardError(
-                f"data.sources: {name} has {kind(s)} episodes, {names[0]} {kind(first)}: prepare "
-                "every source with the same data.episode (variable, or one ways/shots/queries)"
-            )
-    return out
-
-
-def check_sources(splits: list, want: tuple, variable_problem) -> None:
-    """Many sources: their images have the shape the config says (`want`: data.channels,
-    data.image_size; its weights files carry it), and their episodes suit the algorithm
-    (`variable_problem()`: why it cannot train on variable episodes, or None)."""
-    first = splits[0]
-    if first.image_shape != want:
-        raise ConfigError(
-            f"data.sources: images of shape {list(first.image_shape)}, data.channels and "
-            f"data.image_size say {list(want)}: set them to the sources'"
-        )
-    if first.variable and (problem := variable_problem()):
-        raise ConfigError(problem)
-
-
-def record_sources(names: list, roots: list, weights: list, run_dir: Path, say) -> None:
-    """sources.json in the run folder (main process): each source's root, weight and manifests;
-    a run launched again on sources whose shards changed is refused."""
-    weights, record = weights or [1.0] * len(roots), {}
-    for name, root, w in zip(names, roots, weights):
-        splits = {s: read_manifest(root, s) for s in ("train", "val", "test")}
-        record[name] = {"root": str(root), "weight": w, "manifests": splits}
-    path = run_dir / "sources.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        for name, r in record.items():
-            if old.get(name, {}).get("manifests") != r["manifests"]:
-                raise ConfigError(
-                    f"data.sources: {name} ({r['root']}) is not the shards this run started "
-                    f"on ({path} records them): put them back, or start another run.name"
-                )
-    else:
-        path.write_text(json.dumps(record, indent=1) + "\n")
-    say(
-        f"{len(roots)} sources, each task's drawn by weight: "
-        + ", ".join(f"{n} {w / sum(weights):.2f}" for n, w in zip(names, weights))
-    )

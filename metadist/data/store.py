@@ -135,7 +135,7 @@ def checked(url: str, data: bytes, entry: dict) -> bytes:
 
 
 @contextlib.contextmanager
-def node_lock(path: Path, what: str, timeout_s: float, say):
+def shard_lock(path: Path, what: str, timeout_s: float, say):
     """One process of the node does `what` at a time (metadist.locks); another waits, saying who
     holds it, for up to `timeout_s`, then stops with one line naming the holder. Yields who held
     the lock last (its pid and host), to name what a process that died left behind."""
@@ -150,6 +150,25 @@ def node_lock(path: Path, what: str, timeout_s: float, say):
         yield held.last
     finally:
         held.release()
+
+
+def drop_cached_pages(root: Path) -> bool:
+    """Ask the kernel to drop the cached pages of every shard under `root` (a cold node, for
+    benchmarks); False where it could not (posix_fadvise missing, or a file not readable)."""
+    ok = True
+    for path in Path(root).rglob("*.tar"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            ok = False
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            ok = False
+        finally:
+            os.close(fd)
+    return ok
 
 
 # ---- checked once per node and file ----
@@ -213,7 +232,7 @@ class Stamps:
         then read the stamp). Returns the bytes hashed now (0: it was stamped)."""
         if self.valid(path, entry):
             return 0
-        lock = node_lock(
+        lock = shard_lock(
             self.folder / f"{self.key(path)}.lock", f"checking {path}", timeout_s, self.say
         )
         try:
@@ -298,7 +317,7 @@ def fetch_once(url: str, entry: dict, folder: Path, stamps: Stamps, timeout_s: f
     name = cache_name(url)
     final = folder / name
     say = stamps.say
-    with node_lock(folder / f".{name}.lock", f"fetching {url}", timeout_s, say) as last:
+    with shard_lock(folder / f".{name}.lock", f"fetching {url}", timeout_s, say) as last:
         if final.exists():
             try:
                 stamps.check(final, entry, timeout_s)

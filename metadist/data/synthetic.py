@@ -1,7 +1,8 @@
 """Small synthetic datasets, made where they are used (tests, benchmarks; nothing is downloaded):
 `write_synthetic`, an Omniglot in the official layout (folders, optionally zips): each character a
 fixed random pattern of strokes, its 20 drawings jittered, so it is learnable; and
-`write_folder_dataset`, a grey or RGB dataset of any size in each layout of data.source=folder."""
+`write_folder_dataset`, a grey or RGB dataset of any size in each layout of data.source=folder;
+`random_batch`, a meta-batch of random images in the step's format (benchmarks and tests)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from metadist.data.sources.omniglot import DRAWINGS, SETS
+
+
+def random_batch(
+    tasks: int,
+    ways: int = 5,
+    shots: int = 1,
+    queries: int = 1,
+    image: tuple = (1, 28, 28),
+    seed: int = 0,
+    dtype=None,
+) -> dict[str, torch.Tensor]:
+    """A meta-batch in the step's format: `tasks` tasks of `ways` classes, `shots` support and
+    `queries` query images a class (class-major), each image uniform random of shape `image`
+    (`dtype`: default torch's default) from the generator of `seed` (the support drawn first,
+    then the query)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def labels(n: int) -> torch.Tensor:
+        return torch.arange(ways).repeat_interleave(n).expand(tasks, -1).contiguous()
+
+    return {
+        "x_support": torch.rand(tasks, ways * shots, *image, generator=g, dtype=dtype),
+        "y_support": labels(shots),
+        "x_query": torch.rand(tasks, ways * queries, *image, generator=g, dtype=dtype),
+        "y_query": labels(queries),
+    }
 
 
 def write_synthetic(

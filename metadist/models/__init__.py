@@ -39,19 +39,23 @@ def check(m: ModelConfig) -> None:
 
 
 def build_model(
-    m: ModelConfig, a: AlgoConfig, image_shape: tuple[int, int, int], ways: int
+    m: ModelConfig,
+    a: AlgoConfig,
+    image_shape: tuple[int, int, int],
+    ways: int,
+    *,
+    second_order: bool,
 ) -> Backbone:
     """The model of section `m` for images of `image_shape` (C, H, W: the shards' manifest says
     it) with a head of `ways` rows; algo section `a` says which inner learning rates it learns and
-    whether its BatchNorm weights are per inner step."""
+    whether its BatchNorm weights are per inner step; `second_order`: training differentiates its
+    backward again (the algorithm says so: metadist.algorithms.model_of builds a run's model)."""
     check(m)
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"square images expected, got {h}x{w}")
     rates = InnerRates(a.learn_inner_lr, a.inner_lr, a.inner_steps, a.per_step_bn)
     if library.parse(m.backbone):
-        # second-order MAML (algo.name=maml, not first order) takes attention's second derivative
-        second_order = a.name == "maml" and not a.first_order
         return library.build(m.backbone, ways, (c, h, w), m, rates, second_order)
     return BACKBONES[m.backbone](ways, (c, h, w), m, rates)
 

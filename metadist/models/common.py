@@ -1,5 +1,5 @@
 """What every backbone shares: BatchNorm on batch statistics (plain and per inner step), the
-learned inner learning rates, the per-task pieces of the batched strategy (tasks folded into
+learned inner learning rates, the per-task pieces of the tasks-at-once forward (tasks folded into
 channels: grouped convolutions, a BatchNorm per task), and `Backbone`, the base that owns the
 head, the learned rates and `tasks_forward`.
 
@@ -204,7 +204,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     (steps, 1, ...)) or "element" (one per weight, Meta-SGD). The learned rates are
     meta-parameters like the weights (`inner_lr.*`), started at `rates.init`; the inner loop uses
     them in training and at test time (steps past `steps` use the last step's rate). Per-step
-    BatchNorm weights are meta-learned only: they get no rate (`norm_names` says which they are)."""
+    BatchNorm weights are meta-learned only: they get no rate (`is_norm` says which they are)."""
 
     feature_dim: int
 

@@ -9,19 +9,29 @@
   owning its padding and its collectives;
 - `meta_step.py`: `MetaStep`, built complete from a plan: compute, reduce, clip, Adam, schedule.
 
-The Trainer asks `decide` for a plan and builds `MetaStep` once; nothing changes it later.
+The Trainer asks `for_run` for a plan (its checkpoint's, or `decide`d now) and builds `MetaStep`
+once; nothing changes it later.
 """
 
-from metadist.step.meta_step import Learner, MetaStep, StepSettings, TrainError, build, runner
+from metadist.step.meta_step import (
+    ByOrder,
+    MetaStep,
+    StepSettings,
+    Trainable,
+    TrainError,
+    build,
+    runner,
+)
 from metadist.step.plan import Ask, Plan, decide
 
 __all__ = [
     "Ask",
-    "Learner",
+    "ByOrder",
     "MetaStep",
     "Plan",
     "StepSettings",
     "TrainError",
+    "Trainable",
     "build",
     "decide",
     "runner",

@@ -36,9 +36,9 @@ def gradients(losses: torch.Tensor, scale: float, params: list[torch.Tensor]) ->
     return [next(got) if p.requires_grad else None for p in params]
 
 
-def strategy(at_once: int) -> str:
-    """The Forward for a chunk of `at_once` tasks: one task runs the per-task loop's network."""
-    return "loop" if at_once == 1 else "batched"
+def one_at_a_time(at_once: int) -> bool:
+    """Whether a chunk of `at_once` tasks runs the per-task loop's network (one task does)."""
+    return at_once == 1
 
 
 def chunks(batch: dict, size: int):
@@ -55,10 +55,10 @@ class Eager:
 
     def __init__(self, model, second_order: bool, at_once: int = 0):
         self.model, self.second_order, self.at_once = model, second_order, at_once
-        self.strategy = strategy(at_once)
+        self.one_at_a_time = one_at_a_time(at_once)
 
     def __call__(self, task_losses, params: dict, chunk: dict, scale: float, rng=None):
-        forward = make_forward(self.model, self.strategy, self.second_order, rng)
+        forward = make_forward(self.model, self.one_at_a_time, self.second_order, rng)
         losses, accs = task_losses(forward, per_task(params, chunk["x_support"].shape[0]), chunk)
         return losses.detach(), accs.detach(), gradients(losses, scale, list(params.values()))
 

@@ -1,8 +1,10 @@
 """One meta-step, built once from its plan: `MetaStep(step, batch, votes)` reads top to bottom:
 adapt and query losses chunk by chunk (the algorithm variant of that step: derivative-order
-annealing's first `algo.first_order_steps` steps first order; MAML++'s multi-step loss weights of
-that step), each chunk's gradients handed to the reduction, the reduction over ranks (which also
-carries the stop votes), clipping, Adam and the schedule. The compute (eager, compiled, a CUDA
+annealing's first `algo.first_order_steps` steps first order; what the algorithm adds to that
+step's batch, such as MAML++'s multi-step loss weights), each chunk's gradients handed to the
+reduction, the reduction over ranks (which also carries the stop votes), clipping, Adam and the
+schedule. `Trainable` is what it trains: the model, the algorithm in both derivative orders
+(`ByOrder`), Adam and its Schedule. The compute (eager, compiled, a CUDA
 graph: metadist/step/compute.py) and the reduction (exact, fast: metadist/step/reduce.py) are the
 plan's, not branches here. It returns device tensors only: no host sync here.
 """
@@ -12,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
-from metadist import algorithms
-from metadist.algorithms.maml import msl_weights
+from metadist import algorithms, log
 from metadist.errors import MetadistError
 from metadist.schedule import Schedule
 from metadist.step import reduce
@@ -51,53 +53,67 @@ def anomaly_guard(step: int, debug: bool):
         ) from None
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ByOrder(Generic[T]):
+    """One thing for each derivative order a run trains with: the algorithm as configured, and
+    its first-order variant (derivative-order annealing's first steps); `at(first_order)`."""
+
+    configured: T
+    first_order: T
+
+    def at(self, first_order: bool) -> T:
+        return self.first_order if first_order else self.configured
+
+    def map(self, fn) -> ByOrder:
+        return ByOrder(fn(self.configured), fn(self.first_order))
+
+
 @dataclass(frozen=True)
 class StepSettings:
-    """What a meta-step does besides its plan: the global and local task counts, clipping, the
-    MAML++ schedules (first-order steps, multi-step loss over `inner_steps`), the seed of random
-    layers, debug checks and bf16 autocast. `StepSettings.of(cfg, local_tasks, device)`."""
+    """What a meta-step does besides its plan: the global and local task counts, clipping,
+    derivative-order annealing's first-order steps, the seed of random layers, debug checks and
+    bf16 autocast. `StepSettings.of(t, a, seed, local_tasks, device)`."""
 
     meta_batch_size: int = 1
     local_tasks: int = 1
     clip: float = math.inf
     first_order_steps: int = 0
-    multi_step_loss: int = 0
-    inner_steps: int = 1
     seed: int = 0
     debug: bool = False
     bf16: bool = False
 
     @classmethod
-    def of(cls, cfg, local_tasks: int, device: torch.device) -> StepSettings:
-        t, a = cfg.train, cfg.algo
+    def of(cls, t, a, seed: int, local_tasks: int, device: torch.device) -> StepSettings:
+        """From the train and algo sections and the run's seed."""
         return cls(
             meta_batch_size=t.meta_batch_size,
             local_tasks=local_tasks,
             clip=t.grad_clip if t.grad_clip > 0 else math.inf,
             first_order_steps=a.first_order_steps,
-            multi_step_loss=a.multi_step_loss,
-            inner_steps=a.inner_steps,
-            seed=cfg.seed,
+            seed=seed,
             debug=t.debug,
             bf16=t.mixed_precision == "bf16" and device.type == "cuda",
         )
 
 
 @dataclass
-class Learner:
-    """What the step trains with, built before the plan: the model, the algorithm in both
-    derivative orders ({first_order: Algorithm}), Adam and its Schedule."""
+class Trainable:
+    """What the step trains, built before the plan: the model, the algorithm in both derivative
+    orders, Adam and its Schedule."""
 
     model: torch.nn.Module
-    algorithms: dict
+    algorithms: ByOrder
     optimizer: torch.optim.Optimizer
     schedule: Schedule
 
     @classmethod
-    def of(cls, cfg, model: torch.nn.Module, device: torch.device) -> Learner:
-        """Adam at train.meta_lr (fused on a GPU: one launch for all tensors), its Schedule, the
-        algorithm in both derivative orders."""
-        t = cfg.train
+    def of(cls, t, a, ways: int, model: torch.nn.Module, device: torch.device) -> Trainable:
+        """Adam at train.meta_lr (fused on a GPU: one launch for all tensors), its Schedule (train
+        section `t`), the algorithm of section `a` for tasks of `ways` in both derivative
+        orders."""
         optimizer = torch.optim.Adam(
             model.parameters(), lr=t.meta_lr, fused=device.type == "cuda" or None
         )
@@ -108,18 +124,23 @@ class Learner:
             t.warmup_steps,
             t.budget_probe if t.budget_schedule else 0,
         )
-        c = algorithms.get(cfg.algo)
-        variants = {fo: c.build(cfg.algo, model, cfg.data.ways, first_order=fo) for fo in (0, 1)}
-        return cls(model, {bool(k): v for k, v in variants.items()}, optimizer, schedule)
+        c = algorithms.get(a)
+        variants = ByOrder(c.build(a, model, ways), c.build(a, model, ways, first_order=True))
+        return cls(model, variants, optimizer, schedule)
+
+    @property
+    def algorithm(self):
+        """The algorithm as configured."""
+        return self.algorithms.configured
 
     @property
     def second_order(self) -> bool:
-        return self.algorithms[False].second_order
+        return self.algorithm.second_order
 
 
-def cross_check(learner: Learner, batch: dict, scale: float, tol: float = 1e-4) -> float:
+def cross_check(trainable: Trainable, batch: dict, scale: float, tol: float = 1e-4) -> float:
     """Debug: the meta-gradient of the tasks at once against one task at a time, same batch."""
-    algo, model, grads = learner.algorithms[False], learner.model, []
+    algo, model, grads = trainable.algorithm, trainable.model, []
     params = dict(model.named_parameters())
     for at_once in (0, 1):
         model.zero_grad(set_to_none=True)
@@ -140,10 +161,10 @@ def cross_check(learner: Learner, batch: dict, scale: float, tol: float = 1e-4) 
 class MetaStep:
     """The step of `plan`, built complete: its compute per algorithm variant, its reduction."""
 
-    def __init__(self, learner: Learner, dist, plan: Plan, settings: StepSettings, say=print):
-        self.learner, self.dist, self.plan, self.s, self.say = learner, dist, plan, settings, say
-        self.model, self.algorithms = learner.model, learner.algorithms
-        self.optimizer, self.schedule = learner.optimizer, learner.schedule
+    def __init__(self, trainable: Trainable, dist, plan: Plan, settings: StepSettings):
+        self.trainable, self.dist, self.plan, self.s = trainable, dist, plan, settings
+        self.model, self.algorithms = trainable.model, trainable.algorithms
+        self.optimizer, self.schedule = trainable.optimizer, trainable.schedule
         self.params = dict(self.model.named_parameters())
         self.param_list = list(self.params.values())
         self.at_once = plan.local(settings.local_tasks)
@@ -155,10 +176,9 @@ class MetaStep:
         else:
             self.reduction = reduce.Fast(dist, self.param_list, settings.local_tasks)
         kind = Compiled if plan.compute == "compiled" else Eager
-        self.computes = {
-            fo: kind(self.model, algo.second_order, self.at_once)
-            for fo, algo in self.algorithms.items()
-        }
+        self.computes = self.algorithms.map(
+            lambda algo: kind(self.model, algo.second_order, self.at_once)
+        )
         self.first = dist.rank * settings.local_tasks // self.at_once  # this rank's first chunk
         self.run = self._graphed if plan.compute == "graph" else self._eager
         # cache_enabled=False: autocast's weight cache cannot live across CUDA-graph replays
@@ -168,8 +188,8 @@ class MetaStep:
             else contextlib.nullcontext()
         )
         self.graphs = {}  # the captured meta-step of each variant, on CUDA
-        if settings.first_order_steps and learner.second_order:
-            say(
+        if settings.first_order_steps and trainable.second_order:
+            log.say(
                 f"derivative-order annealing: steps 1..{settings.first_order_steps} first order, "
                 "then second order"
             )
@@ -191,11 +211,8 @@ class MetaStep:
     def local(self, first_order: bool, batch: dict, step: int = 0) -> tuple:
         """This rank's share of the meta-gradient of `batch`, chunk by chunk into the reduction:
         (loss sum, accuracy sum, *the reduction's vectors)."""
-        algo, compute, red = (
-            self.algorithms[first_order],
-            self.computes[first_order],
-            self.reduction,
-        )
+        algo, compute = self.algorithms.at(first_order), self.computes.at(first_order)
+        red = self.reduction
         rng, loss_sum, acc_sum = self._chunk_rng(step), 0.0, 0.0
         red.start()
         for i, chunk in enumerate(chunks(batch, self.at_once)):
@@ -218,29 +235,23 @@ class MetaStep:
             )
         return self.graphs[variant](batch)
 
-    def _with_msl(self, step: int, batch: dict) -> tuple[dict, bool]:
-        """MAML++'s multi-step loss weights of this step ride in the batch (an input, like the
-        episodes: one captured graph serves every step)."""
-        s = self.s
-        if not (step < s.multi_step_loss and s.inner_steps > 1):
-            return batch, False
-        w = msl_weights(step, s.inner_steps, s.multi_step_loss).to(batch["x_support"])
-        return dict(batch, msl_weights=w.expand(batch["x_support"].shape[0], -1)), True
-
     def __call__(self, step: int, batch: dict, votes) -> tuple[torch.Tensor, ...]:
         """Step `step` (0-based) on this rank's batch; `votes()` gives this rank's stop votes.
         Returns (loss sum, accuracy sum, gradient norm, votes over ranks)."""
         first_order = step < self.s.first_order_steps
-        batch, msl = self._with_msl(step, batch)
+        # what the algorithm adds to this step's batch rides in it (an input, like the episodes:
+        # one captured graph serves every step)
+        extras = self.algorithms.at(first_order).batch_extras(step, batch)
+        batch = dict(batch, **extras) if extras else batch
         with anomaly_guard(step + 1, self.s.debug):
             if self.s.debug and step == 0:
-                err = cross_check(self.learner, batch, 1.0 / self.s.local_tasks)
-                self.say(
+                err = cross_check(self.trainable, batch, 1.0 / self.s.local_tasks)
+                log.say(
                     "debug: tasks at once and one at a time agree (max relative difference "
                     f"{err:.1e})"
                 )
             with self.amp:
-                out = self.run((first_order, msl), batch, step)
+                out = self.run((first_order, tuple(sorted(extras))), batch, step)
         agreed = self.reduction.reduce(out[2:], votes(), step + 1)
         if self.s.debug:
             check_finite(step + 1, out[0], self.model)
@@ -250,24 +261,25 @@ class MetaStep:
         return out[0], out[1], grad_norm, agreed
 
 
-def runner(learner: Learner, sample, n: int, device: torch.device):
+def runner(trainable: Trainable, sample, n: int, device: torch.device):
     """run(size) -> size: one eager meta-backward of the first `size` tasks of `sample(n)` (the
     run's episodes, made at the first call) computed at once, for the plan's measurement; nothing
     is left in .grad."""
-    algo, params, made = learner.algorithms[False], dict(learner.model.named_parameters()), {}
+    algo, params, made = trainable.algorithm, dict(trainable.model.named_parameters()), {}
 
     def run(size: int) -> int:
         if not made:
             made["batch"] = {k: v.to(device) for k, v in sample(n).items()}
         chunk = {k: v[:size] for k, v in made["batch"].items()}
-        Eager(learner.model, algo.second_order, size)(algo.task_losses, params, chunk, 1.0 / size)
+        Eager(trainable.model, algo.second_order, size)(algo.task_losses, params, chunk, 1.0 / size)
         return size
 
     return run
 
 
-def build(cfg, model: torch.nn.Module, dist, plan: Plan, local_tasks: int, say=print) -> MetaStep:
+def build(cfg, model: torch.nn.Module, dist, plan: Plan, local_tasks: int) -> MetaStep:
     """The MetaStep of `cfg` and `plan` on `model` (benchmarks and tests; the Trainer builds the
-    learner first, since its checkpoint holds the plan)."""
-    settings = StepSettings.of(cfg, local_tasks, dist.device)
-    return MetaStep(Learner.of(cfg, model, dist.device), dist, plan, settings, say)
+    Trainable first, since its checkpoint holds the plan)."""
+    t, a = cfg.train, cfg.algo
+    settings = StepSettings.of(t, a, cfg.seed, local_tasks, dist.device)
+    return MetaStep(Trainable.of(t, a, cfg.data.ways, model, dist.device), dist, plan, settings)

@@ -29,8 +29,10 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from metadist import log
 from metadist.config import ConfigError
 from metadist.machine import cached, kernels
+from metadist.models.library import parse as parse_library
 
 SIZES = (1, 2, 4, 8, 16)  # tasks at once measured on a CPU
 MEASURE_SECONDS = 6.0  # the most one size's measurement (every round) may take
@@ -53,6 +55,13 @@ class Plan:
         names = {f.name for f in dataclasses.fields(cls)}
         rec = {k: v for k, v in rec.items() if k in names}
         return cls(**dict(rec, worlds=tuple(rec.get("worlds", ()))))
+
+    @classmethod
+    def fixed(cls, at_once: int, reduce: str, meta_batch_size: int, compute: str = "eager") -> Plan:
+        """A plan chosen by hand (benchmarks and tests): `at_once` tasks at once, the `reduce`
+        mode's world sizes for `meta_batch_size`."""
+        worlds = exact_worlds(meta_batch_size, at_once) if reduce == "exact" else ()
+        return cls(at_once, reduce, compute, tuple(worlds))
 
     def local(self, local_tasks: int) -> int:
         """Tasks a rank computes at once."""
@@ -144,7 +153,7 @@ def _rule(ask: Ask) -> tuple[int, str]:
     return 0, "a rank's tasks at once"
 
 
-def decide(ask: Ask, run_chunk, shape: dict, say=print) -> Plan:
+def decide(ask: Ask, run_chunk, shape: dict) -> Plan:
     """The plan for `ask`; `run_chunk(size) -> tasks` times one meta-backward of `size` tasks of
     the run's shape (auto on a CPU measures with it); `shape` keys the cache."""
     compute = _compute(ask)
@@ -157,7 +166,7 @@ def decide(ask: Ask, run_chunk, shape: dict, say=print) -> Plan:
         and not ask.one_at_a_time
     )
     if measured:
-        rec = cached_choice(shape, run_chunk, candidates(ask), say)
+        rec = cached_choice(shape, run_chunk, candidates(ask))
         at_once, speeds = rec["at_once"], rec["tasks_per_s"]
         where = f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
         listed = ", ".join(f"{k} at once {v:.1f}" for k, v in speeds.items())
@@ -165,11 +174,15 @@ def decide(ask: Ask, run_chunk, shape: dict, say=print) -> Plan:
     else:
         (at_once, why), speeds = _rule(ask), {}
         why = "debug mode: " + why if ask.debug else why
-    worlds = ()
-    if ask.reduce == "exact":
-        groups = ask.meta_batch_size // at_once
-        worlds = tuple(w for w in range(1, groups + 1) if groups % w == 0)
-    return Plan(at_once, ask.reduce, compute, worlds, why, speeds)
+    plan = Plan.fixed(at_once, ask.reduce, ask.meta_batch_size, compute)
+    return dataclasses.replace(plan, why=why, tasks_per_s=speeds)
+
+
+def exact_worlds(meta_batch_size: int, at_once: int) -> list[int]:
+    """The world sizes at which exact mode gives the same weights: those dividing the
+    meta-batch's B / at_once fixed groups."""
+    groups = meta_batch_size // at_once
+    return [w for w in range(1, groups + 1) if groups % w == 0]
 
 
 def sizes_within(sizes: list[int], task_seconds: float, rounds: int) -> list[int]:
@@ -200,16 +213,16 @@ def pick(run_chunk, sizes: list[int]) -> dict:
     return {"at_once": int(max(speed, key=speed.get)), "tasks_per_s": speed}
 
 
-def cached_choice(shape: dict, run_chunk, sizes: list[int], say=print) -> dict:
+def cached_choice(shape: dict, run_chunk, sizes: list[int]) -> dict:
     """`pick`, once per machine and shape (see metadist.machine.cached)."""
-    return cached("plan", dict(shape, sizes=sizes), lambda: pick(run_chunk, sizes), say)
+    return cached("plan", dict(shape, sizes=sizes), lambda: pick(run_chunk, sizes))
 
 
-def ask_of(cfg, world: int, device: str, variable: bool, sources: bool) -> Ask:
-    """What a run's config and world ask of the plan; what a compiled step cannot do is named
-    here."""
-    a, t, m = cfg.algo, cfg.train, cfg.model
-    library = ":" in m.backbone  # a torchvision or timm network (models/library.py)
+def ask_of(sections, world: int, device: str, variable: bool, sources: bool) -> Ask:
+    """What a run's (model, algo, train) sections and world ask of the plan; what a compiled step
+    cannot do is named here."""
+    m, a, t = sections
+    library = parse_library(m.backbone) is not None  # a torchvision or timm network
     cannot = (
         f"{m.backbone} runs one task at a time through torch.func.functional_call"
         if library
@@ -222,19 +235,30 @@ def ask_of(cfg, world: int, device: str, variable: bool, sources: bool) -> Ask:
         else ""
     )
     return Ask(
-        a.strategy, a.tasks_per_chunk, t.reduce, a.compile, t.meta_batch_size, world,
-        t.exact_processes, device, cannot, t.debug, variable, m.backbone if library else "",
-    )  # fmt: skip
+        strategy=a.strategy,
+        tasks_per_chunk=a.tasks_per_chunk,
+        reduce=t.reduce,
+        compile=a.compile,
+        meta_batch_size=t.meta_batch_size,
+        world=world,
+        exact_processes=t.exact_processes,
+        device=device,
+        cannot_compile=cannot,
+        debug=t.debug,
+        variable=variable,
+        one_at_a_time=m.backbone if library else "",
+    )
 
 
-def shape_of(cfg, image_shape, variable: bool, head_init: str, second_order: bool, device) -> dict:
-    """What decides a chunk's speed: the plan's and the budget's cache key, with the machine."""
-    c, a, d = cfg.to_dict(), cfg.algo, cfg.data
+def shape_of(sections, image_shape, variable: bool, head_init: str, second_order: bool, device):
+    """What decides a chunk's speed: the plan's and the budget's cache key, with the machine.
+    `sections`: the run's (model, algo, data, train) sections."""
+    m, a, d, t = sections
     episode = {"ways": d.ways, "shots": d.shots, "queries": d.queries}
     if variable:
-        episode = {"episode": "variable", **c["data"]["variable"]}
+        episode = {"episode": "variable", **dataclasses.asdict(d.variable)}
     return {
-        "model": c["model"],
+        "model": dataclasses.asdict(m),
         "image": list(image_shape),
         **episode,
         "algo": a.name,
@@ -244,23 +268,23 @@ def shape_of(cfg, image_shape, variable: bool, head_init: str, second_order: boo
         "per_step_bn": a.per_step_bn,
         "tasks_per_chunk": a.tasks_per_chunk,
         "compile": a.compile,
-        "reduce": cfg.train.reduce,
+        "reduce": t.reduce,
         "head_init": head_init,
         "device": device,
     }
 
 
-def for_run(ask: Ask, kept: dict, record, dist, run_chunk, shape: dict, say=print) -> Plan:
+def for_run(ask: Ask, kept: dict, record, dist, run_chunk, shape: dict) -> Plan:
     """A run's plan: `kept` (its checkpoint's plan record) on resume, else decided by rank 0 for
     every rank and written to `record` (strategy.json). Exact mode then checks that every rank
     runs the same kernels (`dist.gather_objects`)."""
     plan = failed = None
     if dist.is_main:
         try:
-            plan = Plan.of_record(kept) if kept else decide(ask, run_chunk, shape, say)
+            plan = Plan.of_record(kept) if kept else decide(ask, run_chunk, shape)
             if not kept:
                 record.write_text(json.dumps(plan.record(), indent=1) + "\n")
-                say(plan.why)
+                log.say(plan.why)
         except ConfigError as e:
             failed = str(e)
     plan, failed = dist.broadcast_object((plan, failed))

@@ -80,12 +80,6 @@ def merge(items: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
     return total
 
 
-def worlds(meta_batch_size: int, at_once: int) -> list[int]:
-    """The world sizes at which exact mode gives the same weights: those dividing B / g groups."""
-    groups = meta_batch_size // at_once
-    return [w for w in range(1, groups + 1) if groups % w == 0]
-
-
 def _flat(grads, params: list[torch.Tensor], extra: int) -> torch.Tensor:
     """One flat gradient (zeros where a weight got none), then `extra` zeros."""
     return torch.cat(

@@ -292,7 +292,7 @@ def _keep_large_enough(
     return parts
 
 
-def load(d, need: int, log=print, workers: int = 0, empty_ok: bool = False) -> ClassSet:
+def read_classes(d, need: int, log=print, workers: int = 0, empty_ok: bool = False) -> ClassSet:
     """The dataset of data section `d` (data.raw in layout data.folder.split), preprocessed: every
     class with at least `need` images (shots + queries); fewer is an error naming the class, or
     (data.folder.small_classes=skip) the class is left out and counted. empty_ok: a split the

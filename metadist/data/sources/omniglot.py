@@ -1,7 +1,7 @@
 """Raw Omniglot (official zips or their extracted folders) -> uint8 images per character.
 
 `locate()` finds the data (data.raw, $OMNIGLOT_DIR, data/raw/omniglot, else downloads the official
-archives); `load()` reads one set; `make_splits()` is the documented train/val/test split;
+archives); `read_set()` reads one set; `make_splits()` is the documented train/val/test split;
 `class_set()` is the source as metadist.data.sources.ClassSet. Preprocessing: 105x105 1-bit ->
 inverted (strokes bright, 255, on a dark 0 background) -> metadist.data.sources.preprocess to
 data.image_size (28 by default) -> (20, 1, size, size) uint8 per character. Deterministic.
@@ -102,7 +102,7 @@ def _entries(root: Path, name: str) -> dict[str, callable]:
     return {n: (lambda n=n: zf.read(n)) for n in sorted(zf.namelist()) if n.endswith(".png")}
 
 
-def load(root: Path, name: str, size: int = SIZE) -> CharacterSet:
+def read_set(root: Path, name: str, size: int = SIZE) -> CharacterSet:
     """Read and preprocess one set, checking the official layout (20 drawings per character)."""
     entries = _entries(Path(root), name)
     chars: dict[tuple[str, str], dict[int, str]] = {}
@@ -215,7 +215,7 @@ def class_set(
     class names `<set>/<alphabet>/<character>` (the folders' relative paths)."""
     root = locate(raw, log=log)
     log(f"reading Omniglot from {root}")
-    bg, ev = (load(root, s, size) for s in SETS)
+    bg, ev = (read_set(root, s, size) for s in SETS)
     log(
         f"{bg.name}: {len({a for a, _ in bg.names})} alphabets, {len(bg.names)} characters; "
         f"{ev.name}: {len({a for a, _ in ev.names})} alphabets, {len(ev.names)} characters; "
