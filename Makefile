@@ -18,8 +18,10 @@ install:               ## .venv with the pinned requirements and metadist (edita
 test:                  ## fast suite (a few minutes, CPU; one worker per core)
 	$(PY) -m pytest -q -n auto
 
+# two workers, a test file each at a time (its module fixtures built once): the multi-process
+# tests spend much of their time starting processes and waiting on each other, which overlaps
 test-slow:             ## multi-process, resume, multi-node, tracking, real-data training
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -n 2 --dist loadfile
 
 # the tests whose behaviour depends on the CPU's kernels (the plan and its measurement, exact mode,
 # float32 precision, tasks at once against one at a time), again with an AVX2 machine's kernels

@@ -154,17 +154,16 @@ class Trainer:
     def _algo(self) -> tuple:
         return algorithms.get(self.cfg.algo), self.cfg.algo
 
-    def _build_model(self) -> torch.nn.Module:
+    def _build_model(self) -> None:
         """The model the algorithm's head needs (initialised from the run's seed, or from
-        model.init), on the device."""
-        cfg, (cls, _) = self.cfg, self._algo()
+        model.init) on the device, and what trains it (Trainable: the algorithm, Adam, the
+        schedule)."""
+        cfg, (cls, _), device = self.cfg, self._algo(), self.dist.device
         self.sources.check(self.train_splits, self._algo(), self.image_shape)
         self.dist.seed(cfg.seed)
         classes = len(self.train_splits[0].manifest["classes"])
         rows = cls.head_rows(cfg.algo, cfg.data.ways, classes)
-        model = algorithms.model_of(cfg.model, cfg.algo, self.image_shape, rows).to(
-            self.dist.device
-        )
+        model = algorithms.model_of(cfg.model, cfg.algo, self.image_shape, rows).to(device)
         if cfg.model.init:
             kept = load_init(model, cfg.model.init)
             more = f"{', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}"
@@ -172,8 +171,7 @@ class Trainer:
                 f"model.init={cfg.model.init}: started from its tensors"
                 + (f"; at their initialisation: {more}" if kept else "")
             )
-        self.trainable = Trainable.of(cfg.train, cfg.algo, cfg.data.ways, model, self.dist.device)
-        return model
+        self.trainable = Trainable.of(cfg.train, cfg.algo, cfg.data.ways, model, device)
 
     def _build_step(self) -> None:
         """The checkpoint (restored), the plan (kept from the checkpoint, or decided), then the

@@ -154,8 +154,8 @@ def test_fast_mode_agrees_within_float32_reordering(base):
         assert x["step"] == y["step"] and abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
 
 
-def test_five_seeds_train_from_one_shard_set_without_raw_data(base, tmp_path):
-    """Seeds 0..4 on the shards prepared once, from another folder with no raw data anywhere:
+def test_three_seeds_train_from_one_shard_set_without_raw_data(base, tmp_path):
+    """Seeds 0..2 on the shards prepared once, from another folder with no raw data anywhere:
     the shard folder's bytes are unchanged, every run is tested on the same test episodes, and
     the seeds really give different runs."""
     import hashlib
@@ -171,7 +171,7 @@ def test_five_seeds_train_from_one_shard_set_without_raw_data(base, tmp_path):
         "train.steps=2",
     ]
     summaries = []
-    for seed in range(5):
+    for seed in range(3):
         r = subprocess.run(
             [sys.executable, "-m", "metadist", "train", *a, f"seed={seed}", f"run.name=seed{seed}"],
             capture_output=True,
@@ -189,11 +189,10 @@ def test_five_seeds_train_from_one_shard_set_without_raw_data(base, tmp_path):
     assert len({s["test_set"] for s in summaries}) == 1 and all(
         s["test_episodes"] == 24 for s in summaries
     )
-    assert [s["seed"] for s in summaries] == [0, 1, 2, 3, 4] and {
-        s["data_seed"] for s in summaries
-    } == {0}
-    w = [weights(tmp / "runs" / f"seed{k}") for k in range(5)]
-    assert all(max_diff(w[0], w[k]) > 0 for k in range(1, 5))
+    assert [s["seed"] for s in summaries] == [0, 1, 2]
+    assert {s["data_seed"] for s in summaries} == {0}
+    w = [weights(tmp / "runs" / f"seed{k}") for k in range(3)]
+    assert all(max_diff(w[0], w[k]) > 0 for k in range(1, 3))
 
 
 def test_sigkill_and_resume_equals_uninterrupted(base):
@@ -305,10 +304,10 @@ def test_launch_without_process_group_is_an_error(base):
 
 def test_consecutive_two_process_launches_exit_zero(base):
     """A rank that ran collectives leaves without the interpreter shutdown (distributed.leave):
-    before, about 1 launch in 45 aborted after a complete run. Four launches here, and every
+    before, about 1 launch in 45 aborted after a complete run. Two launches here, and every
     other multi-process test of this suite (some thirty-five launches) asserts exit 0 as well."""
     _tmp, args = base
-    for i in range(4):
+    for i in range(2):
         r = launch(
             2,
             args
