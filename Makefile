@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install learners demo test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
+.PHONY: install learners demo test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-step bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -81,6 +81,9 @@ bench-scaling:         ## meta-step time vs tasks per rank, all-reduce time, pre
 
 bench-train:           ## whole training steps of strong.yaml at meta-batch 32 against the exercise's loop (tasks at once as auto measures)
 	$(PY) bench/train_speed.py
+
+bench-step:            ## a meta-step's parts (its chunks, reduction, clipping, Adam) beside the plan's measurement of a chunk
+	$(PY) bench/step_parts.py
 
 bench-reduce:          ## train.reduce=exact against fast: step time, memory, the reduction between 2 processes, 8-GPU model
 	$(PY) bench/reduce.py
