@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.adapt_latency import ms
 from bench.bench import machine
 from metadist import config
 from metadist.algorithms import model_of
@@ -27,13 +28,8 @@ AT_ONCE = 4
 
 
 def median_time(fn, rounds: int = 6) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of fn() over `rounds` runs after one warm-up."""
+    return ms(fn, rounds) / 1000
 
 
 def parts(step, batch) -> tuple[float, float, float]:
