@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install learners demo test test-slow test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-step bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
+.PHONY: install learners demo test test-slow test-long test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-recipes bench-step bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -18,10 +18,14 @@ install:               ## .venv with the pinned requirements and metadist (edita
 test:                  ## fast suite (a few minutes, CPU; one worker per core)
 	$(PY) -m pytest -q -n auto
 
-# two workers, a test file each at a time (its module fixtures built once): the multi-process
-# tests spend much of their time starting processes and waiting on each other, which overlaps
-test-slow:             ## multi-process, resume, multi-node, tracking, real-data training
-	$(PY) -m pytest -q -m slow -n 2 --dist loadfile
+# two workers, a test file each at a time (its module fixtures built once; the longest files first,
+# tests/conftest.py): the multi-process tests spend much of their time starting processes and
+# waiting on each other, which overlaps
+test-slow:             ## multi-process, resume, multi-node, tracking, real-data training (CI)
+	$(PY) -m pytest -q -m "slow and not long" -n 2 --dist loadfile
+
+test-long:             ## the slow tests' longer forms, beside CI: real-data learning, the short soak, repeats
+	$(PY) -m pytest -q -m long -n 2 --dist loadfile tests
 
 # the tests whose behaviour depends on the CPU's kernels (the plan and its measurement, exact mode,
 # float32 precision, tasks at once against one at a time), again with an AVX2 machine's kernels
@@ -30,10 +34,13 @@ KERNEL_TESTS = tests/test_plan.py tests/test_exact.py tests/test_step.py \
 	"tests/test_algorithms.py::test_batched_equals_loop" \
 	"tests/test_train.py::test_auto_strategy_is_a_property_of_the_machine_and_the_shape" \
 	"tests/test_train.py::test_exact_mode_records_its_groups_and_the_world_sizes_it_supports"
+# (on a CPU without AVX-512 its own kernels are AVX2's: `make test` ran them already)
 test-avx2:             ## the kernel-dependent tests under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -n auto $(KERNEL_TESTS)
+	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null || [ -n "$(FORCE)" ]; then \
+		ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -n auto $(KERNEL_TESTS); \
+	else echo "test-avx2: this CPU has no AVX-512, so its own kernels are AVX2's and make test ran these tests on them (FORCE=1 runs them again)"; fi
 
-test-all: test test-slow
+test-all: test test-slow test-long
 
 lint:                  ## ruff: lint rules and the format check (pyproject.toml)
 	$(PY) -m ruff check metadist tests bench launch
@@ -81,6 +88,9 @@ bench-scaling:         ## meta-step time vs tasks per rank, all-reduce time, pre
 
 bench-train:           ## whole training steps of strong.yaml at meta-batch 32 against the exercise's loop (tasks at once as auto measures)
 	$(PY) bench/train_speed.py
+
+bench-recipes:         ## the recipes as shipped (strong, boss at meta-batch 8 and 32), whole runs against the loop, natively and under the AVX2 caps
+	$(PY) bench/recipes.py
 
 bench-step:            ## a meta-step's parts (its chunks, reduction, clipping, Adam) beside the plan's measurement of a chunk
 	$(PY) bench/step_parts.py

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench import machine  # noqa: E402
 from metadist.data.synthetic import write_synthetic  # noqa: E402
-from metadist.distributed import accelerate_bin, free_port  # noqa: E402
+from metadist.distributed import accelerate_launch, free_port  # noqa: E402
 
 
 def run(nproc: int, args: list[str]) -> dict:
@@ -32,8 +32,7 @@ def run(nproc: int, args: list[str]) -> dict:
         cmd = [sys.executable, "-m", "metadist", "train", *args]
     else:
         cmd = [
-            accelerate_bin(),
-            "launch",
+            *accelerate_launch(),
             "--multi_gpu",
             "--num_processes",
             str(nproc),

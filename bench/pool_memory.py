@@ -150,11 +150,10 @@ def ranks_share(root: Path, ranks: int, mode: str, work: Path) -> dict:
     out = work / f"ranks-{ranks}-{mode}.json"
     cmd = [sys.executable, __file__, "--rank-main", str(root), mode, str(out)]
     if ranks > 1:
-        from metadist.distributed import accelerate_bin, free_port
+        from metadist.distributed import accelerate_launch, free_port
 
         launch = [
-            accelerate_bin(),
-            "launch",
+            *accelerate_launch(),
             "--multi_gpu",
             "--num_processes",
             str(ranks),

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_dist import accelerate_bin, free_port  # noqa: E402
+from bench.bench_dist import accelerate_launch, free_port  # noqa: E402
 from metadist.data.synthetic import write_synthetic  # noqa: E402
 
 KINDS = ("sigterm", "sigkill-launcher", "sigkill-all")
@@ -34,8 +34,7 @@ KINDS = ("sigterm", "sigkill-launcher", "sigkill-all")
 
 def _launch(args: list[str]) -> subprocess.Popen:
     cmd = [
-        accelerate_bin(),
-        "launch",
+        *accelerate_launch(),
         "--multi_gpu",
         "--num_processes",
         "2",

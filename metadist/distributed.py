@@ -10,7 +10,7 @@ where to stop without one of their own. The collectives here are plain (`all_red
 `all_to_all`, `all_gather`, with a timeout and one-line errors); how the meta-gradient is summed
 with them (exact mode's tree over fixed groups, fast mode's all-reduce) is
 metadist/step/reduce.py's. `OneProcess` stands in for a Dist where one process computes alone
-(benchmarks, tests); `free_port` and `accelerate_bin` start launches on this machine.
+(benchmarks, tests); `free_port` and `accelerate_launch` start launches on this machine.
 
 Launchers: `accelerate launch`, torchrun (also elastic: its TORCHELASTIC_* variables are read
 for the log) or a plain process; `threads` > 0 pins the intra-op threads of every process (on a
@@ -30,13 +30,11 @@ import atexit
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import sys
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -116,10 +114,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_bin() -> str:
-    """The `accelerate` command beside this Python (its virtual environment), else on PATH."""
-    exe = Path(sys.executable).with_name("accelerate")
-    return str(exe) if exe.exists() else shutil.which("accelerate")
+def accelerate_launch() -> list[str]:
+    """`accelerate launch` of this Python's accelerate, started through its module: the
+    `accelerate` command imports every subcommand before it runs one, and its `estimate` imports
+    timm where timm is installed (4.5 s of CPU a launch on a 2-core AMD Zen 3, twice what the
+    launcher needs otherwise)."""
+    return [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 class OneProcess:

@@ -3,6 +3,7 @@ computes the eager step's maths (equal in float64), trains reproducibly, and ref
 compile in one line. Compiling takes tens of seconds, so the compiling tests are slow ones."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -62,8 +63,10 @@ def test_the_compiled_chunk_equals_the_eager_one_in_float64():
 
 
 @pytest.mark.slow
-def test_compiled_training_is_reproducible_and_records_why(omniglot_dir, tmp_path):
-    from metadist.checkpoint import load_weights
+def test_compiled_training_runs_and_records_why(omniglot_dir, tmp_path):
+    """A compiled run end to end with the plan deciding the rest (algo.strategy=auto): it trains
+    on the compiled step and says so. (That compiled runs give the same weights again, at 1 and
+    2 processes, is the long test below.)"""
     from metadist.train import train
 
     base = small_overrides(
@@ -72,18 +75,16 @@ def test_compiled_training_is_reproducible_and_records_why(omniglot_dir, tmp_pat
         **{"algo.compile": "on", "algo.strategy": "auto", "train.steps": 2},
     )
     said = []
-    s1 = train(config.load(None, base + ["run.name=a"]), log=said.append)
-    train(config.load(None, base + ["run.name=b"]), log=lambda *a: None)
-    assert s1["plan"]["compute"] == "compiled"
+    s = train(config.load(None, base + ["run.name=a"]), log=said.append)
+    assert s["plan"]["compute"] == "compiled" and s["steps"] == 2
     assert any("fixed groups of 2 task(s)" in x and "; compiled" in x for x in said), said
-    a, b = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_compiled_exact_runs_are_the_same_at_1_and_2_processes(omniglot_dir, tmp_path):
     """Exact mode under compile computes each fixed group through the same graph: 1 and 2
-    processes (accelerate launch, gloo, one thread each) give the same weights, bit for bit."""
+    processes (accelerate launch, gloo, one thread each) give the same weights, bit for bit, so
+    compiled training is reproducible across processes and world sizes."""
     args = small_overrides(
         omniglot_dir,
         tmp_path,
@@ -103,6 +104,9 @@ def test_compiled_exact_runs_are_the_same_at_1_and_2_processes(omniglot_dir, tmp
         assert r.returncode == 0, r.stderr[-3000:]
         assert "4 fixed groups of 2 task(s)" in r.stdout and "; compiled" in r.stdout
     assert max_diff(weights(tmp_path / "runs" / "p1"), weights(tmp_path / "runs" / "p2")) == 0.0
+    for n in (1, 2):
+        summary = json.loads((tmp_path / "runs" / f"p{n}" / "summary.json").read_text())
+        assert summary["plan"]["compute"] == "compiled", summary["plan"]
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ def real_shards(tmp_path_factory):
     return out
 
 
+@pytest.mark.long
 def test_strong_150_steps_on_real_omniglot(tmp_path, real_shards):
     r = run_cli(
         "train",
@@ -127,6 +128,7 @@ def test_real_omniglot_through_the_folder_path_gives_the_native_shards(tmp_path,
         ], s
 
 
+@pytest.mark.long
 def test_strong_20_steps_mapped_equals_decoded(tmp_path, real_shards):
     """strong.yaml, 20 steps on real Omniglot: the pool read in place (data.pool=mmap, the
     default) and a decoded private copy (data.pool=memory) give the same weights, bit for bit."""
@@ -154,6 +156,7 @@ def test_strong_20_steps_mapped_equals_decoded(tmp_path, real_shards):
     assert all(a[k].equal(b[k]) for k in a)
 
 
+@pytest.mark.long
 def test_meta_dataset_omniglot_by_alphabet_trains_protonets(tmp_path):
     """Meta-Dataset's Omniglot on the real data: 883/81/659 characters (the 5 smallest background
     alphabets val), every variable episode's classes from one alphabet, 5 to min(50, its size)

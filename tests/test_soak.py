@@ -6,7 +6,7 @@ import pytest
 
 from bench.soak import soak
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long  # the short soak; `make soak` is the long one
 
 
 def test_three_random_kills_and_relaunches_equal_an_uninterrupted_run(tmp_path):

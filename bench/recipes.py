@@ -1,0 +1,213 @@
+"""The recipes as shipped against the exercise's loop (make bench-recipes): strong.yaml and
+boss.yaml at meta-batch 8 and 32, each a whole `metadist train` with no extra flag, timed from the
+command's start to its last training step (start-up, the plan's measurement and any compile
+included; the validation and test after the last step are not training), twice: the first launch
+on an empty per-machine cache and a second launch of the same shape. Beside each, the exercise's
+per-task loop (bench/reference.py, with its Adam step) on the same model and shape, in the same
+process as the figures it is compared with.
+
+All of it on this CPU's own kernels, then again under an AVX2 machine's
+(ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2; on an AVX2-only CPU the two are the same
+kernels); each in a process of its own, as the caps are read when torch loads.
+
+  python bench/recipes.py [--steps 40] [--caps native,avx2] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CAPS = {
+    "native": {},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "sse41": {"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"},
+}
+CELLS = [(r, b) for r in ("strong", "boss") for b in (8, 32)]
+
+
+def loop_speed(recipe: str, tasks: int, rounds: int) -> float:
+    """The exercise's loop on the recipe's model and inner loop (a fixed inner rate where the recipe
+    learns its rates): median tasks/s over `rounds` meta-steps after one warm-up."""
+    import torch
+
+    from bench.reference import meta_step
+    from metadist import config
+    from metadist.algorithms import model_of
+    from metadist.data.synthetic import random_batch
+
+    cfg = config.load(ROOT / f"configs/{recipe}.yaml", ["algo.learn_inner_lr=none"])
+    a, d = cfg.algo, cfg.data
+    torch.manual_seed(0)
+    model = model_of(cfg.model, a, (1, 28, 28), d.ways)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+    batch = random_batch(tasks, d.ways, d.shots, d.queries)
+    speeds = []
+    for r in range(rounds + 1):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        meta_step(model, batch, a.inner_steps, a.inner_lr, a.first_order)
+        opt.step()
+        if r:
+            speeds.append(tasks / (time.perf_counter() - t))
+    return statistics.median(speeds)
+
+
+def run_speed(recipe: str, tasks: int, steps: int, shards: Path, work: Path, env: dict) -> dict:
+    """One `metadist train` of the recipe: tasks/s from the command's start to the line of its last
+    step in metrics.jsonl, and the plan it ran."""
+    name = f"{recipe}-{tasks}-{len(list(work.glob('*')))}"
+    args = [
+        "--config",
+        f"configs/{recipe}.yaml",
+        f"train.meta_batch_size={tasks}",
+        f"train.steps={steps}",
+        "train.max_minutes=0",
+        "train.budget_schedule=false",
+        f"train.checkpoint_every={steps}",
+        "eval.test_episodes=8",
+        "tracking.mode=disabled",
+        f"data.shards={shards}",
+        f"run.root={work}",
+        f"run.name={name}",
+    ]
+    metrics = work / name / "metrics.jsonl"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metadist", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = None
+    while proc.poll() is None and end is None:
+        if metrics.exists() and any(
+            json.loads(x).get("step") == steps for x in metrics.read_text().splitlines() if x
+        ):
+            end = time.perf_counter()
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"{recipe} at meta-batch {tasks}: metadist train failed:\n{err[-2000:]}")
+    end = end or time.perf_counter()
+    summary = json.loads((work / name / "summary.json").read_text())
+    return {
+        "tasks_per_s": steps * tasks / (end - t0),
+        "start_s": _first_step_s(out),
+        "plan": summary.get("plan", {}),
+    }
+
+
+def _first_step_s(out: str) -> float | None:
+    """Seconds from launch to the first meta-step done, as the run says it."""
+    for line in out.splitlines():
+        if "first meta-step done" in line:
+            try:
+                return float(line.split("first meta-step done", 1)[1].split()[0])
+            except ValueError:
+                return None
+    return None
+
+
+def one_caps(steps: int, rounds: int, shards: Path) -> list[dict]:
+    """Every cell under this process's caps (set by the parent before torch loads)."""
+    import torch
+
+    from bench.bench import machine
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
+        work = Path(tmp)
+        env = dict(os.environ, METADIST_CACHE_DIR=str(work / "cache"))
+        for recipe, tasks in CELLS:
+            first = run_speed(recipe, tasks, steps, shards, work, env)
+            again = run_speed(recipe, tasks, steps, shards, work, env)
+            loop = loop_speed(recipe, tasks, rounds)
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "meta_batch": tasks,
+                    "loop": loop,
+                    "first": first,
+                    "again": again,
+                }
+            )
+            print(_row(rows[-1]), flush=True)
+    return [{"machine": machine(torch.device("cpu")), "rows": rows}]
+
+
+def _row(r: dict) -> str:
+    loop, a, b = r["loop"], r["first"], r["again"]
+    plan = b["plan"]
+    how = (
+        f"{plan.get('reduce', '?')}, {plan.get('at_once', '?')} at once, {plan.get('compute', '?')}"
+    )
+    return (
+        f"  {r['recipe'] + '.yaml':<12} {r['meta_batch']:>3} | loop {loop:6.1f} | first launch "
+        f"{a['tasks_per_s']:6.1f} ({a['tasks_per_s'] / loop:.2f}x) | again {b['tasks_per_s']:6.1f} "
+        f"({b['tasks_per_s'] / loop:.2f}x) | {how}"
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--caps", default="native,avx2")
+    ap.add_argument("--shards", type=Path, help="prepared alphabets shards (else prepared in tmp)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child: this caps' cells
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_caps(args.steps, args.rounds, args.shards)))
+        return
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    unknown = [c for c in caps if c not in CAPS]
+    if unknown:
+        sys.exit(f"--caps: {', '.join(unknown)} unknown; choose from {', '.join(CAPS)}")
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
+        shards = args.shards or Path(tmp) / "shards"
+        if not args.shards:
+            r = subprocess.run(
+                [sys.executable, "-m", "metadist", "prepare", f"data.shards={shards}"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode:
+                sys.exit(f"metadist prepare failed:\n{r.stderr[-2000:]}")
+        print(
+            f"whole runs of {args.steps} steps (start included) against the exercise's loop; "
+            f"{time.strftime('%Y-%m-%d')}",
+            flush=True,
+        )
+        for c in caps:
+            env = {k: v for k, v in os.environ.items() if k not in CAPS["avx2"]}
+            env.update(CAPS[c])
+            print(f"{c} kernels {CAPS[c] or '(no caps)'}:", flush=True)
+            r = subprocess.run(
+                [sys.executable, __file__, "--one", c, "--steps", str(args.steps)]
+                + ["--rounds", str(args.rounds), "--shards", str(shards)],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if r.returncode:
+                sys.exit(f"the {c} kernels' run failed")
+            lines = r.stdout.splitlines()
+            print("\n".join(lines[:-1]))
+            print(f"  machine: {json.loads(lines[-1])[0]['machine']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
