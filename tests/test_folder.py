@@ -279,7 +279,7 @@ def test_rgb_84_is_world_size_invariant_and_resumes_exactly(tmp_path):
     assert all(w["one"][k].equal(w[n][k]) for n in ("two", "resumed") for k in w["one"])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_resnet12_at_84_trains_and_two_processes_equal_one(tmp_path):
     """ResNet-12 (64-160-320-640), second-order MAML, 5-way 1-shot at 84x84 RGB: a step end to end,
     and `accelerate launch` with 2 processes gives the 1-process weights bit for bit (exact mode,
