@@ -10,7 +10,7 @@ A tune file (YAML) says what to search:
       algo.inner_steps: {low: 1, high: 5}                     # an int (both bounds ints)
       data.task_aug: {choices: [0.0, 0.2, 0.4]}               # one of these
     enqueue: [{train.meta_lr: 0.002}]   # trials to run first (e.g. the recipe as it is)
-    pruner: {startup_trials: 3, warmup_validations: 1}        # Optuna's median pruner
+    pruner: {startup_trials: 3, warmup_validations: 1, by: step}   # the median pruner
     storage: ""                         # any database URL Optuna takes; "" -> SQLite in the root
     seed: 0                             # the sampler's (TPE)
 
@@ -21,10 +21,14 @@ each. Trial k is a training run <root>/<name>/trials/trialNNNN in a process of i
 validation accuracy), and the test split is read once, by the recipe that comes out. Each
 validation is reported to Optuna as it is written (metrics.jsonl); a trial whose curve trails the
 median of the trials before it at the same step is pruned: its run gets SIGTERM, checkpoints and
-stops. A killed search, launched again, goes on: a trial that was running in a process that is
-gone (this host: its pid; any host: Optuna's heartbeat) is marked failed and retried with the
-same values in the same run folder, which resumes from its checkpoint. At the end (and after each
-trial) the best trial is written as a training config, <root>/<name>/best.yaml.
+stops. `by: time` compares curves at equal training time instead (its best validation so far
+against the median of the others' best by that time), for a space whose steps differ in cost (the
+meta-batch, the episode's ways): at equal steps a trial of cheap steps would trail one of costly
+ones that had done several times its work. Time-keyed pruning depends on the machine's speed;
+`step`, the default, does not. A killed search, launched again, goes on: a trial that was running
+in a process that is gone (this host: its pid; any host: Optuna's heartbeat) is marked failed and
+retried with the same values in the same run folder, which resumes from its checkpoint. At the end
+(and after each trial) the best trial is written as a training config, <root>/<name>/best.yaml.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -130,11 +135,13 @@ def read(path, overrides=(), trials=None, storage=None) -> Tune:
 def _check(t: Tune, path: Path):
     """The pruner's keys, the space's entries (the config at each bound) and the enqueued
     trials, checked; -> the config every trial starts from."""
-    unknown = sorted(set(t.pruner) - {"startup_trials", "warmup_validations"})
+    unknown = sorted(set(t.pruner) - {"startup_trials", "warmup_validations", "by"})
     if unknown:
         raise TuneError(
-            f"{path}: pruner has startup_trials and warmup_validations, not {unknown[0]}"
+            f"{path}: pruner has startup_trials, warmup_validations and by, not {unknown[0]}"
         )
+    if t.pruner.get("by", "step") not in ("step", "time"):
+        raise TuneError(f"{path}: pruner by is step or time, not {t.pruner['by']!r}")
     for key, spec in t.space.items():
         for value in _bounds(key, spec, path):
             try:
@@ -192,7 +199,8 @@ def _optuna():
 def study(t: Tune):
     """The study at t.url (created on first use), its pruner and a TPE sampler."""
     optuna = _optuna()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a trial that fails or is interrupted is one line of ours, not Optuna's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     t.dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat
@@ -200,11 +208,15 @@ def study(t: Tune):
             t.url, heartbeat_interval=30, grace_period=120, heartbeat_stale_trial_callback=_retry
         )
     warmup = int(t.pruner.get("warmup_validations", 1))
-    pruner = optuna.pruners.MedianPruner(  # steps are the validations' training steps
-        n_startup_trials=int(t.pruner.get("startup_trials", 3)),
-        n_warmup_steps=warmup * t.val_every + 1 if warmup else 0,
-        n_min_trials=1,
-    )
+    startup = int(t.pruner.get("startup_trials", 3))
+    if t.pruner.get("by", "step") == "time":
+        pruner = time_pruner(startup, warmup)
+    else:
+        pruner = optuna.pruners.MedianPruner(  # steps are the validations' training steps
+            n_startup_trials=startup,
+            n_warmup_steps=warmup * t.val_every + 1 if warmup else 0,
+            n_min_trials=1,
+        )
     s = optuna.create_study(
         study_name=t.name,
         storage=storage,
@@ -215,6 +227,34 @@ def study(t: Tune):
     )
     s.sampler = optuna.samplers.TPESampler(seed=t.seed + len(s.trials))  # another worker's draws
     return s
+
+
+def time_pruner(startup: int, warmup: int):
+    """`by: time`: the reports are keyed by training milliseconds; a trial with at least `warmup`
+    validations, once `startup` trials have finished, is pruned when its best validation so far is
+    below the median of the finished and pruned trials' best by the same training time (those
+    that had validated by then)."""
+    optuna = _optuna()
+    from optuna.trial import TrialState
+
+    class TrailsAtEqualTime(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            mine = trial.intermediate_values
+            if len(mine) < max(warmup, 1):
+                return False
+            states = (TrialState.COMPLETE, TrialState.PRUNED)
+            others = study.get_trials(deepcopy=False, states=states)
+            if sum(o.state == TrialState.COMPLETE for o in others) < startup:
+                return False
+            now = max(mine)
+            then = [
+                max(v for k, v in o.intermediate_values.items() if k <= now)
+                for o in others
+                if any(k <= now for k in o.intermediate_values)
+            ]
+            return bool(then) and max(mine.values()) < statistics.median(then)
+
+    return TrailsAtEqualTime()
 
 
 def _retry(study, trial) -> None:
@@ -310,10 +350,12 @@ class Trials:
         p = start(t.command(params, run), t.dir / "trials", run, log, self.say)
         self.kids.procs[p] = run
         try:
-            code, pruned_at = _watch(p, trial, folder / "metrics.jsonl")
+            by_time = t.pruner.get("by", "step") == "time"
+            code, pruned_at = _watch(p, trial, folder / "metrics.jsonl", by_time)
         finally:
             self.kids.procs.pop(p, None)
-        if self.kids.stopped:
+        if self.kids.stopped:  # its values again at the next launch, resumed from its checkpoint
+            _retry(trial.study, trial)
             raise Interrupted
         if pruned_at is not None:
             self.say(f"trial {trial.number} ({run}): pruned at step {pruned_at}")
@@ -337,15 +379,16 @@ def _shown(params: dict) -> str:
     return " ".join(f"{k}={_value(v)}" for k, v in params.items())
 
 
-def _watch(p, trial, metrics: Path) -> tuple[int, int | None]:
-    """Report each validation as it is written until the run ends; SIGTERM it once the pruner
-    says so. -> (exit status, the step it was pruned at or None)."""
+def _watch(p, trial, metrics: Path, by_time: bool = False) -> tuple[int, int | None]:
+    """Report each validation as it is written (keyed by its step, or `by_time` by its training
+    milliseconds) until the run ends; SIGTERM it once the pruner says so. -> (exit status, the
+    step it was pruned at or None)."""
     reported, pruned_at = -1, None
     while True:
         code = p.poll()
-        for step, v in _validations(metrics):
+        for step, v, ms in _validations(metrics):
             if step > reported:
-                trial.report(v, step)
+                trial.report(v, ms if by_time else step)
                 reported = step
                 if pruned_at is None and trial.should_prune():
                     pruned_at = step
@@ -355,7 +398,8 @@ def _watch(p, trial, metrics: Path) -> tuple[int, int | None]:
         time.sleep(0.2)
 
 
-def _validations(path: Path) -> list[tuple[int, float]]:
+def _validations(path: Path) -> list[tuple[int, float, int]]:
+    """(step, val accuracy, training milliseconds) of every validation written so far."""
     try:
         text = path.read_text()
     except OSError:
@@ -367,7 +411,8 @@ def _validations(path: Path) -> list[tuple[int, float]]:
         except ValueError:
             continue  # a line being written
         if "val_accuracy" in r:
-            out.append((int(r["step"]), float(r["val_accuracy"])))
+            ms = int(1000 * float(r.get("elapsed_s", 0.0)))
+            out.append((int(r["step"]), float(r["val_accuracy"]), ms))
     return out
 
 

@@ -126,6 +126,36 @@ def test_bad_sweep_and_tune_files_are_one_line(tmp_path, omniglot_dir):
     bad.write_text(yaml.safe_dump({"config": str(cfg), "space": {"train.meta_lr": {"low": 1}}}))
     r = run_cli("tune", bad)
     assert r.returncode == 2 and "space train.meta_lr: expected {low" in r.stderr
+    space = {"train.meta_lr": {"choices": [0.001]}}
+    bad.write_text(yaml.safe_dump({"config": str(cfg), "space": space, "pruner": {"by": "tasks"}}))
+    r = run_cli("tune", bad)
+    assert r.returncode == 2 and "pruner by is step or time, not 'tasks'" in r.stderr
+
+
+def test_the_time_pruner_compares_curves_at_equal_training_time():
+    """pruner `by: time`: a trial's best validation so far against the median of the others' best
+    by the same training time (reports keyed by milliseconds), after its warm-up validations and
+    the startup trials; a trial of slower steps is not pruned for trailing at equal steps."""
+    optuna = pytest.importorskip("optuna")
+    from metadist.tune import time_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = optuna.create_study(direction="maximize", pruner=time_pruner(startup=1, warmup=2))
+    first = s.ask()
+    for ms, v in ((1000, 0.5), (2000, 0.8), (3000, 0.9)):
+        first.report(v, ms)
+    s.tell(first, 0.9)
+    slow = s.ask()  # its validations come later in time than the first's at the same steps
+    slow.report(0.2, 500)
+    assert not slow.should_prune()  # no other trial had validated by 500 ms; and its warm-up
+    slow.report(0.6, 1500)
+    assert not slow.should_prune()  # 0.6 against the first's 0.5 by 1500 ms
+    slow.report(0.7, 2500)
+    assert slow.should_prune()  # 0.7 against the first's 0.8 by 2500 ms
+    early = s.ask()
+    early.report(0.4, 900)
+    early.report(0.45, 950)
+    assert not early.should_prune()  # nobody had validated by 950 ms
 
 
 def test_tune_without_optuna_says_what_to_install(tmp_path, omniglot_dir):
@@ -201,3 +231,33 @@ def test_tune_prunes_a_trailing_trial_resumes_a_killed_search_and_writes_the_bes
     cfg_best = config.load(root / "best.yaml")
     assert cfg_best.train.meta_lr == best.params["train.meta_lr"]
     assert cfg_best.algo.name == "protonet" and cfg_best.train.steps == 40
+
+
+def test_a_search_stopped_by_sigterm_retries_the_stopped_trial_from_its_checkpoint(
+    tmp_path, omniglot_dir
+):
+    """SIGTERM to `metadist tune` (Ctrl-C, a job's end): the running trial checkpoints, the search
+    exits 75 in one line (no traceback), and the next launch runs that trial's values again in its
+    run folder, resumed from its checkpoint."""
+    optuna = pytest.importorskip("optuna")
+    cfg, over = base(tmp_path, omniglot_dir, **{"train.steps": 16, "train.checkpoint_every": 2})
+    tune = tmp_path / "stop.yaml"
+    space = {"train.meta_lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    spec = {"config": str(cfg), "overrides": over, "trials": 1, "space": space}
+    tune.write_text(yaml.safe_dump(dict(spec, enqueue=[{"train.meta_lr": 0.003}])))
+    root = tmp_path / "runs" / "stop"
+    p = popen("tune", tune)
+    wait_for(lambda: checkpointed(root / "trials" / "trial0000"), "trial 0's first checkpoint")
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 75, out
+    assert "Traceback" not in out and out.strip().splitlines()[-1].endswith(
+        "stopped by a signal; launch it again to go on"
+    )
+    r = run_cli("tune", tune)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    study = optuna.load_study(study_name="stop", storage=f"sqlite:///{root / 'study.db'}")
+    stopped, again = study.trials
+    assert again.user_attrs["run"] == "trial0000" and again.params == {"train.meta_lr": 0.003}
+    assert again.user_attrs["retry_of"] == stopped.number
+    assert "resuming" in (root / "trials" / "trial0000.log").read_text()
