@@ -44,3 +44,23 @@ def meta_step(model, batch, inner_steps, inner_lr, first_order):
     meta_loss = torch.stack(losses).mean()
     meta_loss.backward()
     return meta_loss.detach()
+
+
+def with_adam(cfg, first_order=None):
+    """The exercise's whole meta-step on `cfg`'s Conv4 (a fixed inner lr, as the exercise: its
+    learned rates off) with its Adam step at train.meta_lr: run(batch). `first_order` (default the
+    config's) chooses the inner gradients."""
+    from metadist.algorithms import model_of
+
+    a = cfg.algo
+    fo = a.first_order if first_order is None else first_order
+    torch.manual_seed(0)
+    model = model_of(cfg.model, a, (1, 28, 28), cfg.data.ways)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+
+    def run(batch):
+        opt.zero_grad(set_to_none=True)
+        meta_step(model, batch, a.inner_steps, a.inner_lr, fo)
+        opt.step()
+
+    return run

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench import machine as machine_line
 from bench.reduce import batch
-from bench.reference import meta_step as reference_step
+from bench.reference import with_adam
 from metadist import config
 from metadist.algorithms import model_of
 from metadist.distributed import OneProcess
@@ -76,16 +76,7 @@ def variants(tasks: int, fo: bool, at_once: int) -> dict:
 def reference(tasks: int, fo: bool):
     """The exercise's meta-step with its Adam step (a fixed inner lr: no learned rates)."""
     _, cfg = build(tasks, ["algo.learn_inner_lr=none"])
-    torch.manual_seed(0)
-    model = model_of(cfg.model, cfg.algo, (1, 28, 28), 5)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
-
-    def run(b):
-        opt.zero_grad(set_to_none=True)
-        reference_step(model, b, 1, 0.4, fo)
-        opt.step()
-
-    return run
+    return with_adam(cfg, fo)
 
 
 def main():

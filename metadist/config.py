@@ -92,6 +92,11 @@ class DataConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 1  # query images per class in every split
+    # the train split's episodes only (0: data.ways / data.queries), as Snell et al. (2017) trained
+    # ProtoNets at more ways and queries than they tested; for heads built from the support
+    # (algo.name=protonet, algo.head_init=proto|zero)
+    train_ways: int = 0
+    train_queries: int = 0
     train_episodes: int = 20000
     val_episodes: int = 320
     test_episodes: int = 640
@@ -115,6 +120,16 @@ class DataConfig:
     source_weights: list[float] = field(default_factory=list)
     folder: FolderConfig = field(default_factory=FolderConfig)
     variable: VariableConfig = field(default_factory=VariableConfig)
+
+    def episode_shape(self, split: str) -> tuple[int, int, int]:
+        """(ways, shots, queries) of `split`'s fixed episodes: data.train_ways/train_queries for
+        the train split where set, else data.ways/shots/queries."""
+        train = split == "train"
+        return (
+            (train and self.train_ways) or self.ways,
+            self.shots,
+            (train and self.train_queries) or self.queries,
+        )
 
 
 @dataclass
@@ -146,8 +161,9 @@ class AlgoConfig:
     # tasks computed at once (1: one task at a time, the per-task loop; 0: as algo.strategy
     # decides); train.reduce=exact sums fixed groups of this many tasks
     tasks_per_chunk: int = 0
-    # compile the meta-step: auto (a CUDA graph on a GPU, eager on a CPU) | on (inductor on a
-    # CPU, a CUDA graph on a GPU) | off (metadist/step/compute.py)
+    # compile the meta-step: auto (a CUDA graph on a GPU; on a CPU inductor where the plan measured
+    # that it pays, else eager) | on (inductor on a CPU, a CUDA graph on a GPU) | off
+    # (metadist/step/compute.py, metadist/step/plan.py)
     compile: str = "auto"
     checkpoint_inner: bool = False  # recompute inner-loop activations in backward (saves memory)
     # none | layer (a learned lr per tensor) | layer_step (per tensor and step, MAML++'s LSLR) |
@@ -435,9 +451,10 @@ def _check_data(cfg: Config, need) -> None:
     need(d.ways >= 2, "data.ways", "must be at least 2")
     need(d.shots >= 1, "data.shots", "must be at least 1")
     need(d.queries >= 1, "data.queries", "must be at least 1")
+    _check_train_shape(cfg, need)
     if d.source == "omniglot":
         need(
-            d.shots + d.queries <= 20,
+            d.shots + max(d.queries, d.train_queries) <= 20,
             "data.queries",
             "shots + queries must be at most 20 (drawings per character)",
         )
@@ -470,6 +487,24 @@ def _check_data(cfg: Config, need) -> None:
         f"gives {len(d.source_weights)} weight(s) for {len(d.sources)} data.sources: one each",
     )
     need(all(w > 0 for w in d.source_weights), "data.source_weights", "must all be positive")
+
+
+def _check_train_shape(cfg: Config, need) -> None:
+    """data.train_ways / train_queries: the train split's own episode shape."""
+    d, a = cfg.data, cfg.algo
+    need(d.train_ways >= 0, "data.train_ways", "must be >= 0 (0: data.ways)")
+    need(d.train_queries >= 0, "data.train_queries", "must be >= 0 (0: data.queries)")
+    if d.episode_shape("train") == d.episode_shape("test"):
+        return
+    key = "data.train_ways" if d.train_ways else "data.train_queries"
+    need(d.episode == "fixed", key, "is for fixed episodes (data.episode=variable draws its own)")
+    need(
+        a.name == "protonet" or (a.name != "pretrain" and a.head_init in ("proto", "zero")),
+        key,
+        "trains at another episode shape than the test's, which needs a head built from "
+        "each task's support: algo.name=protonet, or algo.head_init=proto|zero (a learned "
+        "head has the test's ways)",
+    )
 
 
 def _check_variable(v: VariableConfig, need) -> None:

@@ -146,6 +146,14 @@ def machine() -> dict:
     return key
 
 
+def inductor_cache() -> Path:
+    """Where inductor keeps what it compiled for this machine (TORCHINDUCTOR_CACHE_DIR where the
+    user has not set it): in the per-machine cache, one folder per key of `machine()`, so kernels
+    built for one CPU's instructions and torch are never read by another."""
+    name = hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"inductor-{name}"
+
+
 def cached(kind: str, shape: dict, compute) -> dict:
     """A machine fact of `kind` for this machine and `shape`: from the cache, or computed now by
     `compute() -> dict` and cached (first writer wins; others wait on the lock and read it).

@@ -49,6 +49,7 @@ from metadist.signals import StopSignals
 from metadist.step import MetaStep, Plan, StepSettings, Trainable, TrainError, runner
 from metadist.step.compute import one_at_a_time, sample_chunk
 from metadist.step.plan import ask_of, candidates, for_run, shape_of
+from metadist.step.reduce import chunk_scale
 from metadist.tracking import NullTracker, make_tracker
 
 __all__ = ["TrainError", "TrainState", "Trainer", "train"]
@@ -162,7 +163,8 @@ class Trainer:
         self.sources.check(self.train_splits, self._algo(), self.image_shape)
         self.dist.seed(cfg.seed)
         classes = len(self.train_splits[0].manifest["classes"])
-        rows = cls.head_rows(cfg.algo, cfg.data.ways, classes)
+        ways = cfg.data.episode_shape("train")[0]
+        rows = cls.head_rows(cfg.algo, ways, classes)
         model = algorithms.model_of(cfg.model, cfg.algo, self.image_shape, rows).to(device)
         if cfg.model.init:
             kept = load_init(model, cfg.model.init)
@@ -171,7 +173,7 @@ class Trainer:
                 f"model.init={cfg.model.init}: started from its tensors"
                 + (f"; at their initialisation: {more}" if kept else "")
             )
-        self.trainable = Trainable.of(cfg.train, cfg.algo, cfg.data.ways, model, device)
+        self.trainable = Trainable.of(cfg.train, cfg.algo, ways, model, device)
 
     def _build_step(self) -> None:
         """The checkpoint (restored), the plan (kept from the checkpoint, or decided), then the
@@ -191,9 +193,10 @@ class Trainer:
         sample = lambda n: (
             pad_batch(split.records_at(range(n)), split.gather)
             if split.variable
-            else sample_chunk((d.ways, d.shots, d.queries), self.image_shape, n)
+            else sample_chunk(d.episode_shape("train"), self.image_shape, n)
         )
-        measure = runner(self.trainable, sample, max(candidates(ask)), self.dist.device)
+        scale = chunk_scale(t.reduce, t.meta_batch_size, self.local_tasks)
+        measure = runner(self.trainable, sample, max(candidates(ask)), dist.device, scale)
         record = self.run_dir / "strategy.json"
         self.plan = for_run(ask, s.plan, record, dist, measure, self.shape())
         s.plan, s.threads, s.meta_batch_size = self.plan.record(), dist.threads, t.meta_batch_size
@@ -236,7 +239,7 @@ class Trainer:
         """The val episodes, the stream, the tracker, the logger, the validator, the stop votes on
         the training clock, the budget."""
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
-        ways, model = self.algorithm.train_inner.ways, self.model
+        ways, model = cfg.data.ways, self.model  # the val and test episodes' (train_ways: train's)
         inner_of = lambda steps: algorithms.eval_inner(cfg.algo, cfg.eval, model, ways, steps)
         at_once, sources = one_at_a_time(self.plan.at_once), self.sources
         self.evaluation = Evaluation(model, inner_of, sources, cfg.eval, at_once, dist)
@@ -268,6 +271,8 @@ class Trainer:
         self.stop = StopVotes(limit, every, signals, self.dist.device, clock)
         work = ProbeWork(self.evaluation.some, self.checkpoints.time_write)
         shape = dict(self.shape(), at_once=self.plan.at_once)
+        if self.plan.compute != "eager":  # the compute decided (algo.compile=auto) times a step too
+            shape["compute"] = self.plan.compute
         val = self.evaluation.val_episodes
         self.budget = BudgetFit(t, val, shape, dist, self.run_dir, work)
 

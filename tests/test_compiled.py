@@ -1,6 +1,7 @@
-"""algo.compile=on (metadist/step/compute.py): a chunk's meta-backward compiled as one graph
-computes the eager step's maths (equal in float64), trains reproducibly, and refuses what it cannot
-compile in one line. Compiling takes tens of seconds, so the compiling tests are slow ones."""
+"""algo.compile (metadist/step/compute.py, metadist/step/plan.py): a chunk's meta-backward
+compiled as one graph computes the eager step's maths (equal in float64), trains reproducibly, is
+chosen by `auto` on a CPU where it pays, and refuses what it cannot compile in one line. Compiling
+takes tens of seconds, so the compiling tests are slow ones."""
 
 import dataclasses
 import json
@@ -63,21 +64,94 @@ def test_the_compiled_chunk_equals_the_eager_one_in_float64():
 
 
 @pytest.mark.slow
-def test_compiled_training_runs_and_records_why(omniglot_dir, tmp_path):
-    """A compiled run end to end with the plan deciding the rest (algo.strategy=auto): it trains
-    on the compiled step and says so. (That compiled runs give the same weights again, at 1 and
-    2 processes, is the long test below.)"""
+def test_compiled_training_runs_and_records_why(omniglot_dir, tmp_path, monkeypatch):
+    """algo.compile=auto on a CPU, end to end, for a run long enough to try: the plan measures
+    eager's tasks at once, compiles that chunk and measures it, keeps it (the bar for keeping it,
+    COMPILE_PAYS, set to 0 here: this asserts the path, not a speed), says why, trains on the
+    compiled step with inductor's artefacts in the per-machine cache; the same command again
+    reads the decision from the cache and gives the same weights. (That compiled runs give the
+    same weights at 1 and 2 processes is the long test below.)"""
+    from metadist.machine import cache_dir
+    from metadist.step import plan
     from metadist.train import train
 
+    monkeypatch.setattr(plan, "COMPILE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(plan, "COMPILE_PAYS", 0.0)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     base = small_overrides(
         omniglot_dir,
         tmp_path,
-        **{"algo.compile": "on", "algo.strategy": "auto", "train.steps": 2},
+        **{"algo.compile": "auto", "algo.strategy": "auto", "train.steps": 2},
     )
-    said = []
-    s = train(config.load(None, base + ["run.name=a"]), log=said.append)
-    assert s["plan"]["compute"] == "compiled" and s["steps"] == 2
-    assert any("fixed groups of 2 task(s)" in x and "; compiled" in x for x in said), said
+    runs = []
+    for name in ("a", "b"):
+        said = []
+        s = train(config.load(None, base + [f"run.name={name}"]), log=said.append)
+        assert s["plan"]["compute"] == "compiled" and s["steps"] == 2
+        assert any("fixed groups of" in x and "; compiled" in x for x in said), said
+        runs.append((s["plan"]["why"], weights(tmp_path / "runs" / name)))
+    (first, w1), (again, w2) = runs
+    assert "algo.compile=auto: compiled" in first and "so compiled (measured now)" in first
+    assert "so compiled (cached in" in again
+    assert max_diff(w1, w2) == 0.0
+    # inductor's artefacts in the per-machine cache (a folder per machine key: the run's threads)
+    assert any(p.is_file() for p in cache_dir().glob("inductor-*/**/*"))
+
+
+def test_compile_auto_is_eager_where_it_cannot_pay_or_is_not_asked(monkeypatch, tmp_path):
+    """algo.compile=auto on a CPU tries the compiled chunk only for a run planned at least
+    COMPILE_MIN_SECONDS long at eager's measured speed, keeps it at COMPILE_PAYS times eager's
+    speed, and a compile that fails leaves the run eager, each said in one line; off, or a step
+    that cannot compile, never tries."""
+    from metadist.step import Ask, decide, plan
+
+    monkeypatch.setenv("METADIST_CACHE_DIR", str(tmp_path / "cache"))
+    clock = {"now": 0.0}
+    monkeypatch.setattr(plan.time, "perf_counter", lambda: clock["now"])
+
+    def chunk(eager_s, compiled_s, fails=None):
+        calls = []
+
+        def run(size, compiled=False):
+            calls.append((size, compiled))
+            if compiled and fails:
+                raise fails
+            if compiled and (size, True) not in calls[:-1]:
+                clock["now"] += 60.0  # compiling
+            clock["now"] += size * (compiled_s if compiled else eager_s)
+            return size
+
+        run.calls = calls
+        return run
+
+    def ask(steps, **kw):  # fast mode, 8 tasks a step: candidates 1, 2, 4, 8
+        return Ask("auto", 0, "fast", "auto", 8, 1, 4, "cpu", steps=steps, **kw)
+
+    long, short = 5000, 10  # 5000 * 8 tasks at 100 tasks/s: 400 s; 10 steps: 0.8 s
+    run = chunk(0.01, 0.005)
+    got = decide(ask(long), run, {"n": 1})
+    assert got.compute == "compiled" and "2.00x" in got.why and "measured now" in got.why
+    assert "its compile took 60 s" in got.why
+    again = chunk(0.01, 0.005)
+    got = decide(ask(long), again, {"n": 1})
+    assert got.compute == "compiled" and "so compiled (cached in" in got.why
+    assert not any(c for _, c in again.calls)  # nothing compiled: both answers were cached
+    got = decide(ask(long), chunk(0.01, 0.0095), {"n": 2})
+    assert got.compute == "eager" and "no gain" in got.why
+    run = chunk(0.01, 0.005)
+    got = decide(ask(short), run, {"n": 3})
+    assert got.compute == "eager" and "algo.compile" not in got.why
+    assert not any(c for _, c in run.calls)
+    # a time budget bounds the run: 4 minutes at any speed is under COMPILE_MIN_SECONDS
+    got = decide(ask(long, max_minutes=4.0), chunk(0.01, 0.005), {"n": 4})
+    assert got.compute == "eager" and "algo.compile" not in got.why
+    got = decide(ask(long), chunk(0.01, 0.005, RuntimeError("no C++ compiler\nmore")), {"n": 5})
+    assert got.compute == "eager"
+    assert "compiling failed here (RuntimeError: no C++ compiler), so eager" in got.why
+    for kw in ({"compile": "off"}, {"cannot_compile": "DropBlock draws its masks"}):
+        run = chunk(0.01, 0.005)
+        got = decide(dataclasses.replace(ask(long), **kw), run, {"n": 6})
+        assert got.compute == "eager" and not any(c for _, c in run.calls)
 
 
 @pytest.mark.long

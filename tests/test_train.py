@@ -393,6 +393,8 @@ def test_pretrain_then_maml_from_its_backbone(omniglot_dir, tmp_path):
         ["algo.head_init=shared"],
         ["algo.head_init=proto"],
         ["algo.head_init=zero", "algo.name=anil"],
+        ["algo.name=protonet", "data.train_ways=8", "data.train_queries=3"],
+        ["algo.head_init=proto", "data.train_ways=7"],
     ],
 )
 def test_protonet_and_head_inits_train_evaluate_and_predict(omniglot_dir, tmp_path, overrides):
@@ -400,7 +402,7 @@ def test_protonet_and_head_inits_train_evaluate_and_predict(omniglot_dir, tmp_pa
     r = run_cli("train", *args, *overrides)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "t"
-    r = run_cli("export-tasks", *args, "--out", tmp_path / "tasks", "--limit", "8")
+    r = run_cli("export-tasks", *args, *overrides, "--out", tmp_path / "tasks", "--limit", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("predict", "--run", run, "--tasks", tmp_path / "tasks", "--out", tmp_path / "p.csv")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -524,3 +526,42 @@ def test_exact_mode_records_its_groups_and_the_world_sizes_it_supports(
     rec = json.loads((tmp_path / "runs" / "one" / "strategy.json").read_text())
     assert rec["at_once"] == 1 and rec["worlds"] == [1, 2, 4, 8]
     assert "algo.tasks_per_chunk=1" in rec["why"]
+
+
+def test_train_ways_and_queries_shape_the_train_split_only(omniglot_dir, tmp_path, monkeypatch):
+    """data.train_ways/train_queries: the train split's episodes are drawn at that shape (its
+    manifest and the batches trained on), val and test keep data.ways/queries, and the shards go
+    to a folder of their own; a learned head (its rows are the test's ways) is refused in one
+    line."""
+    from metadist.data.prepare import prepare, shards_dir
+    from metadist.data.split import EpisodeSource
+
+    monkeypatch.chdir(tmp_path)  # data/shards/<named by the data> lands here
+    plain = config.load(None, small_overrides(omniglot_dir, tmp_path, **{"data.shards": ""}))
+    cfg = config.load(
+        None,
+        small_overrides(
+            omniglot_dir,
+            tmp_path,
+            **{
+                "data.shards": "",
+                "data.train_ways": 8,
+                "data.train_queries": 3,
+                "algo.name": "protonet",
+            },
+        ),
+    )
+    assert shards_dir(cfg.data) != shards_dir(plain.data)
+    assert "-train8w3q-" in str(shards_dir(cfg.data))
+    prepare(cfg.data, log=lambda *a: None)
+    root = shards_dir(cfg.data)
+    shapes = {s: EpisodeSource(root, s) for s in ("train", "val", "test")}
+    assert (shapes["train"].ways, shapes["train"].shots, shapes["train"].queries) == (8, 1, 3)
+    for s in ("val", "test"):
+        assert (shapes[s].ways, shapes[s].shots, shapes[s].queries) == (5, 1, 1)
+    x = shapes["train"].all(2)
+    assert x.shape[:2] == (2, 8 * (1 + 3))
+
+    r = run_cli("train", *small_overrides(omniglot_dir, tmp_path), "data.train_ways=8")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "data.train_ways" in last and "algo.name=protonet" in last

@@ -69,14 +69,15 @@ def preprocessing(d: DataConfig) -> dict:
 def requested(d: DataConfig, split: str) -> dict:
     """What a split's manifest must say to be usable for `d` (the keys that decide its episodes).
     The manifest's `seed` is the data seed (`data.seed`)."""
+    ways, shots, queries = d.episode_shape(split)
     spec = {
         "format": FORMAT,
         "split": split,
         "dataset": dataset_name(d),
         "source": d.source,
-        "ways": d.ways,
-        "shots": d.shots,
-        "queries": d.queries,
+        "ways": ways,
+        "shots": shots,
+        "queries": queries,
         "episodes": _counts(d)[split],
         "episodes_per_shard": d.episodes_per_shard,
         "seed": d.seed,
@@ -113,6 +114,9 @@ def shards_dir(d: DataConfig) -> str | Path:
         return d.shards
     label = f"omniglot-{d.protocol}" if d.source == "omniglot" else dataset_name(d)
     shape = "variable" if d.episode == "variable" else f"{d.ways}w{d.shots}s{d.queries}q"
+    if d.episode != "variable" and d.episode_shape("train") != d.episode_shape("test"):
+        ways, _, queries = d.episode_shape("train")
+        shape += f"-train{ways}w{queries}q"
     return Path(d.shards or f"data/shards/{label}-{shape}-{digest(d)}")
 
 
@@ -141,6 +145,8 @@ def _differences(d: DataConfig, split: str, m: dict) -> list[str]:
     for k, v in want.items():
         if m.get(k) != v:
             key = _NAMES.get(k, f"data.{split}_episodes" if k == "episodes" else k)
+            if split == "train" and k in ("ways", "queries"):
+                key = f"data.train_{k} (or {key})"
             out.append(f"{key}={m.get(k)!r} there, {v!r} asked")
     return out
 
@@ -297,7 +303,8 @@ def load_classes(d: DataConfig, log=print):
             f"reading {d.raw} (data.folder.split={d.folder.split}, class depth "
             f"{d.folder.class_depth})"
         )
-        need = 2 if d.episode == "variable" else d.shots + d.queries  # a support and a query
+        # a support and a query; else every split's shots + queries
+        need = 2 if d.episode == "variable" else d.shots + max(d.queries, d.train_queries)
         classes = folder.read_classes(d, need, log=log, empty_ok=d.episode == "variable")
         log(
             ", ".join(
@@ -316,11 +323,13 @@ def load_classes(d: DataConfig, log=print):
             check_variable_split(sizes, d.variable, classes.split_groups(s), s)
         return classes
     for s in SPLITS:
-        if d.ways > len(classes.splits[s]):
+        ways = d.episode_shape(s)[0]
+        if ways > len(classes.splits[s]):
+            key = "data.train_ways" if ways != d.ways else "data.ways"
             raise DataError(
-                f"{s}: {d.ways}-way episodes need {d.ways} classes, the split has "
+                f"{s}: {ways}-way episodes need {ways} classes, the split has "
                 f"{len(classes.splits[s])} "
-                f"(data.ways, or the split's fractions)"
+                f"({key}, or the split's fractions)"
             )
     return classes
 

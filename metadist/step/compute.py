@@ -8,10 +8,11 @@ implementations, chosen by the plan.
   create_graph and the outer one included), traced once per chunk shape into one ATen graph
   (make_fx follows autograd through both) and compiled by inductor, which fuses the memory-bound
   element-wise work (BatchNorm, ReLU, pooling and their double backward) into a few loops. About a
-  minute per shape for Conv4 on 2 cores the first time; inductor's disk cache makes later runs
-  take seconds. Its layout optimisation (convolutions in channels-last) is off: with it the
-  float32 meta-gradient of Conv4 was 1e-4 to 8e-3 (relative) from float64, against about 1e-6
-  without (tests/test_compiled.py: equal to the eager chunk in float64).
+  minute per shape for Conv4 on 2 cores the first time; inductor's disk cache (in the per-machine
+  cache: metadist.machine.inductor_cache) makes later runs take seconds. Its layout optimisation
+  (convolutions in channels-last) is off: with it the float32 meta-gradient of Conv4 was 1e-4 to
+  8e-3 (relative) from float64, against about 1e-6 without (tests/test_compiled.py: equal to the
+  eager chunk in float64).
 - `Graphed` (`algo.compile=on` on a GPU): a rank's whole meta-backward captured as one CUDA graph
   and replayed: a 5-way 1-shot step is hundreds of tiny kernels whose launches, not their work,
   take the time. The episodes are copied into static buffers before each replay.
@@ -21,11 +22,13 @@ implementations, chosen by the plan.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
 from metadist.algorithms.core import make_forward, per_task, trim
+from metadist.machine import inductor_cache
 
 
 def gradients(losses: torch.Tensor, scale: float, params: list[torch.Tensor]) -> list:
@@ -93,7 +96,16 @@ class Compiled:
         """(compiled callable, which params get a gradient)."""
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
         from torch.fx.experimental.proxy_tensor import make_fx
+
+        # inductor's artefacts in the per-machine cache, keyed by what changes the kernels, where
+        # the user has not chosen a folder (torch sets its default into the environment itself)
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (
+            None,
+            os.path.abspath(default_cache_dir()),
+        ):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache())
 
         names, grad = list(params), [p.requires_grad for p in params.values()]
         eager, used = Eager(self.model, self.second_order, self.at_once), []

@@ -261,17 +261,24 @@ class MetaStep:
         return out[0], out[1], grad_norm, agreed
 
 
-def runner(trainable: Trainable, sample, n: int, device: torch.device):
-    """run(size) -> size: one eager meta-backward of the first `size` tasks of `sample(n)` (the
-    run's episodes, made at the first call) computed at once, for the plan's measurement; nothing
-    is left in .grad."""
+def runner(trainable: Trainable, sample, n: int, device: torch.device, scale: float = 0.0):
+    """run(size, compiled=False) -> size: one meta-backward of the first `size` tasks of
+    `sample(n)` (the run's episodes, made at the first call) computed at once, eager or compiled
+    (one compiled chunk per size, compiled at its first call), for the plan's measurement; nothing
+    is left in .grad. `scale`: the step's chunk_scale (default 1/size), so that a compiled chunk
+    measured here is the graph the step compiles again (found in inductor's cache)."""
     algo, params, made = trainable.algorithm, dict(trainable.model.named_parameters()), {}
 
-    def run(size: int) -> int:
+    def run(size: int, compiled: bool = False) -> int:
         if not made:
             made["batch"] = {k: v.to(device) for k, v in sample(n).items()}
         chunk = {k: v[:size] for k, v in made["batch"].items()}
-        Eager(trainable.model, algo.second_order, size)(algo.task_losses, params, chunk, 1.0 / size)
+        if compiled and (size, "compiled") not in made:
+            made[size, "compiled"] = Compiled(trainable.model, algo.second_order, size)
+        compute = (
+            made[size, "compiled"] if compiled else Eager(trainable.model, algo.second_order, size)
+        )
+        compute(algo.task_losses, params, chunk, scale or 1.0 / size)
         return size
 
     return run
@@ -282,4 +289,5 @@ def build(cfg, model: torch.nn.Module, dist, plan: Plan, local_tasks: int) -> Me
     Trainable first, since its checkpoint holds the plan)."""
     t, a = cfg.train, cfg.algo
     settings = StepSettings.of(t, a, cfg.seed, local_tasks, dist.device)
-    return MetaStep(Trainable.of(t, a, cfg.data.ways, model, dist.device), dist, plan, settings)
+    ways = cfg.data.episode_shape("train")[0]
+    return MetaStep(Trainable.of(t, a, ways, model, dist.device), dist, plan, settings)

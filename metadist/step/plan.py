@@ -19,7 +19,13 @@ every checkpoint, summary.json) and a resumed run reads it back.
   on the world size, and the run states the world sizes it supports.
 - Compute: `algo.compile=on` compiles the chunk with inductor on a CPU and captures the step as a
   CUDA graph on a GPU; `auto` captures on a GPU where the step's shapes are fixed; refusals are
-  one line here.
+  one line here. `auto` on a CPU compiles where it pays: once eager's tasks at once are chosen
+  by measurement, a run long enough to repay a compile (COMPILE_MIN_SECONDS at eager's speed)
+  compiles that chunk and measures it; the compiled step is kept when it is COMPILE_PAYS times
+  eager's speed. That answer is cached per machine and shape like the tasks at once (so the same
+  command gives the same weights), and inductor's artefacts go to the per-machine cache
+  (metadist/step/compute.py), so a later run of the shape starts without compiling anew. A
+  compile that fails, or does not pay, leaves the run eager, said in one line.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ from metadist.models.library import parse as parse_library
 
 SIZES = (1, 2, 4, 8, 16)  # tasks at once measured on a CPU
 MEASURE_SECONDS = 6.0  # the most one size's measurement (every round) may take
+# algo.compile=auto on a CPU: a run planned at least this long at eager's measured speed tries the
+# compiled chunk (compiling costs about a minute per shape the first time, seconds later), and
+# keeps it at this many times eager's speed
+COMPILE_MIN_SECONDS = 300.0
+COMPILE_PAYS = 1.1
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,14 @@ class Ask:
     # the backbone computes its tasks one at a time (a torchvision or timm network): no sizes to
     # measure, one task at once in fast mode
     one_at_a_time: str = ""  # its model.backbone
+    steps: int = 0  # train.steps (with a time budget, an upper bound)
+    max_minutes: float = 0.0  # train.max_minutes (0: none)
+
+    def planned_seconds(self, tasks_per_s: float) -> float:
+        """How long the run trains at a rank's `tasks_per_s`: its steps, or its time budget."""
+        local = -(-self.meta_batch_size // self.world)
+        s = self.steps * local / max(tasks_per_s, 1e-9)
+        return min(s, self.max_minutes * 60) if self.max_minutes else s
 
 
 def _groups(ask: Ask, top: int) -> list[int]:
@@ -171,11 +190,53 @@ def decide(ask: Ask, run_chunk, shape: dict) -> Plan:
         where = f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
         listed = ", ".join(f"{k} at once {v:.1f}" for k, v in speeds.items())
         why = f"algo.strategy=auto on this CPU: {listed} tasks/s ({where})"
+        if ask.compile == "auto" and not ask.cannot_compile:
+            compute, said = compile_if_it_pays(ask, shape, run_chunk, at_once, speeds)
+            why = f"{why}; {said}" if said else why
     else:
         (at_once, why), speeds = _rule(ask), {}
         why = "debug mode: " + why if ask.debug else why
     plan = Plan.fixed(at_once, ask.reduce, ask.meta_batch_size, compute)
     return dataclasses.replace(plan, why=why, tasks_per_s=speeds)
+
+
+def compile_if_it_pays(ask: Ask, shape: dict, run_chunk, at_once: int, speeds: dict):
+    """(compute, what was decided: "" for a run too short to try) for algo.compile=auto on a CPU,
+    eager's `at_once` chosen at `speeds`: the compiled chunk measured once per machine and shape
+    (`run_chunk(size, compiled=True)`), kept at COMPILE_PAYS times eager's tasks/s."""
+    eager = speeds[str(at_once)]
+    if ask.planned_seconds(eager) < COMPILE_MIN_SECONDS:
+        return "eager", ""
+    rec = cached(
+        "compile", dict(shape, at_once=at_once), lambda: measure_compiled(run_chunk, at_once)
+    )
+    where = f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
+    if rec.get("failed"):
+        return (
+            "eager",
+            f"algo.compile=auto: compiling failed here ({rec['failed']}), so eager ({where})",
+        )
+    fast, ratio = rec["tasks_per_s"], rec["tasks_per_s"] / eager
+    compute = "compiled" if ratio >= COMPILE_PAYS else "eager"
+    verdict = "compiled" if compute == "compiled" else f"eager (under {COMPILE_PAYS}x: no gain)"
+    return compute, (
+        f"algo.compile=auto: compiled {fast:.1f} tasks/s against eager's {eager:.1f} "
+        f"({ratio:.2f}x; its compile took {rec['compile_s']:.0f} s), so {verdict} ({where})"
+    )
+
+
+def measure_compiled(run_chunk, size: int) -> dict:
+    """{tasks_per_s, compile_s} of the compiled chunk of `size` tasks (its first call compiles), or
+    {failed: why} where inductor cannot compile it here (no C++ compiler, an unsupported op)."""
+    t = time.perf_counter()
+    try:
+        run_chunk(size, compiled=True)
+    except Exception as e:  # inductor's failures have no one type; the run goes on eager
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return {"failed": f"{type(e).__name__}: {first}"}
+    compile_s = time.perf_counter() - t
+    speed = measure(lambda c: run_chunk(c, compiled=True), [size])[str(size)]
+    return {"tasks_per_s": speed, "compile_s": compile_s}
 
 
 def exact_worlds(meta_batch_size: int, at_once: int) -> list[int]:
@@ -247,6 +308,8 @@ def ask_of(sections, world: int, device: str, variable: bool, sources: bool) -> 
         debug=t.debug,
         variable=variable,
         one_at_a_time=m.backbone if library else "",
+        steps=t.steps,
+        max_minutes=t.max_minutes,
     )
 
 
@@ -254,7 +317,7 @@ def shape_of(sections, image_shape, variable: bool, head_init: str, second_order
     """What decides a chunk's speed: the plan's and the budget's cache key, with the machine.
     `sections`: the run's (model, algo, data, train) sections."""
     m, a, d, t = sections
-    episode = {"ways": d.ways, "shots": d.shots, "queries": d.queries}
+    episode = dict(zip(("ways", "shots", "queries"), d.episode_shape("train")))
     if variable:
         episode = {"episode": "variable", **dataclasses.asdict(d.variable)}
     return {

@@ -88,13 +88,19 @@ def _flat(grads, params: list[torch.Tensor], extra: int) -> torch.Tensor:
     )
 
 
+def chunk_scale(reduce: str, meta_batch_size: int, local_tasks: int) -> float:
+    """What a chunk's summed task losses are scaled by: exact, 1/B (the same at every world size);
+    fast, 1/a rank's tasks (then averaged over ranks by the all-reduce)."""
+    return 1.0 / (meta_batch_size if reduce == "exact" else local_tasks)
+
+
 class Exact:
     """The fixed groups' gradients summed by the canonical tree (see the module's docstring)."""
 
     def __init__(self, dist, params: list[torch.Tensor], meta_batch_size: int, at_once: int):
         groups, world = meta_batch_size // at_once, dist.world
         self.dist, self.params = dist, params
-        self.scale = 1.0 / meta_batch_size  # the same for every world size
+        self.scale = chunk_scale("exact", meta_batch_size, 0)
         self.layout = layout(groups, world)
         self.first = dist.rank * (groups // world)  # this rank's first group
         self.n_grad = sum(p.numel() for p in params)
@@ -160,7 +166,7 @@ class Fast:
 
     def __init__(self, dist, params: list[torch.Tensor], local_tasks: int):
         self.dist, self.params = dist, params
-        self.scale = 1.0 / local_tasks  # then averaged over ranks by the all-reduce
+        self.scale = chunk_scale("fast", 0, local_tasks)
 
     def start(self) -> None:
         pass
