@@ -190,7 +190,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     mixed_precision: str = "no"  # no | bf16 (autocast on GPU; meta-gradient stays float32)
     max_minutes: float = 0.0  # 0 = no limit; else stop (and checkpoint) after this wall time
-    # fit the step count (and the cosine) to max_minutes, measured once per machine and shape
+    # fit the step count (and the cosine) to max_minutes, measured once per machine and shape;
+    # the fitted count then ends the run, and max_minutes stops it only past OVERRUN (1.25) of
+    # the budget (metadist/schedule.py time_limit)
     budget_schedule: bool = False
     # budget_schedule: steps timed before the count is fixed (the lr holds until then)
     budget_probe: int = 30
@@ -222,6 +224,10 @@ class EvalConfig:
     # side, a new direction each step (algorithms/core.py's `shifted`): 1-shot fine-tuning's
     # pseudo-queries (at its own prototypes a 1-shot support's loss is about 0)
     augment: bool = False
+    # test-time augmentation: each task predicted on its images as they are and on views - 1
+    # copies moved by a pixel per 28 of their side (SHIFTS' directions), support and query alike;
+    # the class probabilities averaged. 1: off
+    views: int = 1
     tasks_per_batch: int = 64  # episodes adapted together at evaluation
     test_episodes: int = 0  # 0 = the whole test split; else its first N episodes
     episodes_per_source: int = 600  # with data.sources: test episodes per source (Meta-Dataset's)
@@ -584,6 +590,7 @@ def _check_eval(cfg: Config, need) -> None:
         "cannot adapt per-step BatchNorm weights (algo.per_step_bn=true: meta-learned only)",
     )
     need(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be positive")
+    need(1 <= e.views <= 9, "eval.views", "must be 1 (off) to 9 (the image and 8 moved copies)")
     need(e.test_episodes >= 0, "eval.test_episodes", "must be >= 0 (0 = all)")
     need(e.episodes_per_source >= 1, "eval.episodes_per_source", "must be positive")
 

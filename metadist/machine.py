@@ -154,6 +154,11 @@ def inductor_cache() -> Path:
     return cache_dir() / f"inductor-{name}"
 
 
+def provenance(rec: dict) -> str:
+    """Where a record of `cached` came from, as the log lines say it."""
+    return f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
+
+
 def cached(kind: str, shape: dict, compute) -> dict:
     """A machine fact of `kind` for this machine and `shape`: from the cache, or computed now by
     `compute() -> dict` and cached (first writer wins; others wait on the lock and read it).

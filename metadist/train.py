@@ -44,7 +44,7 @@ from metadist.log import say
 from metadist.log import to as lines_to
 from metadist.loop import Clock, Logger, Progress, StopVotes, Validator
 from metadist.run_folder import RunFolder
-from metadist.schedule import BudgetFit, ProbeWork
+from metadist.schedule import OVERRUN, BudgetFit, ProbeWork, overran, time_limit
 from metadist.signals import StopSignals
 from metadist.step import MetaStep, Plan, StepSettings, Trainable, TrainError, runner
 from metadist.step.compute import one_at_a_time, sample_chunk
@@ -265,7 +265,7 @@ class Trainer:
             dist.is_main,
             self.progress,
         )
-        limit = 60 * t.max_minutes if dist.is_main and t.max_minutes else math.inf
+        limit = time_limit(t) if dist.is_main else math.inf
         every = t.sync_every or (10 if self.dist.device.type == "cuda" else 1)
         clock = Clock(self.state.elapsed)
         self.stop = StopVotes(limit, every, signals, self.dist.device, clock)
@@ -327,8 +327,12 @@ class Trainer:
         if stop in ("fault", "signal"):
             self.tracker.finish()
         self.stop.raise_for(stop, self.state.step, self.checkpoints.dir)
+        t = self.cfg.train
         if stop == "time":
-            say(f"train.max_minutes={self.cfg.train.max_minutes} reached at step {self.state.step}")
+            over = f" (x {OVERRUN:g} with its budget schedule)" if t.budget_schedule else ""
+            say(f"train.max_minutes={t.max_minutes}{over} reached at step {self.state.step}")
+        elif self.dist.is_main and (line := overran(t, self.state.elapsed)):
+            say(line)
         return self.finish()
 
     def finish(self) -> dict:

@@ -406,3 +406,45 @@ def test_eval_augment_fine_tunes_on_support_images_shifted_an_eighth_of_their_si
         unshifted = adapt(forward, fast, xs, y, plain_inner)
     assert all(torch.equal(got[k], want[k]) for k in got)
     assert not all(torch.equal(got[k], unshifted[k]) for k in got)
+
+
+def test_eval_views_average_the_class_probabilities_of_moved_copies(small_cfg):
+    """eval.views=3: each task predicted on its images as they are and moved a pixel (28 px side)
+    in SHIFTS[0] and SHIFTS[1]'s directions, support and query alike; the prediction is the log
+    of the three views' mean class probabilities. eval.views outside 1..9 is refused in one line."""
+    from metadist import config
+    from metadist.algorithms import eval_inner
+    from metadist.algorithms.core import adapt_and_predict, shifted
+
+    cfg = small_cfg(**{"algo.name": "protonet", "eval.views": 3})
+    model = model_for(cfg)
+    inner = eval_inner(cfg.algo, cfg.eval, model, 5)
+    assert inner.views == 3
+    plain = eval_inner(cfg.algo, small_cfg(**{"algo.name": "protonet"}).eval, model, 5)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "x_support": torch.rand(2, 5, 1, 28, 28, generator=g),
+        "y_support": torch.arange(5).expand(2, -1),
+        "x_query": torch.rand(2, 10, 1, 28, 28, generator=g),
+        "y_query": torch.arange(5).repeat(2).expand(2, -1),
+    }
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        got = adapt_and_predict(model, params, batch, inner)
+        moved = [
+            dict(
+                batch,
+                x_support=shifted(batch["x_support"], i, 1),
+                x_query=shifted(batch["x_query"], i, 1),
+            )
+            for i in range(2)
+        ]
+        each = [adapt_and_predict(model, params, b, plain) for b in (batch, *moved)]
+    want = sum(v.softmax(-1) for v in each) / 3
+    assert got.shape == (2, 10, 5)
+    assert torch.equal(got, want.log())  # the same calls in the same order: the same bits
+    assert not torch.allclose(each[0], each[1])  # the moved copies are other inputs
+    assert torch.equal(shifted(batch["x_query"], 0, 1)[..., :27], batch["x_query"][..., 1:])
+    for bad in ("0", "10"):
+        with pytest.raises(config.ConfigError, match=r"eval\.views"):
+            small_cfg(**{"eval.views": bad})

@@ -2,6 +2,7 @@
 learned inner rates, debug mode, resume, and the knobs of the loop."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -465,7 +466,8 @@ def test_budget_schedule_fixes_one_step_count_per_machine_and_shape(
     said = []
     a = train(config.load(None, base + ["run.name=a"]), log=said.append)
     assert any(f"the schedule ends at step {first}" in x for x in said)
-    assert any(f"to step 7 (cached): the schedule ends at step {want}" in x for x in said), said
+    line = f"to step 7 (cached in {steady_file}): the schedule ends at step {want}"
+    assert any(line in x for x in said), said
     b = train(config.load(None, base + ["run.name=b"]), log=lambda *x: None)
     assert a["steps"] == b["steps"] == want
     wa, wb = (load_weights(tmp_path / "runs" / n / "model.safetensors")[0] for n in ("a", "b"))
@@ -565,3 +567,20 @@ def test_train_ways_and_queries_shape_the_train_split_only(omniglot_dir, tmp_pat
     r = run_cli("train", *small_overrides(omniglot_dir, tmp_path), "data.train_ways=8")
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "data.train_ways" in last and "algo.name=protonet" in last
+
+
+def test_a_fitted_schedule_ends_the_run_and_the_time_bound_waits_a_quarter_more():
+    """train.budget_schedule: the fitted count ends the run; train.max_minutes stops it only at
+    1.25 x the budget (a machine slower than its cached timings still ends its schedule, with the
+    same weights), and says so where the schedule overran; without a fitted schedule,
+    max_minutes is the bound."""
+    from metadist.config import TrainConfig
+    from metadist.schedule import overran, time_limit
+
+    assert time_limit(TrainConfig()) == math.inf
+    assert time_limit(TrainConfig(max_minutes=0.5)) == 30.0
+    fitted = TrainConfig(max_minutes=0.5, budget_schedule=True)
+    assert time_limit(fitted) == 37.5
+    assert overran(fitted, 29.0) is None and overran(TrainConfig(max_minutes=0.5), 40.0) is None
+    line = overran(fitted, 33.0)
+    assert "took 0.6 min of a 0.5-min budget" in line and "past 0.625 min" in line

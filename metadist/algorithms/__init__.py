@@ -78,13 +78,14 @@ def eval_inner(
 ) -> Inner:
     """The inner loop that validation, test and predict adapt with: `steps` steps (default
     eval.inner_steps) at eval.inner_lr (negative: algo.inner_lr), on every weight with
-    eval.finetune, on shifted support images with eval.augment."""
+    eval.finetune, on shifted support images with eval.augment, predicting over eval.views."""
     return build(a, model, ways).test_inner(
         e.inner_steps if steps is None else steps,
         e.inner_lr if e.inner_lr >= 0 else a.inner_lr,
         model.head_names(),
         e.finetune,
         e.augment,
+        e.views,
     )
 
 

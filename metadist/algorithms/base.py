@@ -150,10 +150,12 @@ class Algorithm(metaclass=ABCMeta):
         head_names: tuple[str, ...] | None = None,
         finetune: bool = False,
         augment: bool = False,
+        views: int = 1,
     ) -> Inner:
         """The inner loop of evaluation: `steps` (the algorithm's own, if it forces them), first
         order; `finetune` (eval.finetune): `steps` steps on every weight, whatever the
-        algorithm adapts; `augment` (eval.augment): each step on shifted support images."""
+        algorithm adapts; `augment` (eval.augment): each step on shifted support images; `views`
+        (eval.views): the test-time views predictions are averaged over."""
         if finetune:
             names = None
         else:
@@ -166,4 +168,5 @@ class Algorithm(metaclass=ABCMeta):
             first_order=True,
             adapt_names=names,
             augment=augment,
+            views=views,
         )

@@ -50,6 +50,8 @@ class Inner:
     ways: int = 0
     # each step's support loss on shifted support images (`shifted`; evaluation's fine-tuning)
     augment: bool = False
+    # evaluation's test-time views (adapt_and_predict): 1 none
+    views: int = 1
 
 
 class Forward:
@@ -188,12 +190,13 @@ def per_task_accuracy(logits: torch.Tensor, y: torch.Tensor, ways=None) -> torch
 SHIFTS = ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 
 
-def shifted(x: torch.Tensor, step: int) -> torch.Tensor:
-    """Images (..., C, H, W) moved by an eighth of their side in step `step`'s direction (SHIFTS),
-    the border repeated: the pseudo-queries of test-time fine-tuning. Without them a 1-shot task's
-    support loss at its own prototypes is about 0 (each image is its class's prototype), and
-    fine-tuning moves nothing. The same for every task and every batching: no random draw."""
-    d = max(1, x.shape[-1] // 8)
+def shifted(x: torch.Tensor, step: int, d: int = 0) -> torch.Tensor:
+    """Images (..., C, H, W) moved by `d` pixels (0: an eighth of their side) in step `step`'s
+    direction (SHIFTS), the border repeated: the pseudo-queries of test-time fine-tuning (without
+    them a 1-shot task's support loss at its own prototypes is about 0: each image is its class's
+    prototype, and fine-tuning moves nothing), and evaluation's views. The same for every task
+    and every batching: no random draw."""
+    d = d or max(1, x.shape[-1] // 8)
     dy, dx = SHIFTS[step % len(SHIFTS)]
     h, w = x.shape[-2:]
     padded = F.pad(x.reshape(-1, *x.shape[-3:]), (d, d, d, d), mode="replicate")
@@ -330,13 +333,36 @@ def adapt_task(
     return forward, {k: v.detach() for k, v in fast.items()}
 
 
+def views(batch: dict, n: int) -> list[dict]:
+    """`batch` as it is, then n - 1 copies whose support and query images are moved by a pixel
+    per 28 of their side in SHIFTS' directions (test-time augmentation)."""
+    d = max(1, batch["x_query"].shape[-1] // 28)
+    moved = [
+        dict(
+            batch,
+            x_support=shifted(batch["x_support"], i, d),
+            x_query=shifted(batch["x_query"], i, d),
+        )
+        for i in range(n - 1)
+    ]
+    return [batch, *moved]
+
+
 def adapt_and_predict(
     model: Backbone, params: Params, batch: dict, inner: Inner, one_at_a_time: bool = False
 ) -> torch.Tensor:
     """Evaluation: adapt (adapt_task), then predict batch's query (x_query; for variable
     episodes y_query, whose -1 rows are padding). Returns query logits (T, n, ways); for variable
-    episodes the columns past a task's ways are PADDED."""
+    episodes the columns past a task's ways are PADDED. inner.views > 1: the log of the class
+    probabilities averaged over the views (the images as they are, then moved: `views`)."""
     batch = trim(batch)
+    if inner.views > 1:
+        one = dataclasses.replace(inner, views=1)
+        probs = sum(
+            adapt_and_predict(model, params, v, one, one_at_a_time).softmax(-1)
+            for v in views(batch, inner.views)
+        )
+        return (probs / inner.views).log()
     forward, fast = adapt_task(model, params, batch, inner, one_at_a_time)
     ways = batch.get("ways")
     mask = None if ways is None else batch["y_query"] >= 0

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from metadist import log
 from metadist.config import ConfigError
-from metadist.machine import cached, kernels
+from metadist.machine import cached, kernels, provenance
 from metadist.models.library import parse as parse_library
 
 SIZES = (1, 2, 4, 8, 16)  # tasks at once measured on a CPU
@@ -187,7 +187,7 @@ def decide(ask: Ask, run_chunk, shape: dict) -> Plan:
     if measured:
         rec = cached_choice(shape, run_chunk, candidates(ask))
         at_once, speeds = rec["at_once"], rec["tasks_per_s"]
-        where = f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
+        where = provenance(rec)
         listed = ", ".join(f"{k} at once {v:.1f}" for k, v in speeds.items())
         why = f"algo.strategy=auto on this CPU: {listed} tasks/s ({where})"
         if ask.compile == "auto" and not ask.cannot_compile:
@@ -210,7 +210,7 @@ def compile_if_it_pays(ask: Ask, shape: dict, run_chunk, at_once: int, speeds: d
     rec = cached(
         "compile", dict(shape, at_once=at_once), lambda: measure_compiled(run_chunk, at_once)
     )
-    where = f"cached in {rec['cache']}" if rec.get("cached") else "measured now"
+    where = provenance(rec)
     if rec.get("failed"):
         return (
             "eager",
