@@ -4,7 +4,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 export OMNIGLOT_DIR ?= $(abspath $(OMNIGLOT))
 NPROC   ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 
-.PHONY: install learners demo test test-slow test-long test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-recipes bench-step bench-reduce bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
+.PHONY: install learners demo test test-slow test-long test-avx2 test-all lint data train-maml train-maml-multi train-elastic train-debug bench bench-data bench-dist bench-startup bench-scaling bench-train bench-recipes bench-step bench-reduce bench-invariant bench-storage bench-pool bench-backbones bench-variable bench-adapt bench-budget soak plot clean
 
 install:               ## .venv with the pinned requirements and metadist (editable)
 	python3 -m venv .venv
@@ -97,6 +97,11 @@ bench-step:            ## a meta-step's parts (its chunks, reduction, clipping, 
 
 bench-reduce:          ## train.reduce=exact against fast: step time, memory, the reduction between 2 processes, 8-GPU model
 	$(PY) bench/reduce.py
+
+bench-invariant:       ## can exact mode compute a rank's whole share at once? each task's bits in groups of 1..8, folded and per-task GEMM forwards, and their speed
+	$(PY) bench/invariant.py
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) bench/invariant.py
+	ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default $(PY) bench/invariant.py
 
 bench-storage:         ## 84x84 RGB episodes: bytes and decode speed of raw, PNG, source JPEG and the pool format
 	$(PY) bench/storage.py
